@@ -1,0 +1,1 @@
+"""Benchmarks behind `duopool bench`. Each module exposes register(subparsers)."""

@@ -1,0 +1,1 @@
+"""The `duopool` command line. One module per subcommand, each with `register(subparsers)`."""
