@@ -92,7 +92,19 @@ class KvSegment:
 
     # -- creation / opening -------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: pathlib.Path, meta: SegmentMeta) -> KvSegment:
+    def create(cls, path: pathlib.Path, meta: SegmentMeta, *, block_map: bool = False) -> KvSegment:
+        """Creates (or replaces) a segment, unsealed.
+
+        ``block_map=True`` appends a per-unit "received" map after the data (one byte per (layer, block),
+        recorded as ``extra["block_map"]``): a receiving transport marks units as they land, so an
+        interrupted transfer resumes with only the missing blocks and a re-sent block is harmless.
+        Readers ignore the trailer (the file is just longer than ``meta.total_bytes``).
+        """
+        if block_map:
+            meta = SegmentMeta(
+                **{**asdict(meta), "sealed": False, "extra": {**meta.extra, "block_map": meta.num_layers * meta.num_blocks}}
+            )
+            meta = SegmentMeta.from_json(meta.to_json())
         raw = meta.to_json()
         if _HEAD.size + len(raw) > HEADER_BYTES:
             raise SegmentError(f"segment header too large ({len(raw)} bytes of metadata)")
@@ -100,8 +112,9 @@ class KvSegment:
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.ftruncate(fd, meta.total_bytes)
-            mm = mmap.mmap(fd, meta.total_bytes)
+            size = meta.total_bytes + _map_len(meta)
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
         finally:
             os.close(fd)
         seg = cls(path, meta, mm, writable=True)
@@ -110,26 +123,29 @@ class KvSegment:
         return seg
 
     @classmethod
-    def open(cls, path: pathlib.Path, *, require_sealed: bool = True) -> KvSegment:
+    def open(cls, path: pathlib.Path, *, require_sealed: bool = True, writable: bool = False) -> KvSegment:
+        """Maps an existing segment. ``writable=True`` (with ``require_sealed=False``) reopens a partly
+        received segment to resume it."""
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         except FileNotFoundError:
             raise SegmentError(f"KV segment {path} does not exist (released, expired or never written)") from None
         try:
             size = os.fstat(fd).st_size
             if size < HEADER_BYTES:
                 raise SegmentError(f"KV segment {path} is truncated ({size} bytes)")
-            mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mm = mmap.mmap(fd, size, prot=prot)
         finally:
             os.close(fd)
         meta = cls._read_header(mm, path)
-        if size < meta.total_bytes:
+        if size < meta.total_bytes + _map_len(meta):
             mm.close()
             raise SegmentError(f"KV segment {path} is truncated ({size} < {meta.total_bytes} bytes)")
         if require_sealed and not meta.sealed:
             mm.close()
             raise SegmentError(f"KV segment {path} is not sealed (writer unfinished or dead)")
-        return cls(path, meta, mm, writable=False)
+        return cls(path, meta, mm, writable=writable)
 
     # -- header ---------------------------------------------------------------------------------------
     def _write_header(self, meta: SegmentMeta) -> None:
@@ -169,6 +185,84 @@ class KvSegment:
     def data_view(self) -> memoryview:
         return memoryview(self._mm)[HEADER_BYTES : HEADER_BYTES + self.meta.data_bytes]
 
+    # -- units and the received map -------------------------------------------------------------------
+    # A unit is one block of one layer; unit u = layer * num_blocks + block, stored at
+    # HEADER_BYTES + u * block_bytes, so consecutive units are contiguous bytes.
+    @property
+    def num_units(self) -> int:
+        return self.meta.num_layers * self.meta.num_blocks
+
+    @property
+    def has_block_map(self) -> bool:
+        return _map_len(self.meta) > 0
+
+    def unit_offset(self, unit: int) -> int:
+        if not 0 <= unit <= self.num_units:
+            raise IndexError(f"unit {unit} outside segment of {self.num_units} units")
+        return HEADER_BYTES + unit * self.meta.block_bytes
+
+    def units_view(self, start: int, count: int = 1) -> memoryview:
+        """``count`` consecutive units starting at unit ``start`` (contiguous bytes)."""
+        if count < 0 or start + count > self.num_units:
+            raise IndexError(f"units [{start}, {start + count}) outside segment of {self.num_units} units")
+        begin = self.unit_offset(start)
+        return memoryview(self._mm)[begin : begin + count * self.meta.block_bytes]
+
+    def header_bytes(self) -> bytes:
+        return bytes(self._mm[:HEADER_BYTES])
+
+    def _map_view(self) -> memoryview:
+        start = self.meta.total_bytes
+        return memoryview(self._mm)[start : start + _map_len(self.meta)]
+
+    def mark_units(self, start: int, count: int = 1) -> None:
+        """Records units [start, start + count) as received (after their bytes are written)."""
+        if not self.has_block_map:
+            return
+        if not self._writable:
+            raise SegmentError("segment opened read-only")
+        if count < 0 or start < 0 or start + count > self.num_units:
+            raise IndexError(f"units [{start}, {start + count}) outside segment of {self.num_units} units")
+        self._map_view()[start : start + count] = b"\x01" * count
+
+    def missing_runs(self) -> list[tuple[int, int]]:
+        """(start, count) runs of units not yet received. A segment without a map is complete iff sealed."""
+        if not self.has_block_map:
+            return [] if self.meta.sealed else ([(0, self.num_units)] if self.num_units else [])
+        raw = bytes(self._map_view())
+        runs: list[tuple[int, int]] = []
+        i, n = 0, len(raw)
+        while i < n:
+            i = raw.find(b"\x00", i)
+            if i < 0:
+                break
+            j = raw.find(b"\x01", i)
+            j = n if j < 0 else j
+            runs.append((i, j - i))
+            i = j
+        return runs
+
+    def is_received(self, unit: int) -> bool:
+        if not self.has_block_map:
+            return self.meta.sealed
+        return bool(self._map_view()[unit])
+
+    def missing_units(self) -> list[int]:
+        return [u for start, count in self.missing_runs() for u in range(start, start + count)]
+
+    def is_complete(self) -> bool:
+        return not self.missing_runs()
+
+    def reset_received(self) -> None:
+        """Forgets every received unit and unseals (reuse of a preallocated destination segment)."""
+        if not self._writable:
+            raise SegmentError("segment opened read-only")
+        if self.has_block_map:
+            self._map_view()[:] = bytes(_map_len(self.meta))
+        if self.meta.sealed:
+            self._write_header(SegmentMeta.from_json(
+                SegmentMeta(**{**asdict(self.meta), "sealed": False}).to_json()))
+
     def close(self) -> None:
         try:
             self._mm.close()
@@ -180,6 +274,16 @@ class KvSegment:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _map_len(meta: SegmentMeta) -> int:
+    return int(meta.extra.get("block_map", 0)) if isinstance(meta.extra, dict) else 0
+
+
+def same_layout(a: SegmentMeta, b: SegmentMeta) -> bool:
+    """True if two metas describe the same bytes (ignoring seal state and extras)."""
+    keys = ("transfer_id", "num_layers", "num_blocks", "block_bytes", "dtype", "block_shape", "block_size")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
 def unlink_segment(path: pathlib.Path) -> bool:
