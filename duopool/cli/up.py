@@ -1,0 +1,102 @@
+"""`duopool up`: a local cluster (Redis, scheduler, kvtransfer, workers, router) in one command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import signal
+import sys
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "up", help="start a local cluster and serve until Ctrl-C",
+        description="Start Redis (unless --redis-url/REDIS_URL), the scheduler, kvtransfer, prefill and "
+        "decode workers and the router on this machine, print the router address, optionally send a "
+        "prompt, and serve until Ctrl-C (or SIGTERM), then stop everything.",
+    )
+    p.add_argument("--engine", choices=("vllm", "sim"), default="vllm",
+                   help="vllm (real tokens) or sim (SIMULATED timing and tokens) [vllm]")
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 (SmolLM2-135M-Instruct, the demo), tiny (seeded random Llama), or a "
+                   "checkpoint dir [smollm2]")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers [1]")
+    p.add_argument("--decode", type=int, default=1, help="decode workers [1]")
+    p.add_argument("--port", type=int, default=50051, help="router port (0: a free one) [50051]")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", ""),
+                   help="use this Redis instead of starting one [env REDIS_URL]")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per engine [1]")
+    p.add_argument("--max-model-len", type=int, default=2048, help="context length [2048]")
+    p.add_argument("--policy", default="least-loaded", help="placement policy [least-loaded]")
+    p.add_argument("--run-dir", type=pathlib.Path, default=None,
+                   help="where service logs go [~/.cache/duopool/runs/<time>]")
+    p.add_argument("--prompt", default=None, help="send this prompt once the cluster is up and stream the answer")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens for --prompt [128]")
+    p.add_argument("--exit", action="store_true", help="stop the cluster after --prompt instead of serving")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from duopool.launcher import LocalCluster
+    from duopool.models import cache_dir
+    from duopool.topology import Topology
+
+    topo = Topology(engine=args.engine, model=args.model, prefill_workers=args.prefill,
+                    decode_workers=args.decode, threads=args.threads, max_model_len=args.max_model_len,
+                    policy=args.policy)
+    run_dir = args.run_dir or cache_dir() / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    cluster = LocalCluster(topo, run_dir, redis_url=args.redis_url, router_port=args.port)
+    cluster.log = lambda m: print(m, file=sys.stderr, flush=True)
+    label = "SIMULATED engine" if args.engine == "sim" else f"vLLM, model {args.model}"
+    print(f"duopool: starting a local cluster ({label}; logs in {run_dir})", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        cluster.start()
+        up_s = time.monotonic() - t0
+        print(f"duopool is up in {up_s:.0f}s: router at {cluster.router_address}\n"
+              f"  try: duopool generate --router {cluster.router_address} \"Why is the sky blue?\"",
+              file=sys.stderr, flush=True)
+        if args.prompt:
+            from duopool.cli.generate import stream
+            from duopool.v1 import common_pb2, router_pb2
+
+            req = router_pb2.GenerateRequest(text=args.prompt, max_tokens=args.max_tokens,
+                                             request_class=common_pb2.ONLINE)
+            print(f"\n> {args.prompt}", flush=True)
+            s = stream(cluster.router_address, req)
+            print(f"\n\n[{s.output_tokens} tokens; TTFT {s.ttft_ms:.0f} ms; prefill {s.prefill_worker} -> decode "
+                  f"{s.decode_worker or '-'}; KV {s.kv_transferred_tokens} tokens moved, "
+                  f"{s.decode_cached_tokens} reused by decode; first answer "
+                  f"{time.monotonic() - t0:.0f}s after start]", file=sys.stderr, flush=True)
+        if args.exit:
+            return 0
+        print("serving; Ctrl-C to stop", file=sys.stderr, flush=True)
+        while True:
+            for name, proc in list(cluster.procs.items()):
+                if proc.popen.poll() is not None:
+                    print(f"duopool: {name} exited ({proc.popen.returncode}); see {proc.log_path}",
+                          file=sys.stderr)
+                    return 1
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return 0
+    except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+        print(f"duopool up failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("duopool: stopping...", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        cluster.stop()
+        print("duopool: stopped", file=sys.stderr, flush=True)

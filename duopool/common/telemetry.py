@@ -1,0 +1,72 @@
+"""OpenTelemetry set-up shared by every service.
+
+The exporter is chosen with the standard variables: ``OTEL_TRACES_EXPORTER`` (``otlp``, ``console`` or
+``none``; default ``otlp`` when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``
+is set, else ``none``), ``OTEL_EXPORTER_OTLP_ENDPOINT`` (OTLP/gRPC, e.g. http://127.0.0.1:4317),
+``OTEL_SERVICE_NAME`` (default ``duopool-<service>``), and the ``OTEL_BSP_*`` batch settings.
+Exports to a dead collector must not stall shutdown, so the export timeouts default low (2 s).
+
+gRPC instrumentation is switched on here, before any channel or server exists, so trace context
+propagates over gRPC metadata and one ``Generate`` is one trace across all services.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from opentelemetry import trace
+
+log = logging.getLogger(__name__)
+
+_initialised = False
+
+
+def init_telemetry(service: str) -> trace.Tracer:
+    global _initialised
+    if not _initialised:
+        _initialised = True
+        os.environ.setdefault("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
+        os.environ.setdefault("OTEL_BSP_EXPORT_TIMEOUT", "2000")
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+        name = os.environ.get("OTEL_SERVICE_NAME") or f"duopool-{service}"
+        provider = TracerProvider(resource=Resource.create({"service.name": name, "duopool.service": service}))
+        exporter_name = os.environ.get("OTEL_TRACES_EXPORTER")
+        if exporter_name is None:
+            has_endpoint = any(
+                os.environ.get(v) for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            )
+            exporter_name = "otlp" if has_endpoint else "none"
+        for exp in (e.strip() for e in exporter_name.split(",")):
+            if exp == "otlp":
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+                provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            elif exp == "console":
+                provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+            elif exp not in ("none", ""):
+                raise ValueError(f"OTEL_TRACES_EXPORTER: unsupported exporter {exp!r} (otlp, console, none)")
+        trace.set_tracer_provider(provider)
+        from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer
+
+        GrpcAioInstrumentorServer().instrument()
+        GrpcAioInstrumentorClient().instrument()
+    return trace.get_tracer(f"duopool.{service}")
+
+
+def shutdown_telemetry() -> None:
+    provider = trace.get_tracer_provider()
+    shutdown = getattr(provider, "shutdown", None)
+    if shutdown:
+        try:
+            shutdown()
+        except Exception:  # noqa: BLE001 - never fail a service's exit over telemetry
+            log.debug("telemetry shutdown failed", exc_info=True)
+
+
+def current_trace_id() -> str:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""

@@ -1,0 +1,182 @@
+"""A local cluster: Redis (unless given) and every service as a child process, from duopool.topology.
+
+Used by `duopool up`, by the integration tests and by the benchmarks, so all three run the same thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from duopool.common.redis_server import RedisServer, free_port
+from duopool.topology import DEFAULT_PORTS, ServiceSpec, Topology, instance_names, services
+
+
+@dataclass
+class Proc:
+    spec: ServiceSpec
+    popen: subprocess.Popen
+    log_path: pathlib.Path
+
+
+@dataclass
+class LocalCluster:
+    topology: Topology
+    run_dir: pathlib.Path
+    redis_url: str = ""
+    router_port: int = DEFAULT_PORTS["router"]
+    fixed_ports: bool = False  # True: the default ports for every service; False: free ports but the router's
+    extra_env: dict[str, str] = field(default_factory=dict)
+    log: object = print
+
+    def __post_init__(self) -> None:
+        self.procs: dict[str, Proc] = {}
+        self.redis: RedisServer | None = None
+        self.kv_dir = pathlib.Path("/dev/shm") / f"duopool-kv-{os.getpid()}-{int(time.time())}"
+        self.specs: list[ServiceSpec] = []
+
+    # -- addresses -------------------------------------------------------------------------------------
+    def _ports(self) -> dict[str, int]:
+        names = instance_names(self.topology)
+        ports = {n: (DEFAULT_PORTS.get(n, 0) if self.fixed_ports else 0) or free_port() for n in names}
+        ports["router"] = self.router_port or free_port()
+        return ports
+
+    @property
+    def router_address(self) -> str:
+        return f"127.0.0.1:{self.specs[-1].flags['port']}"
+
+    def address(self, name: str) -> str:
+        spec = next(s for s in self.specs if s.name == name)
+        return f"127.0.0.1:{spec.flags['port']}"
+
+    # -- life cycle ------------------------------------------------------------------------------------
+    def start(self, timeout: float = 900.0) -> LocalCluster:
+        t0 = time.monotonic()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.redis_url:
+            self.redis = RedisServer(log_path=self.run_dir / "redis.log").start()
+            self.redis_url = self.redis.url
+            self.log(f"  redis       {self.redis_url} ({pathlib.Path(self.redis.binary).name})")
+        ports = self._ports()
+        names = list(ports)
+        self.specs = services(self.topology, bind={n: "127.0.0.1" for n in names}, port=ports,
+                              addr={n: f"127.0.0.1:{p}" for n, p in ports.items()}, redis_url=self.redis_url,
+                              kv_dir=str(self.kv_dir))
+        if self.topology.engine == "vllm":
+            self.log(f"  model       preparing {self.topology.model!r} (converted and cached on first use)...")
+            from duopool.models import resolve_model
+
+            path = resolve_model(self.topology.model)
+            self.log(f"  model       {path} ({time.monotonic() - t0:.0f}s)")
+        try:
+            asyncio.run(self._start_all(t0, timeout))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, spec: ServiceSpec) -> Proc:
+        log_path = self.run_dir / f"{spec.name}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
+        env.setdefault("OTEL_SERVICE_NAME", f"duopool-{spec.name}")
+        env["OTEL_SERVICE_NAME"] = f"duopool-{spec.name}"
+        with open(log_path, "ab") as out:
+            popen = subprocess.Popen([sys.executable, "-m", "duopool.cli.main", *spec.argv()], stdout=out,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = Proc(spec, popen, log_path)
+        self.procs[spec.name] = proc
+        return proc
+
+    async def _wait(self, proc: Proc, t0: float, timeout: float) -> None:
+        from duopool.common.rpc import wait_healthy
+
+        address = f"127.0.0.1:{proc.spec.flags['port']}"
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.popen.poll() is not None:
+                tail = proc.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{proc.spec.name} exited with {proc.popen.returncode}; its log "
+                                   f"({proc.log_path}) ends:\n{tail}")
+            try:
+                await wait_healthy(address, timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{proc.spec.name} not healthy after {timeout:.0f}s; see {proc.log_path}")
+        self.log(f"  {proc.spec.name:<11} {address} ready ({time.monotonic() - t0:.0f}s)")
+
+    async def _start_all(self, t0: float, timeout: float) -> None:
+        by_kind: dict[str, list[ServiceSpec]] = {}
+        for s in self.specs:
+            by_kind.setdefault(s.service, []).append(s)
+        for group in (["scheduler", "kvtransfer"], ["worker"], ["router"]):
+            procs = [self._spawn(s) for kind in group for s in by_kind.get(kind, [])]
+            await asyncio.gather(*(self._wait(p, t0, timeout) for p in procs))
+        await self._wait_registered(timeout=30)
+
+    async def _wait_registered(self, timeout: float) -> None:
+        import grpc
+
+        from duopool.v1 import common_pb2, router_pb2_grpc
+
+        want = self.topology.prefill_workers + self.topology.decode_workers
+        deadline = time.monotonic() + timeout
+        async with grpc.aio.insecure_channel(self.router_address) as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+            while True:
+                resp = await stub.ListWorkers(common_pb2.ListWorkersRequest(), timeout=5)
+                if len(resp.workers) >= want:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"only {len(resp.workers)} of {want} workers registered")
+                await asyncio.sleep(0.2)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Kills one service (its whole process group: a vLLM worker's engine processes too)."""
+        proc = self.procs[name]
+        try:
+            os.killpg(proc.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.popen.wait(30)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        order = ["router"] + [s.name for s in self.specs if s.service == "worker"] + ["kvtransfer", "scheduler"]
+        for name in order:
+            proc = self.procs.get(name)
+            if proc and proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for name in order:
+            proc = self.procs.get(name)
+            if not proc:
+                continue
+            try:
+                proc.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # engine subprocesses of a worker live in its process group
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.popen.wait()
+        self.procs.clear()
+        if self.redis:
+            self.redis.stop()
+            self.redis = None
+        import shutil
+
+        shutil.rmtree(self.kv_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

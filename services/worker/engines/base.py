@@ -1,0 +1,123 @@
+"""The engine adapter interface: everything a worker needs from an inference engine.
+
+A worker drives both phases through ``generate``: a prefill is a generate with ``max_tokens=1`` and
+``kv_save`` set (the engine writes the prompt's full KV blocks to a segment named by the transfer id and
+reports it in ``EngineOutput.kv``); a decode is a generate with ``kv_load`` set (the engine takes the
+prompt's first ``num_tokens`` KV from the segment instead of computing it, and reports how many prompt
+tokens it did not compute in ``num_cached_tokens``).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class KvLoad:
+    path: str
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    max_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    kv_save: str | None = None  # transfer id: export the prompt's KV
+    kv_load: KvLoad | None = None
+    offline: bool = False
+
+
+@dataclass(frozen=True)
+class KvExport:
+    transfer_id: str
+    path: str
+    num_tokens: int
+    num_blocks: int
+    num_bytes: int
+
+
+@dataclass
+class EngineOutput:
+    """One increment of a request's output (engines may batch several tokens into one increment)."""
+
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: str = ""
+    num_cached_tokens: int = 0
+    kv: KvExport | None = None
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    running: int
+    waiting: int
+    kv_usage: float
+
+
+class EngineError(RuntimeError):
+    """An engine refused a request (bad input for this model) — maps to INVALID_ARGUMENT."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+class Engine(abc.ABC):
+    name: str = "engine"
+    simulated: bool = False
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def model_name(self) -> str: ...
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def block_size(self) -> int: ...
+
+    @abc.abstractmethod
+    def tokenize(self, text: str) -> list[int]: ...
+
+    @abc.abstractmethod
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]: ...
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    def load(self) -> EngineLoad: ...
+
+
+def create_engine(config) -> Engine:
+    """The engine a WorkerConfig asks for (imports lazily: only the vllm adapter imports vllm)."""
+    if config.engine == "sim":
+        from duopool.worker.engines.sim import SimEngine
+
+        return SimEngine.from_config(config)
+    if config.engine == "vllm":
+        from duopool.worker.engines.vllm import VllmEngine
+
+        return VllmEngine.from_config(config)
+    raise ValueError(f"engine: unknown engine {config.engine!r}")

@@ -1,0 +1,298 @@
+"""The SIMULATED engine: real batching, block accounting and KV segments; synthetic tokens and timing.
+
+Everything it produces is labelled simulated (token text ``sim<ID>``, engine name ``sim``). It lets the real
+router, scheduler, kvtransfer and Redis run a cluster of many simulated GPUs on one small host:
+
+* step loop: each step admits waiting requests (prefill) up to the batch and KV limits, runs one decode
+  token for every running request, and sleeps the step time predicted by the roofline performance model
+  of the imitated hardware and model (``duopool.core.perfmodel``), divided by ``speedup``;
+* tokens: a deterministic function of the previous token and the position (and the seed), so a request
+  split across a prefill and a decode engine yields exactly the tokens one engine would;
+* KV: a prefill with ``kv_save`` writes a real KV segment (one small block per 16 prompt tokens, content
+  derived from the prompt), and a decode with ``kv_load`` verifies it byte for byte before counting those
+  tokens as cached — so the KV path, leases and failures are exercised for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import pathlib
+import struct
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from duopool.kv.segment import KvSegment, SegmentError, SegmentMeta, segment_path
+from duopool.worker.engines.base import Engine, EngineError, EngineLoad, EngineOutput, EngineRequest, KvExport
+
+log = logging.getLogger(__name__)
+
+SIM_VOCAB = 32000
+SIM_BLOCK_SIZE = 16
+SIM_BLOCK_BYTES = 1024  # per block of the simulated segment (real models carry far more; kept small)
+
+
+def sim_tokenize(text: str) -> list[int]:
+    return [zlib.crc32(w.encode()) % SIM_VOCAB for w in text.split()]
+
+
+def sim_token(last_token: int, position: int, seed: int | None) -> int:
+    """The next token from the last one and the sequence length: a prefill/decode split reproduces it."""
+    return (last_token * 31 + 7919 * position + 104729 * (seed or 0)) % SIM_VOCAB
+
+
+def sim_block_bytes(prompt_ids: tuple[int, ...], block: int) -> bytes:
+    ids = prompt_ids[block * SIM_BLOCK_SIZE : (block + 1) * SIM_BLOCK_SIZE]
+    seed = hashlib.blake2b(struct.pack(f"<{len(ids)}i", *ids) + struct.pack("<i", block), digest_size=64).digest()
+    return (seed * (SIM_BLOCK_BYTES // len(seed) + 1))[:SIM_BLOCK_BYTES]
+
+
+class StepTimer:
+    """Predicts one step's seconds from the roofline model of the imitated hardware and model."""
+
+    def __init__(self, hardware: str, model: str, speedup: float) -> None:
+        self.speedup = speedup
+        self.source = "linear"
+        self._model = None
+        try:
+            from duopool.core.perfmodel import PerfModel
+
+            self._model = PerfModel.load(hardware=hardware, model=model)
+            self.source = f"roofline:{hardware}:{model}"
+        except Exception as exc:  # noqa: BLE001 - an unknown name falls back, and says so
+            log.warning("sim engine: no roofline model for %s/%s (%s); using a linear step model",
+                        hardware, model, exc)
+
+    def step_s(self, prefill_lens: list[int], decode_ctxs: list[int]) -> float:
+        if self._model is not None:
+            t = self._model.step_time_s(prefill_lens, decode_ctxs)
+        else:  # ~H100 / 8B orders of magnitude: 60 µs per prefill token, 10 ms base decode step
+            t = 0.004 + 60e-6 * sum(prefill_lens) + 0.006 * bool(decode_ctxs) + 2e-9 * sum(decode_ctxs) * 1e3
+        return t / self.speedup
+
+
+@dataclass
+class _Req:
+    req: EngineRequest
+    out: asyncio.Queue
+    last: int
+    cached: int = 0
+    generated: int = 0
+    done: bool = False
+    blocks: int = 0
+    text: str = ""
+    kv: KvExport | None = None
+    aborted: bool = False
+    first_output: bool = True
+
+
+class SimEngine(Engine):
+    name = "sim"
+    simulated = True
+
+    def __init__(self, kv_dir: str, max_model_len: int = 4096, num_blocks: int = 4096, max_batch: int = 64,
+                 hardware: str = "H100-SXM", model: str = "llama-3.1-8b", speedup: float = 1.0) -> None:
+        self._kv_dir = pathlib.Path(kv_dir)
+        self._max_model_len = max_model_len
+        self._num_blocks = num_blocks
+        self._max_batch = max_batch
+        self._model = model
+        self.timer = StepTimer(hardware, model, speedup)
+        self._waiting: deque[_Req] = deque()
+        self._running: list[_Req] = []
+        self._by_id: dict[str, _Req] = {}
+        self._used_blocks = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.steps = 0
+
+    @classmethod
+    def from_config(cls, config) -> SimEngine:
+        return cls(config.kv_dir, config.max_model_len, hardware=config.sim_hardware, model=config.sim_model,
+                   speedup=config.sim_speedup)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="sim-engine")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    @property
+    def model_name(self) -> str:
+        return f"sim:{self._model}"
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def block_size(self) -> int:
+        return SIM_BLOCK_SIZE
+
+    def tokenize(self, text: str) -> list[int]:
+        return sim_tokenize(text)
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(len(self._running), len(self._waiting), self._used_blocks / self._num_blocks)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if len(request.prompt_token_ids) + request.max_tokens > self._max_model_len:
+            raise EngineError("max_tokens", f"prompt ({len(request.prompt_token_ids)} tokens) + max_tokens "
+                              f"({request.max_tokens}) exceeds the model's context of {self._max_model_len}")
+        if request.request_id in self._by_id:
+            raise EngineError("request_id", f"{request.request_id!r} is already running here")
+        if not request.prompt_token_ids:
+            raise EngineError("prompt", "must not be empty")
+        r = _Req(request, asyncio.Queue(), request.prompt_token_ids[-1])
+        self._by_id[request.request_id] = r
+        self._waiting.append(r)
+        self._wake.set()
+        try:
+            while True:
+                item = await r.out.get()
+                yield item
+                if item.finished:
+                    return
+        finally:
+            self._forget(r)
+
+    async def abort(self, request_id: str) -> bool:
+        r = self._by_id.get(request_id)
+        if r is None:
+            return False
+        r.aborted = True
+        self._wake.set()
+        return True
+
+    def _forget(self, r: _Req) -> None:
+        if self._by_id.get(r.req.request_id) is r:
+            del self._by_id[r.req.request_id]
+        self._release(r)
+        try:
+            self._waiting.remove(r)
+        except ValueError:
+            pass
+
+    # -- the step loop: receive, schedule, execute, update ---------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            if not self._waiting and not self._running:
+                self._wake.clear()
+                await self._wake.wait()
+            admitted = self._schedule()
+            await self._execute(admitted)
+            self._update(admitted)
+
+    def _schedule(self) -> list[_Req]:
+        for r in [r for r in self._running if r.aborted]:
+            self._finish(r, "abort")
+        admitted = []
+        while self._waiting and len(self._running) + len(admitted) < self._max_batch:
+            r = self._waiting[0]
+            if r.aborted:
+                self._waiting.popleft()
+                self._finish(r, "abort")
+                continue
+            need = -(-(len(r.req.prompt_token_ids) + r.req.max_tokens) // SIM_BLOCK_SIZE)
+            if self._used_blocks + need > self._num_blocks:
+                break  # KV full: wait for running requests to finish
+            self._waiting.popleft()
+            r.blocks = need
+            self._used_blocks += need
+            r.cached = self._load_kv(r)
+            admitted.append(r)
+        return admitted
+
+    async def _execute(self, admitted: list[_Req]) -> None:
+        prefill_lens = [len(r.req.prompt_token_ids) - r.cached for r in admitted]
+        decode_ctxs = [len(r.req.prompt_token_ids) + r.generated for r in self._running]
+        if prefill_lens or decode_ctxs:
+            await asyncio.sleep(self.timer.step_s(prefill_lens, decode_ctxs))
+            self.steps += 1
+
+    def _update(self, admitted: list[_Req]) -> None:
+        batch = self._running + admitted
+        for r in batch:
+            if self._by_id.get(r.req.request_id) is not r:
+                r.done = True  # the caller went away
+                self._release(r)
+            elif not r.done:
+                self._emit_token(r)
+        self._running = [r for r in batch if not r.done]
+
+    def _emit_token(self, r: _Req) -> None:
+        req = r.req
+        tok = sim_token(r.last, len(req.prompt_token_ids) + r.generated, req.sampling.seed)
+        r.last = tok
+        r.generated += 1
+        text = f" sim{tok}"
+        r.text += text
+        reason = ""
+        if r.generated >= req.max_tokens:
+            reason = "length"
+        elif req.sampling.stop and any(s in r.text for s in req.sampling.stop):
+            reason = "stop"
+        kv = self._save_kv(r) if req.kv_save and r.generated == 1 else None
+        out = EngineOutput([tok], text, finished=bool(reason), finish_reason=reason,
+                           num_cached_tokens=r.cached if r.first_output else 0, kv=kv)
+        r.first_output = False
+        r.out.put_nowait(out)
+        if out.finished:
+            r.done = True
+            self._release(r)
+
+    def _finish(self, r: _Req, reason: str) -> None:
+        r.done = True
+        r.out.put_nowait(EngineOutput([], "", finished=True, finish_reason=reason))
+        self._release(r)
+
+    def _release(self, r: _Req) -> None:
+        if r in self._running:
+            self._running.remove(r)
+        self._used_blocks -= r.blocks
+        r.blocks = 0
+
+    # -- KV segments -------------------------------------------------------------------------------
+    def _save_kv(self, r: _Req) -> KvExport:
+        prompt = r.req.prompt_token_ids
+        n = len(prompt) // SIM_BLOCK_SIZE
+        path = segment_path(r.req.kv_save, self._kv_dir)
+        if n == 0:
+            return KvExport(r.req.kv_save, str(path), 0, 0, 0)
+        meta = SegmentMeta(transfer_id=r.req.kv_save, num_layers=1, num_blocks=n, block_bytes=SIM_BLOCK_BYTES,
+                           dtype="uint8", block_shape=(SIM_BLOCK_BYTES,), block_size=SIM_BLOCK_SIZE,
+                           num_tokens=n * SIM_BLOCK_SIZE, layer_names=("sim",))
+        with KvSegment.create(path, meta) as seg:
+            view = seg.layer_view(0)
+            for b in range(n):
+                view[b * SIM_BLOCK_BYTES : (b + 1) * SIM_BLOCK_BYTES] = sim_block_bytes(prompt, b)
+            del view
+            seg.seal()
+        return KvExport(r.req.kv_save, str(path), n * SIM_BLOCK_SIZE, n, meta.data_bytes)
+
+    def _load_kv(self, r: _Req) -> int:
+        load = r.req.kv_load
+        if load is None or load.num_tokens <= 0:
+            return 0
+        want = min(load.num_tokens, (len(r.req.prompt_token_ids) - 1) // SIM_BLOCK_SIZE * SIM_BLOCK_SIZE)
+        try:
+            with KvSegment.open(pathlib.Path(load.path)) as seg:
+                view = seg.layer_view(0)
+                for b in range(want // SIM_BLOCK_SIZE):
+                    got = bytes(view[b * SIM_BLOCK_BYTES : (b + 1) * SIM_BLOCK_BYTES])
+                    if got != sim_block_bytes(r.req.prompt_token_ids, b):
+                        log.warning("request %s: KV block %d differs; recomputing", r.req.request_id, b)
+                        return 0
+                del view
+        except (SegmentError, OSError) as exc:
+            log.warning("request %s: KV segment unusable (%s); recomputing", r.req.request_id, exc)
+            return 0
+        return want

