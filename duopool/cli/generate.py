@@ -34,6 +34,7 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttft-ms", type=float, default=0.0, help="TTFT SLO in ms (0: none)")
     p.add_argument("--tpot-ms", type=float, default=0.0, help="TPOT SLO in ms (0: none)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up [600]")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the model's chat template")
 
 
 def build_request(args: argparse.Namespace, prompt: str):
@@ -45,7 +46,7 @@ def build_request(args: argparse.Namespace, prompt: str):
     return router_pb2.GenerateRequest(
         text=prompt, max_tokens=args.max_tokens, sampling=sampling,
         request_class=common_pb2.ONLINE if args.request_class == "online" else common_pb2.OFFLINE,
-        slo=common_pb2.Slo(ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms),
+        slo=common_pb2.Slo(ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms), chat=not args.raw,
     )
 
 

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             from duopool.v1 import common_pb2, router_pb2
 
             req = router_pb2.GenerateRequest(text=args.prompt, max_tokens=args.max_tokens,
-                                             request_class=common_pb2.ONLINE)
+                                             request_class=common_pb2.ONLINE, chat=True)
             print(f"\n> {args.prompt}", flush=True)
             s = stream(cluster.router_address, req)
             print(f"\n\n[{s.output_tokens} tokens; TTFT {s.ttft_ms:.0f} ms; prefill {s.prefill_worker} -> decode "

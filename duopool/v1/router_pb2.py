@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from duopool.v1 import common_pb2 as duopool_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64uopool/v1/router.proto\x12\nduopool.v1\x1a\x17\x64uopool/v1/common.proto\"\xfb\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.duopool.v1.TokenIdsH\x00\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.duopool.v1.SamplingParams\x12/\n\rrequest_class\x18\x05 \x01(\x0e\x32\x18.duopool.v1.RequestClass\x12\x1c\n\x03slo\x18\x06 \x01(\x0b\x32\x0f.duopool.v1.Slo\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x08\n\x06prompt\"-\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xb3\x02\n\x0fGenerateSummary\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\routput_tokens\x18\x03 \x01(\x05\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x16\n\x0etoken_times_ms\x18\x05 \x03(\x01\x12\x16\n\x0eprefill_worker\x18\x06 \x01(\t\x12\x15\n\rdecode_worker\x18\x07 \x01(\t\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\x12\x1d\n\x15kv_transferred_tokens\x18\n \x01(\x05\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\x0b \x01(\x05\x12\x10\n\x08kv_bytes\x18\x0c \x01(\x03\x12\x10\n\x08trace_id\x18\r \x01(\t\"v\n\x10GenerateResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x16.duopool.v1.TokenChunkH\x00\x12.\n\x07summary\x18\x02 \x01(\x0b\x32\x1b.duopool.v1.GenerateSummaryH\x00\x42\t\n\x07payload2\xa1\x01\n\x06Router\x12G\n\x08Generate\x12\x1b.duopool.v1.GenerateRequest\x1a\x1c.duopool.v1.GenerateResponse0\x01\x12N\n\x0bListWorkers\x12\x1e.duopool.v1.ListWorkersRequest\x1a\x1f.duopool.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64uopool/v1/router.proto\x12\nduopool.v1\x1a\x17\x64uopool/v1/common.proto\"\x89\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.duopool.v1.TokenIdsH\x00\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.duopool.v1.SamplingParams\x12/\n\rrequest_class\x18\x05 \x01(\x0e\x32\x18.duopool.v1.RequestClass\x12\x1c\n\x03slo\x18\x06 \x01(\x0b\x32\x0f.duopool.v1.Slo\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x0c\n\x04\x63hat\x18\x08 \x01(\x08\x42\x08\n\x06prompt\"-\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xb3\x02\n\x0fGenerateSummary\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\routput_tokens\x18\x03 \x01(\x05\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x16\n\x0etoken_times_ms\x18\x05 \x03(\x01\x12\x16\n\x0eprefill_worker\x18\x06 \x01(\t\x12\x15\n\rdecode_worker\x18\x07 \x01(\t\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\x12\x1d\n\x15kv_transferred_tokens\x18\n \x01(\x05\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\x0b \x01(\x05\x12\x10\n\x08kv_bytes\x18\x0c \x01(\x03\x12\x10\n\x08trace_id\x18\r \x01(\t\"v\n\x10GenerateResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x16.duopool.v1.TokenChunkH\x00\x12.\n\x07summary\x18\x02 \x01(\x0b\x32\x1b.duopool.v1.GenerateSummaryH\x00\x42\t\n\x07payload2\xa1\x01\n\x06Router\x12G\n\x08Generate\x12\x1b.duopool.v1.GenerateRequest\x1a\x1c.duopool.v1.GenerateResponse0\x01\x12N\n\x0bListWorkers\x12\x1e.duopool.v1.ListWorkersRequest\x1a\x1f.duopool.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'duopool.v1.router_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=65
-  _globals['_GENERATEREQUEST']._serialized_end=316
-  _globals['_TOKENCHUNK']._serialized_start=318
-  _globals['_TOKENCHUNK']._serialized_end=363
-  _globals['_GENERATESUMMARY']._serialized_start=366
-  _globals['_GENERATESUMMARY']._serialized_end=673
-  _globals['_GENERATERESPONSE']._serialized_start=675
-  _globals['_GENERATERESPONSE']._serialized_end=793
-  _globals['_ROUTER']._serialized_start=796
-  _globals['_ROUTER']._serialized_end=957
+  _globals['_GENERATEREQUEST']._serialized_end=330
+  _globals['_TOKENCHUNK']._serialized_start=332
+  _globals['_TOKENCHUNK']._serialized_end=377
+  _globals['_GENERATESUMMARY']._serialized_start=380
+  _globals['_GENERATESUMMARY']._serialized_end=687
+  _globals['_GENERATERESPONSE']._serialized_start=689
+  _globals['_GENERATERESPONSE']._serialized_end=807
+  _globals['_ROUTER']._serialized_start=810
+  _globals['_ROUTER']._serialized_end=971
 # @@protoc_insertion_point(module_scope)

@@ -121,7 +121,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             preq = worker_pb2.PrefillRequest(
                 request_id=rid, max_tokens=request.max_tokens, sampling=request.sampling,
                 request_class=request.request_class, export_kv=request.max_tokens > 1,
-                decode_worker=placement.decode.worker_id, decode_host=placement.decode.host,
+                decode_worker=placement.decode.worker_id, decode_host=placement.decode.host, chat=request.chat,
             )
             if request.WhichOneof("prompt") == "text":
                 preq.text = request.text

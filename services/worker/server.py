@@ -71,7 +71,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         which = request.WhichOneof("prompt")
         if which == "text":
-            ids = self.engine.tokenize(request.text)
+            ids = self.engine.tokenize(request.text, chat=request.chat)
         elif which == "token_ids":
             ids = list(request.token_ids.ids)
         else:

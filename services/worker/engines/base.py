@@ -98,7 +98,8 @@ class Engine(abc.ABC):
     def block_size(self) -> int: ...
 
     @abc.abstractmethod
-    def tokenize(self, text: str) -> list[int]: ...
+    def tokenize(self, text: str, chat: bool = False) -> list[int]:
+        """Token ids of ``text``; with ``chat``, of ``text`` as one user turn in the model's chat template."""
 
     @abc.abstractmethod
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]: ...

@@ -137,8 +137,8 @@ class SimEngine(Engine):
     def block_size(self) -> int:
         return SIM_BLOCK_SIZE
 
-    def tokenize(self, text: str) -> list[int]:
-        return sim_tokenize(text)
+    def tokenize(self, text: str, chat: bool = False) -> list[int]:
+        return sim_tokenize(text)  # the simulated model has no chat template
 
     def load(self) -> EngineLoad:
         return EngineLoad(len(self._running), len(self._waiting), self._used_blocks / self._num_blocks)

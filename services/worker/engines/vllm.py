@@ -94,7 +94,11 @@ class VllmEngine(Engine):
     def block_size(self) -> int:
         return self._block_size
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, chat: bool = False) -> list[int]:
+        if chat and getattr(self._tokenizer, "chat_template", None):
+            ids = self._tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                                      add_generation_prompt=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return list(self._tokenizer(text)["input_ids"])
 
     def _sampling_params(self, req: EngineRequest):

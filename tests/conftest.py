@@ -1,0 +1,41 @@
+"""Shared fixtures. Integration tests start real servers (Redis, the services) on free loopback ports."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from duopool.common.otlp_sink import OtlpSink
+from duopool.common.redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def otlp_sink():
+    sink = OtlpSink().start()
+    yield sink
+    sink.stop()
+
+
+def otel_env(sink: OtlpSink) -> dict[str, str]:
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
