@@ -147,6 +147,7 @@ class KvTransport(ABC):
 
     def close(self) -> None:
         """Frees everything the transport holds (connections, process groups, mappings). Idempotent."""
+        return None  # noqa: B027 - optional hook, a no-op for stateless transports
 
     def __enter__(self) -> KvTransport:
         return self

@@ -257,8 +257,10 @@ class GrpcStreamTransport(KvTransport):
 class KvReadServicer(kvtransfer_pb2_grpc.KvTransferServicer):
     """Serves only ``Read`` from a directory of segments (tests, the benchmark, a bare data agent)."""
 
-    def __init__(self, kv_dir: pathlib.Path | str | None = None) -> None:
+    def __init__(self, kv_dir: pathlib.Path | str | None = None, *, fail_after_chunks: int | None = None) -> None:
+        """``fail_after_chunks`` aborts the first stream after that many chunks (fault injection)."""
         self.kv_dir = default_dir(kv_dir)
+        self.fail_after_chunks = fail_after_chunks
 
     def Read(self, request, context):  # noqa: N802 (grpc naming)
         from duopool.kv.segment import SegmentError
@@ -271,16 +273,22 @@ class KvReadServicer(kvtransfer_pb2_grpc.KvTransferServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
             return
         yield first
-        yield from gen
+        for i, chunk in enumerate(gen, start=1):
+            if self.fail_after_chunks is not None and i >= self.fail_after_chunks:
+                self.fail_after_chunks = None
+                gen.close()
+                context.abort(grpc.StatusCode.UNAVAILABLE, "injected failure")
+                return
+            yield chunk
 
 
 def serve_read(kv_dir: pathlib.Path | str | None = None, *, host: str = "127.0.0.1", port: int = 0,
-               max_workers: int = 4) -> tuple[grpc.Server, int]:
+               max_workers: int = 4, fail_after_chunks: int | None = None) -> tuple[grpc.Server, int]:
     """Starts a gRPC server with :class:`KvReadServicer` on ``host:port`` (0 = free port)."""
     from concurrent import futures
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
-    kvtransfer_pb2_grpc.add_KvTransferServicer_to_server(KvReadServicer(kv_dir), server)
+    kvtransfer_pb2_grpc.add_KvTransferServicer_to_server(KvReadServicer(kv_dir, fail_after_chunks=fail_after_chunks), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     server.start()
     return server, bound

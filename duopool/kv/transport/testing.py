@@ -45,3 +45,38 @@ def digest(path: pathlib.Path) -> str:
     with KvSegment.open(path) as seg:
         h = hashlib.sha256(seg.data_view()).hexdigest()
     return h
+
+
+# -- process entry points (spawned by the integration tests; importable by multiprocessing "spawn") -------
+def gloo_peer(rank: int, init_file: str, kv_dir: str, ops: list[tuple[str, str | None]], conn) -> None:
+    """Connects rank ``rank`` of a gloo pair and runs ops [("send"|"receive", transfer_id)], reporting
+    each TransferResult (as a dict) or the error text through ``conn``."""
+    from dataclasses import asdict
+
+    from duopool.kv.transport.gloo import GlooTransport
+
+    t = GlooTransport.connect(rank, init_file, kv_dir, timeout_s=30, piece_bytes=64 << 10)
+    try:
+        for op, tid in ops:
+            try:
+                res = t.send(tid) if op == "send" else t.receive(tid)
+                conn.send(asdict(res))
+            except Exception as exc:  # reported to the test
+                conn.send({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        t.close()
+        conn.close()
+
+
+def grpc_read_server(kv_dir: str, conn, fail_after_chunks: int | None = None) -> None:
+    """Serves ``Read`` from ``kv_dir`` on a free 127.0.0.1 port; sends the port, stops on any message."""
+    from duopool.kv.transport.grpc_stream import serve_read
+
+    server, port = serve_read(kv_dir, fail_after_chunks=fail_after_chunks)
+    conn.send(port)
+    try:
+        conn.recv()
+    except EOFError:
+        pass
+    server.stop(0).wait()
+    conn.close()
