@@ -109,7 +109,8 @@ class LocalCluster:
                 break
             except TimeoutError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{proc.spec.name} not healthy after {timeout:.0f}s; see {proc.log_path}")
+                    raise TimeoutError(
+                        f"{proc.spec.name} not healthy after {timeout:.0f}s; see {proc.log_path}") from None
         self.log(f"  {proc.spec.name:<11} {address} ready ({time.monotonic() - t0:.0f}s)")
 
     async def _start_all(self, t0: float, timeout: float) -> None:

@@ -98,7 +98,7 @@ def render_compose(topo: Topology | None = None) -> str:
         "# the same description `duopool up` runs locally. Do not edit by hand (a test compares them).",
         "# Only the router is published; internal services are reachable on the compose network only.",
         "# Workers and kvtransfer share KV segments through the `kv-shm` tmpfs volume.",
-        "name: duopool",
+        "version: \"3.8\"",
         "services:",
         "  redis:",
         '    image: "redis:7-alpine"',

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Sets up (scripts/setup.sh) and runs every check: generated code current, compose file valid and in
+# step with the launcher, lint, and the whole test suite (unit, integration with real Redis and
+# services, end-to-end with real vLLM). Extra arguments go to pytest (e.g. -m "not e2e").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+
+python scripts/gen_protos.py --check
+python -m duopool.topology | diff -u docker-compose.yml - || { echo "docker-compose.yml is stale: python -m duopool.topology > docker-compose.yml"; exit 1; }
+if command -v docker-compose >/dev/null 2>&1; then
+  docker-compose -f docker-compose.yml config -q && echo "docker-compose.yml is valid"
+else
+  echo "docker-compose not installed: skipping its validation"
+fi
+ruff check duopool services tests scripts bench
+
+set +e
+python -m pytest -p no:cacheprovider -ra "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then
+  echo "pytest collected no tests: failing" >&2
+  exit 1
+fi
+exit "$rc"

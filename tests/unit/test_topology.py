@@ -1,0 +1,30 @@
+"""docker-compose.yml and the local launcher run the same topology (duopool/topology.py)."""
+
+import pathlib
+
+import pytest
+
+from duopool.cli.main import build_parser
+from duopool.topology import Topology, compose_services, render_compose
+
+pytestmark = pytest.mark.unit
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_committed_compose_file_is_the_rendered_topology():
+    assert (ROOT / "docker-compose.yml").read_text() == render_compose(), \
+        "docker-compose.yml is stale: python -m duopool.topology > docker-compose.yml"
+
+
+def test_every_compose_command_parses_with_the_cli():
+    yaml = pytest.importorskip("yaml")
+    doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    parser = build_parser()
+    names = {s.name for s in compose_services(Topology())}
+    assert names <= set(doc["services"])
+    for name in names:
+        args = parser.parse_args(doc["services"][name]["command"])
+        assert args.command == "serve" and callable(args.func)
+    published = [n for n, s in doc["services"].items() if s.get("ports") and not n == "jaeger"]
+    assert published == ["router"], "only the router may be public"
