@@ -148,6 +148,14 @@ class LocalCluster:
             pass
         proc.popen.wait(30)
 
+    def restart(self, name: str, timeout: float = 120.0) -> None:
+        """Starts a killed service again with the same command (same ports and identity)."""
+        proc = self.procs[name]
+        if proc.popen.poll() is None:
+            self.kill(name, signal.SIGTERM)
+        new = self._spawn(proc.spec)
+        asyncio.run(self._wait(new, time.monotonic(), timeout))
+
     def stop(self, timeout: float = 30.0) -> None:
         order = ["router"] + [s.name for s in self.specs if s.service == "worker"] + ["kvtransfer", "scheduler"]
         for name in order:

@@ -57,12 +57,12 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pids_fn = pids_fn
         self.peak = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         import psutil
 
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             total = 0
             for pid in self.pids_fn():
                 try:
@@ -76,10 +76,10 @@ class RssSampler(threading.Thread):
                     except psutil.Error:
                         pass
             self.peak = max(self.peak, total)
-            self._stop.wait(0.5)
+            self._halt.wait(0.5)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 

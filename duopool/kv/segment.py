@@ -170,6 +170,15 @@ class KvSegment:
         meta = SegmentMeta.from_json(meta.to_json())
         self._write_header(meta)
 
+    def retag(self, transfer_id: str) -> None:
+        """Renames the transfer recorded in the header (a pool checkout becomes a new transfer). The data
+        and the seal are unchanged; receivers check the header's id against the transfer they pull."""
+        if not self._writable:
+            raise SegmentError("segment opened read-only")
+        meta = SegmentMeta.from_json(SegmentMeta(**{**asdict(self.meta), "transfer_id": transfer_id}).to_json())
+        self._write_header(meta)
+        self._mm.flush()
+
     # -- data -----------------------------------------------------------------------------------------
     def offset(self, layer: int, block: int) -> int:
         m = self.meta

@@ -69,6 +69,21 @@ class KvTransferStub:
                 request_serializer=duopool_dot_v1_dot_kvtransfer__pb2.KvStatsRequest.SerializeToString,
                 response_deserializer=duopool_dot_v1_dot_kvtransfer__pb2.KvStatsResponse.FromString,
                 _registered_method=True)
+        self.Park = channel.unary_unary(
+                '/duopool.v1.KvTransfer/Park',
+                request_serializer=duopool_dot_v1_dot_kvtransfer__pb2.ParkRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_kvtransfer__pb2.ParkResponse.FromString,
+                _registered_method=True)
+        self.Take = channel.unary_unary(
+                '/duopool.v1.KvTransfer/Take',
+                request_serializer=duopool_dot_v1_dot_kvtransfer__pb2.TakeRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_kvtransfer__pb2.TransferStatus.FromString,
+                _registered_method=True)
+        self.Drop = channel.unary_unary(
+                '/duopool.v1.KvTransfer/Drop',
+                request_serializer=duopool_dot_v1_dot_kvtransfer__pb2.DropRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_kvtransfer__pb2.DropResponse.FromString,
+                _registered_method=True)
 
 
 class KvTransferServicer:
@@ -122,6 +137,30 @@ class KvTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Park(self, request, context):
+        """Host-memory KV pool (preempted offline requests). Park moves a sealed segment into the pool by rename
+        (no copy): either a READY transfer's segment (the transfer ends PARKED) or a segment file under the
+        service's kv dir. RESOURCE_EXHAUSTED if it cannot fit even after eviction (the segment stays where it was).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Take(self, request, context):
+        """Checks a parked segment out as a new READY transfer any worker can load (PollTransfer / Read / Decode).
+        NOT_FOUND if the key was never parked, was evicted or was already taken: the caller recomputes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drop(self, request, context):
+        """Removes a parked segment (request finished or cancelled).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KvTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +198,21 @@ def add_KvTransferServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=duopool_dot_v1_dot_kvtransfer__pb2.KvStatsRequest.FromString,
                     response_serializer=duopool_dot_v1_dot_kvtransfer__pb2.KvStatsResponse.SerializeToString,
+            ),
+            'Park': grpc.unary_unary_rpc_method_handler(
+                    servicer.Park,
+                    request_deserializer=duopool_dot_v1_dot_kvtransfer__pb2.ParkRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_kvtransfer__pb2.ParkResponse.SerializeToString,
+            ),
+            'Take': grpc.unary_unary_rpc_method_handler(
+                    servicer.Take,
+                    request_deserializer=duopool_dot_v1_dot_kvtransfer__pb2.TakeRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_kvtransfer__pb2.TransferStatus.SerializeToString,
+            ),
+            'Drop': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drop,
+                    request_deserializer=duopool_dot_v1_dot_kvtransfer__pb2.DropRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_kvtransfer__pb2.DropResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +404,87 @@ class KvTransfer:
             '/duopool.v1.KvTransfer/Stats',
             duopool_dot_v1_dot_kvtransfer__pb2.KvStatsRequest.SerializeToString,
             duopool_dot_v1_dot_kvtransfer__pb2.KvStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Park(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duopool.v1.KvTransfer/Park',
+            duopool_dot_v1_dot_kvtransfer__pb2.ParkRequest.SerializeToString,
+            duopool_dot_v1_dot_kvtransfer__pb2.ParkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Take(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duopool.v1.KvTransfer/Take',
+            duopool_dot_v1_dot_kvtransfer__pb2.TakeRequest.SerializeToString,
+            duopool_dot_v1_dot_kvtransfer__pb2.TransferStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duopool.v1.KvTransfer/Drop',
+            duopool_dot_v1_dot_kvtransfer__pb2.DropRequest.SerializeToString,
+            duopool_dot_v1_dot_kvtransfer__pb2.DropResponse.FromString,
             options,
             channel_credentials,
             insecure,

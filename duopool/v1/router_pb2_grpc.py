@@ -45,6 +45,26 @@ class RouterStub:
                 request_serializer=duopool_dot_v1_dot_common__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=duopool_dot_v1_dot_common__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.SubmitBatch = channel.unary_unary(
+                '/duopool.v1.Router/SubmitBatch',
+                request_serializer=duopool_dot_v1_dot_router__pb2.SubmitBatchRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_router__pb2.BatchStatus.FromString,
+                _registered_method=True)
+        self.GetBatch = channel.unary_unary(
+                '/duopool.v1.Router/GetBatch',
+                request_serializer=duopool_dot_v1_dot_router__pb2.GetBatchRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_router__pb2.BatchStatus.FromString,
+                _registered_method=True)
+        self.GetBatchResults = channel.unary_stream(
+                '/duopool.v1.Router/GetBatchResults',
+                request_serializer=duopool_dot_v1_dot_router__pb2.GetBatchRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_router__pb2.BatchResult.FromString,
+                _registered_method=True)
+        self.CancelBatch = channel.unary_unary(
+                '/duopool.v1.Router/CancelBatch',
+                request_serializer=duopool_dot_v1_dot_router__pb2.GetBatchRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_router__pb2.BatchStatus.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -64,6 +84,32 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitBatch(self, request, context):
+        """Offline batch jobs (like OpenAI's Batch API): validated whole, then enqueued durably in one step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatchResults(self, request, context):
+        """Results of finished requests, in request order (a job still running returns those done so far).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +122,26 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=duopool_dot_v1_dot_common__pb2.ListWorkersRequest.FromString,
                     response_serializer=duopool_dot_v1_dot_common__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'SubmitBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitBatch,
+                    request_deserializer=duopool_dot_v1_dot_router__pb2.SubmitBatchRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_router__pb2.BatchStatus.SerializeToString,
+            ),
+            'GetBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatch,
+                    request_deserializer=duopool_dot_v1_dot_router__pb2.GetBatchRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_router__pb2.BatchStatus.SerializeToString,
+            ),
+            'GetBatchResults': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetBatchResults,
+                    request_deserializer=duopool_dot_v1_dot_router__pb2.GetBatchRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_router__pb2.BatchResult.SerializeToString,
+            ),
+            'CancelBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBatch,
+                    request_deserializer=duopool_dot_v1_dot_router__pb2.GetBatchRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_router__pb2.BatchStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +198,114 @@ class Router:
             '/duopool.v1.Router/ListWorkers',
             duopool_dot_v1_dot_common__pb2.ListWorkersRequest.SerializeToString,
             duopool_dot_v1_dot_common__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duopool.v1.Router/SubmitBatch',
+            duopool_dot_v1_dot_router__pb2.SubmitBatchRequest.SerializeToString,
+            duopool_dot_v1_dot_router__pb2.BatchStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duopool.v1.Router/GetBatch',
+            duopool_dot_v1_dot_router__pb2.GetBatchRequest.SerializeToString,
+            duopool_dot_v1_dot_router__pb2.BatchStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatchResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/duopool.v1.Router/GetBatchResults',
+            duopool_dot_v1_dot_router__pb2.GetBatchRequest.SerializeToString,
+            duopool_dot_v1_dot_router__pb2.BatchResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duopool.v1.Router/CancelBatch',
+            duopool_dot_v1_dot_router__pb2.GetBatchRequest.SerializeToString,
+            duopool_dot_v1_dot_router__pb2.BatchStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,5 @@
 from duopool.v1 import common_pb2 as _common_pb2
+from duopool.v1 import router_pb2 as _router_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -44,3 +45,29 @@ class ReleaseRequest(_message.Message):
 class ReleaseResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SchedulerStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SchedulerStats(_message.Message):
+    __slots__ = ("online_inflight", "offline_inflight", "preemptions", "preemption_ms_p50", "preemption_ms_p99", "offline_completed", "offline_requeued", "policy", "preemption_ms")
+    ONLINE_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    OFFLINE_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTION_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTION_MS_P99_FIELD_NUMBER: _ClassVar[int]
+    OFFLINE_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    OFFLINE_REQUEUED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTION_MS_FIELD_NUMBER: _ClassVar[int]
+    online_inflight: int
+    offline_inflight: int
+    preemptions: int
+    preemption_ms_p50: float
+    preemption_ms_p99: float
+    offline_completed: int
+    offline_requeued: int
+    policy: str
+    preemption_ms: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, online_inflight: _Optional[int] = ..., offline_inflight: _Optional[int] = ..., preemptions: _Optional[int] = ..., preemption_ms_p50: _Optional[float] = ..., preemption_ms_p99: _Optional[float] = ..., offline_completed: _Optional[int] = ..., offline_requeued: _Optional[int] = ..., policy: _Optional[str] = ..., preemption_ms: _Optional[_Iterable[float]] = ...) -> None: ...

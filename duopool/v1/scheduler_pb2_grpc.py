@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from duopool.v1 import common_pb2 as duopool_dot_v1_dot_common__pb2
+from duopool.v1 import router_pb2 as duopool_dot_v1_dot_router__pb2
 from duopool.v1 import scheduler_pb2 as duopool_dot_v1_dot_scheduler__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -50,6 +51,31 @@ class SchedulerStub:
                 request_serializer=duopool_dot_v1_dot_common__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=duopool_dot_v1_dot_common__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.SubmitBatch = channel.unary_unary(
+                '/duopool.v1.Scheduler/SubmitBatch',
+                request_serializer=duopool_dot_v1_dot_router__pb2.SubmitBatchRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_router__pb2.BatchStatus.FromString,
+                _registered_method=True)
+        self.GetBatch = channel.unary_unary(
+                '/duopool.v1.Scheduler/GetBatch',
+                request_serializer=duopool_dot_v1_dot_router__pb2.GetBatchRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_router__pb2.BatchStatus.FromString,
+                _registered_method=True)
+        self.GetBatchResults = channel.unary_stream(
+                '/duopool.v1.Scheduler/GetBatchResults',
+                request_serializer=duopool_dot_v1_dot_router__pb2.GetBatchRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_router__pb2.BatchResult.FromString,
+                _registered_method=True)
+        self.CancelBatch = channel.unary_unary(
+                '/duopool.v1.Scheduler/CancelBatch',
+                request_serializer=duopool_dot_v1_dot_router__pb2.GetBatchRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_router__pb2.BatchStatus.FromString,
+                _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/duopool.v1.Scheduler/Stats',
+                request_serializer=duopool_dot_v1_dot_scheduler__pb2.SchedulerStatsRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_scheduler__pb2.SchedulerStats.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -75,6 +101,37 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitBatch(self, request, context):
+        """Offline batch jobs: the router validates and forwards; the scheduler owns the durable queue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatchResults(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +149,31 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=duopool_dot_v1_dot_common__pb2.ListWorkersRequest.FromString,
                     response_serializer=duopool_dot_v1_dot_common__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'SubmitBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitBatch,
+                    request_deserializer=duopool_dot_v1_dot_router__pb2.SubmitBatchRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_router__pb2.BatchStatus.SerializeToString,
+            ),
+            'GetBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatch,
+                    request_deserializer=duopool_dot_v1_dot_router__pb2.GetBatchRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_router__pb2.BatchStatus.SerializeToString,
+            ),
+            'GetBatchResults': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetBatchResults,
+                    request_deserializer=duopool_dot_v1_dot_router__pb2.GetBatchRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_router__pb2.BatchResult.SerializeToString,
+            ),
+            'CancelBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBatch,
+                    request_deserializer=duopool_dot_v1_dot_router__pb2.GetBatchRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_router__pb2.BatchStatus.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=duopool_dot_v1_dot_scheduler__pb2.SchedulerStatsRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_scheduler__pb2.SchedulerStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +257,141 @@ class Scheduler:
             '/duopool.v1.Scheduler/ListWorkers',
             duopool_dot_v1_dot_common__pb2.ListWorkersRequest.SerializeToString,
             duopool_dot_v1_dot_common__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duopool.v1.Scheduler/SubmitBatch',
+            duopool_dot_v1_dot_router__pb2.SubmitBatchRequest.SerializeToString,
+            duopool_dot_v1_dot_router__pb2.BatchStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duopool.v1.Scheduler/GetBatch',
+            duopool_dot_v1_dot_router__pb2.GetBatchRequest.SerializeToString,
+            duopool_dot_v1_dot_router__pb2.BatchStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatchResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/duopool.v1.Scheduler/GetBatchResults',
+            duopool_dot_v1_dot_router__pb2.GetBatchRequest.SerializeToString,
+            duopool_dot_v1_dot_router__pb2.BatchResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duopool.v1.Scheduler/CancelBatch',
+            duopool_dot_v1_dot_router__pb2.GetBatchRequest.SerializeToString,
+            duopool_dot_v1_dot_router__pb2.BatchStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duopool.v1.Scheduler/Stats',
+            duopool_dot_v1_dot_scheduler__pb2.SchedulerStatsRequest.SerializeToString,
+            duopool_dot_v1_dot_scheduler__pb2.SchedulerStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -108,3 +108,29 @@ class StatsResponse(_message.Message):
     tokens_generated: int
     simulated: bool
     def __init__(self, info: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., requests_served: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., simulated: _Optional[bool] = ...) -> None: ...
+
+class PreemptRequest(_message.Message):
+    __slots__ = ("request_class", "max_requests", "reason")
+    REQUEST_CLASS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    request_class: _common_pb2.RequestClass
+    max_requests: int
+    reason: str
+    def __init__(self, request_class: _Optional[_Union[_common_pb2.RequestClass, str]] = ..., max_requests: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PreemptResponse(_message.Message):
+    __slots__ = ("request_ids", "stop_ms")
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    STOP_MS_FIELD_NUMBER: _ClassVar[int]
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    stop_ms: float
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., stop_ms: _Optional[float] = ...) -> None: ...
+
+class SetRoleRequest(_message.Message):
+    __slots__ = ("role", "pool")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    role: _common_pb2.WorkerRole
+    pool: _common_pb2.Pool
+    def __init__(self, role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., pool: _Optional[_Union[_common_pb2.Pool, str]] = ...) -> None: ...

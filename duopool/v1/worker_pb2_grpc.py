@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from duopool.v1 import common_pb2 as duopool_dot_v1_dot_common__pb2
 from duopool.v1 import worker_pb2 as duopool_dot_v1_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -54,6 +55,16 @@ class WorkerStub:
                 request_serializer=duopool_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=duopool_dot_v1_dot_worker__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Preempt = channel.unary_unary(
+                '/duopool.v1.Worker/Preempt',
+                request_serializer=duopool_dot_v1_dot_worker__pb2.PreemptRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_worker__pb2.PreemptResponse.FromString,
+                _registered_method=True)
+        self.SetRole = channel.unary_unary(
+                '/duopool.v1.Worker/SetRole',
+                request_serializer=duopool_dot_v1_dot_worker__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_common__pb2.WorkerInfo.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -85,6 +96,21 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Preempt(self, request, context):
+        """Stops running requests of a class (offline) within one engine step. Their Decode streams end with
+        finish_reason "preempted" after the tokens already produced; a preempted Prefill fails with ABORTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRole(self, request, context):
+        """Changes this worker's role and pool at run time (DOPD's P/D ratio; OOCO's pools).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +133,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=duopool_dot_v1_dot_worker__pb2.StatsRequest.FromString,
                     response_serializer=duopool_dot_v1_dot_worker__pb2.StatsResponse.SerializeToString,
+            ),
+            'Preempt': grpc.unary_unary_rpc_method_handler(
+                    servicer.Preempt,
+                    request_deserializer=duopool_dot_v1_dot_worker__pb2.PreemptRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_worker__pb2.PreemptResponse.SerializeToString,
+            ),
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=duopool_dot_v1_dot_worker__pb2.SetRoleRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_common__pb2.WorkerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +253,60 @@ class Worker:
             '/duopool.v1.Worker/Stats',
             duopool_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
             duopool_dot_v1_dot_worker__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Preempt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duopool.v1.Worker/Preempt',
+            duopool_dot_v1_dot_worker__pb2.PreemptRequest.SerializeToString,
+            duopool_dot_v1_dot_worker__pb2.PreemptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duopool.v1.Worker/SetRole',
+            duopool_dot_v1_dot_worker__pb2.SetRoleRequest.SerializeToString,
+            duopool_dot_v1_dot_common__pb2.WorkerInfo.FromString,
             options,
             channel_credentials,
             insecure,

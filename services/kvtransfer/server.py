@@ -1,19 +1,33 @@
-"""The kvtransfer service: brokers KV transfers between workers and owns the segments' lifetime.
+"""The kvtransfer service: brokers KV transfers between workers, owns the segments' lifetime, and holds the
+host-memory KV pool where preempted offline requests' KV waits for any worker to take it.
 
 Transfer life cycle (``TransferState``)::
 
     StartTransfer (source, after prefill) ──▶ READY ──CompleteTransfer(ok)──▶ COMPLETED   (segment unlinked)
-                                              │    └─CompleteTransfer(!ok)─▶ FAILED      (segment unlinked)
-                                              ├──lease runs out───────────▶ EXPIRED     (segment unlinked)
-                                              └──Release──────────────────▶ RELEASED    (segment unlinked)
+    Take (from the pool) ───────────────────▶   │  └─CompleteTransfer(!ok)─▶ FAILED      (segment unlinked)
+                                                ├──segment gone / unreadable▶ FAILED      (found by Read)
+                                                ├──lease runs out──────────▶ EXPIRED     (segment unlinked)
+                                                ├──Release─────────────────▶ RELEASED    (segment unlinked)
+                                                └──Park────────────────────▶ PARKED      (segment renamed into the pool)
 
-Every end state frees the segment, so a destination that never pulls cannot leak shared memory. Ended
-transfers are remembered for a while so late callers get a definite answer instead of NOT_FOUND.
+Every end state frees the segment (or hands it to the pool), so a destination that never pulls cannot
+leak shared memory. Ended transfers are remembered for a while so late callers get a definite answer
+instead of NOT_FOUND. A Read stream in progress renews the lease at every chunk (a slow pull that makes
+progress is not cut off; a stalled one is).
 
 Data paths: on one host the destination maps the source's segment (shared memory: no copy beyond the
-engines' own); ``Read`` streams a segment's bytes in chunks for a destination on another host (the gRPC
-fallback). The state table lives in this process: transfers are short-lived (seconds) and a restart of
-this service ends them all, after which decode workers recompute (their failure policy).
+engines' own); ``Read`` streams a segment's bytes in chunks (``duopool.kv.transport.grpc_stream``) for a
+destination on another host, optionally only the units it is missing (``ReadRequest.units``). A stream
+stops with an error as soon as its transfer ends or its file disappears, and never holds the mapping past
+the stream.
+
+Pool (``duopool.kv.pool.KvPool`` in ``<kv_dir>/pool``): ``Park`` renames a sealed segment in, ``Take``
+renames it back out as a new READY transfer, ``Drop`` deletes it; capacity ``--kv-pool-gib`` with LRU or
+priority eviction. Parked files survive a restart of this service (the pool adopts them).
+
+The transfer table lives in this process: transfers are short-lived (seconds) and a restart of this
+service ends them all, after which decode workers recompute (their failure policy); segments left behind
+are removed by the orphan sweep once older than a lease.
 """
 
 from __future__ import annotations
@@ -22,7 +36,9 @@ import asyncio
 import logging
 import os
 import pathlib
+import socket
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import grpc
@@ -30,14 +46,17 @@ import grpc
 from duopool.common.config import KvTransferConfig
 from duopool.common.rpc import Server
 from duopool.common.telemetry import init_telemetry
-from duopool.kv.segment import KvSegment, SegmentError, unlink_segment
+from duopool.kv.pool import KvPool, PoolFull
+from duopool.kv.segment import KvSegment, SegmentError, segment_path, unlink_segment
+from duopool.kv.transport import grpc_stream
 from duopool.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc
 
 log = logging.getLogger("duopool.kvtransfer")
 
 S = kvtransfer_pb2
-ENDED = (S.COMPLETED, S.FAILED, S.EXPIRED, S.RELEASED)
+ENDED = (S.COMPLETED, S.FAILED, S.EXPIRED, S.RELEASED, S.PARKED)
 KEEP_ENDED_S = 300.0
+KEEP_EVICTED = 10_000  # evicted pool keys remembered (for the NOT_FOUND message of a later Take)
 
 
 @dataclass
@@ -47,8 +66,10 @@ class Transfer:
     destination_host: str
     state: int
     deadline: float
+    lease_s: float
     error: str = ""
     ended_at: float = 0.0
+    readers: int = 0
 
     def status(self) -> kvtransfer_pb2.TransferStatus:
         return kvtransfer_pb2.TransferStatus(transfer_id=self.kv.transfer_id, state=self.state, kv=self.kv,
@@ -59,11 +80,27 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
     def __init__(self, config: KvTransferConfig, clock=time.monotonic) -> None:
         self.config = config
         self.kv_dir = pathlib.Path(config.kv_dir)
+        self.host = config.host_id or socket.gethostname()
         self.clock = clock
         self.transfers: dict[str, Transfer] = {}
         self.endpoints: dict[str, kvtransfer_pb2.RegisterEndpointRequest] = {}
-        self.counters = {"completed": 0, "failed": 0, "expired": 0, "bytes_moved": 0}
+        self.counters = {"completed": 0, "failed": 0, "expired": 0, "released": 0, "parked": 0,
+                         "bytes_moved": 0, "bytes_streamed": 0}
+        self.active_reads = 0
         self._changed = asyncio.Condition()
+        self.evicted: OrderedDict[str, int] = OrderedDict()
+        self._evicted_now: list[str] = []
+        self.pool: KvPool | None = None
+        if config.kv_pool_bytes > 0:
+            self.pool = KvPool(config.kv_pool_bytes, policy=config.kv_pool_policy, directory=self.kv_dir / "pool",
+                               on_evict=self._on_evict)
+
+    def _on_evict(self, key: str, nbytes: int) -> None:
+        log.info("pool: evicted %s (%d bytes); its request will recompute", key, nbytes)
+        self._evicted_now.append(key)
+        self.evicted[key] = nbytes
+        while len(self.evicted) > KEEP_EVICTED:
+            self.evicted.popitem(last=False)
 
     def _path_ok(self, location: str) -> bool:
         try:
@@ -71,20 +108,33 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
         except OSError:
             return False
 
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
     async def _end(self, t: Transfer, state: int, error: str = "") -> None:
         if t.state in ENDED:
             return
         t.state, t.error, t.ended_at = state, error or t.error, self.clock()
-        unlink_segment(pathlib.Path(t.kv.location))
-        key = {S.COMPLETED: "completed", S.FAILED: "failed", S.EXPIRED: "expired"}.get(state)
+        if state != S.PARKED:
+            unlink_segment(pathlib.Path(t.kv.location))
+        key = {S.COMPLETED: "completed", S.FAILED: "failed", S.EXPIRED: "expired", S.RELEASED: "released",
+               S.PARKED: "parked"}.get(state)
         if key:
             self.counters[key] += 1
         if state == S.COMPLETED:
             self.counters["bytes_moved"] += t.kv.num_bytes
-        async with self._changed:
-            self._changed.notify_all()
+        await self._notify()
 
-    # -- RPCs ---------------------------------------------------------------------------------------
+    def _new_transfer(self, kv: common_pb2.KvHandle, destination_worker: str, destination_host: str,
+                      lease_s: float) -> Transfer:
+        lease = lease_s if lease_s > 0 else self.config.lease_s
+        t = Transfer(kv=kv, destination_worker=destination_worker, destination_host=destination_host,
+                     state=S.READY, deadline=self.clock() + lease, lease_s=lease)
+        self.transfers[kv.transfer_id] = t
+        return t
+
+    # -- RPCs: transfers ----------------------------------------------------------------------------
     async def RegisterEndpoint(self, request, context):
         if not request.worker_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id: required")
@@ -101,12 +151,8 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
         existing = self.transfers.get(kv.transfer_id)
         if existing is not None:  # idempotent: a retried StartTransfer returns the same transfer
             return existing.status()
-        lease = request.lease_s or self.config.lease_s
-        t = Transfer(kv=kv, destination_worker=request.destination_worker,
-                     destination_host=request.destination_host, state=S.READY, deadline=self.clock() + lease)
-        self.transfers[kv.transfer_id] = t
-        async with self._changed:
-            self._changed.notify_all()
+        t = self._new_transfer(kv, request.destination_worker, request.destination_host, request.lease_s)
+        await self._notify()
         return t.status()
 
     async def PollTransfer(self, request, context):
@@ -142,29 +188,155 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
 
     async def Read(self, request, context):
         t = self.transfers.get(request.transfer_id)
-        if t is None or t.state != S.READY:
+        if t is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"transfer_id: {request.transfer_id!r} unknown")
+        if t.state != S.READY:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"transfer_id: {request.transfer_id!r} is not READY")
-        chunk = request.chunk_bytes or (1 << 20)
-        if not 4096 <= chunk <= 16 << 20:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "chunk_bytes: must be in [4096, 16 MiB]")
+                                f"transfer_id: {request.transfer_id!r} is {S.TransferState.Name(t.state)}, not READY")
+        chunk = request.chunk_bytes or grpc_stream.DEFAULT_CHUNK_BYTES
+        if not 4096 <= chunk <= grpc_stream.MAX_CHUNK_BYTES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"chunk_bytes: must be in [4096, {grpc_stream.MAX_CHUNK_BYTES}]")
+        location = pathlib.Path(t.kv.location)
+        units = list(request.units) or None
+        gen = grpc_stream.read_chunks(location.stem, chunk, kv_dir=location.parent, units=units)
         try:
-            seg = KvSegment.open(pathlib.Path(t.kv.location))
-        except SegmentError as exc:
-            await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
-        with seg:
-            data = seg.data_view()
-            for off in range(0, len(data), chunk):
-                yield kvtransfer_pb2.DataChunk(offset=off, data=bytes(data[off : off + chunk]))
-            del data
+            try:
+                first = next(gen)  # opens (maps) the sealed segment
+                with KvSegment.open(location) as seg:
+                    num_units = seg.num_units
+            except SegmentError as exc:
+                await self._end(t, S.FAILED, f"segment unreadable: {exc}")
+                await context.abort(grpc.StatusCode.DATA_LOSS, f"kv: transfer {t.kv.transfer_id}: {exc}")
+            if units and max(units) >= num_units:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"units: {max(units)} is outside the segment's {num_units} units")
+            self.active_reads += 1
+            t.readers += 1
+            try:
+                pending = first
+                while pending is not None:
+                    if self.config.read_max_mib_s > 0:
+                        await asyncio.sleep(len(pending.data) / (self.config.read_max_mib_s * (1 << 20)))
+                    if t.state != S.READY:
+                        await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                            f"kv: transfer {t.kv.transfer_id} ended mid-stream "
+                                            f"({S.TransferState.Name(t.state)}: {t.error})")
+                    if not location.exists():
+                        await self._end(t, S.FAILED, "segment vanished mid-stream")
+                        await context.abort(grpc.StatusCode.DATA_LOSS,
+                                            f"kv: segment of transfer {t.kv.transfer_id} vanished mid-stream")
+                    t.deadline = max(t.deadline, self.clock() + t.lease_s)  # progress renews the lease
+                    self.counters["bytes_streamed"] += len(pending.data)
+                    yield pending
+                    pending = next(gen, None)
+            finally:
+                self.active_reads -= 1
+                t.readers -= 1
+        finally:
+            gen.close()  # unmaps the segment
 
     async def Stats(self, request, context):
         active = [t for t in self.transfers.values() if t.state not in ENDED]
-        return kvtransfer_pb2.KvStatsResponse(
+        resp = kvtransfer_pb2.KvStatsResponse(
             active_transfers=len(active), active_bytes=sum(t.kv.num_bytes for t in active),
             completed=self.counters["completed"], failed=self.counters["failed"],
             expired=self.counters["expired"], bytes_moved=self.counters["bytes_moved"],
+            released=self.counters["released"], parked_transfers=self.counters["parked"],
+            bytes_streamed=self.counters["bytes_streamed"], active_reads=self.active_reads,
         )
+        if self.pool is not None:
+            p = self.pool.stats()
+            resp.pool_capacity_bytes, resp.pool_used_bytes, resp.pool_entries = p.capacity_bytes, p.used_bytes, p.entries
+            resp.pool_parks, resp.pool_evictions, resp.pool_evicted_bytes = p.parked, p.evictions, p.evicted_bytes
+            resp.pool_hits, resp.pool_misses, resp.pool_refused = p.hits, p.misses, p.refused
+            resp.pool_policy = p.policy
+        return resp
+
+    # -- RPCs: the host KV pool ---------------------------------------------------------------------
+    async def _check_key(self, key: str, context, name: str = "key") -> None:
+        try:
+            segment_path(key, self.kv_dir)
+        except ValueError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {key!r} is not a valid key "
+                                "(non-empty, no '/', not starting with '.')")
+
+    async def Park(self, request, context):
+        await self._check_key(request.key, context)
+        if self.pool is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "pool: disabled (--kv-pool-gib 0)")
+        if bool(request.transfer_id) == bool(request.location):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "transfer_id: give exactly one of transfer_id or location")
+        t = None
+        if request.transfer_id:
+            t = self.transfers.get(request.transfer_id)
+            if t is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"transfer_id: {request.transfer_id!r} unknown")
+            if t.state != S.READY:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"transfer_id: {request.transfer_id!r} is {S.TransferState.Name(t.state)}")
+            if t.readers:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"transfer_id: {request.transfer_id!r} is being read")
+            source = pathlib.Path(t.kv.location)
+        else:
+            source = pathlib.Path(request.location)
+            if not self._path_ok(request.location):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"location: {request.location!r} is not a segment under {self.kv_dir}")
+            if any(x.state not in ENDED and pathlib.Path(x.kv.location) == source for x in self.transfers.values()):
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"location: {request.location!r} belongs to an active transfer; park by transfer_id")
+        self._evicted_now = []
+        try:
+            entry = self.pool.park(request.key, source, priority=request.priority)
+        except PoolFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"pool: {exc}")
+        except (SegmentError, OSError) as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"kv: cannot park: {exc}")
+        evicted, self._evicted_now = self._evicted_now, []
+        self.evicted.pop(request.key, None)
+        if t is not None:
+            await self._end(t, S.PARKED)
+        log.info("pool: parked %s (%d bytes, priority %d)%s", request.key, entry.nbytes, request.priority,
+                 f", evicted {evicted}" if evicted else "")
+        return kvtransfer_pb2.ParkResponse(key=request.key, num_bytes=entry.nbytes, num_tokens=entry.num_tokens,
+                                           evicted=evicted)
+
+    async def Take(self, request, context):
+        await self._check_key(request.key, context)
+        new_id = request.new_transfer_id or request.key
+        await self._check_key(new_id, context, "new_transfer_id")
+        if self.pool is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "pool: disabled (--kv-pool-gib 0); recompute")
+        existing = self.transfers.get(new_id)
+        if existing is not None and existing.state not in ENDED:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"new_transfer_id: {new_id!r} is an active transfer")
+        try:
+            path = self.pool.checkout(request.key, new_id, directory=self.kv_dir)
+        except PoolFull as exc:  # pinned by a reader
+            await context.abort(grpc.StatusCode.ABORTED, f"pool: {exc}")
+        if path is None:
+            why = "was evicted" if request.key in self.evicted else "was never parked or was already taken"
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"key: {request.key!r} is not in the pool ({why}); recompute")
+        try:
+            with KvSegment.open(path, writable=True) as seg:
+                seg.retag(new_id)
+                meta = seg.meta
+        except (SegmentError, OSError) as exc:
+            unlink_segment(path)
+            await context.abort(grpc.StatusCode.DATA_LOSS, f"kv: parked segment {request.key!r} unusable: {exc}")
+        kv = common_pb2.KvHandle(transfer_id=new_id, num_tokens=meta.num_tokens, num_blocks=meta.num_blocks,
+                                 num_bytes=meta.data_bytes, transport="shm", location=str(path),
+                                 source_worker="kvtransfer-pool", source_host=self.host)
+        t = self._new_transfer(kv, request.destination_worker, request.destination_host, request.lease_s)
+        await self._notify()
+        return t.status()
+
+    async def Drop(self, request, context):
+        await self._check_key(request.key, context)
+        found = self.pool.release(request.key) if self.pool is not None else False
+        return kvtransfer_pb2.DropResponse(found=found)
 
     # -- housekeeping --------------------------------------------------------------------------------
     async def sweep(self) -> None:
@@ -178,7 +350,9 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
                 del self.transfers[tid]
 
     def remove_orphans(self, older_than_s: float) -> int:
-        """Deletes segment files no transfer refers to (left by a crashed engine) older than the lease."""
+        """Deletes segment files no active transfer refers to (left by a crashed engine or a previous run of
+        this service) once older than ``older_than_s``. Subdirectories (the pool, workers' pulls) are not
+        touched: their owners clean them."""
         known = {pathlib.Path(t.kv.location).name for t in self.transfers.values() if t.state not in ENDED}
         removed = 0
         if not self.kv_dir.is_dir():
@@ -187,9 +361,10 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
         for p in self.kv_dir.iterdir():
             if p.name not in known and p.suffix in (".kv", ".tmp"):
                 try:
-                    if p.stat().st_mtime < cutoff:
+                    if p.is_file() and p.stat().st_mtime < cutoff:
                         p.unlink()
                         removed += 1
+                        log.info("removed orphan segment %s", p.name)
                 except FileNotFoundError:
                     pass
         return removed
@@ -202,20 +377,24 @@ async def serve(config: KvTransferConfig, stop: asyncio.Event, ready: asyncio.Ev
     server = Server(config.bind, [(kvtransfer_pb2_grpc.add_KvTransferServicer_to_server, service,
                                    "duopool.v1.KvTransfer")])
     await server.start()
-    log.info("kvtransfer serving on %s:%d (segments in %s, lease %.0fs)", config.host, server.port,
-             config.kv_dir, config.lease_s)
+    pool = service.pool.stats() if service.pool else None
+    log.info("kvtransfer serving on %s:%d (segments in %s, lease %.1fs, pool %s)", config.host, server.port,
+             config.kv_dir, config.lease_s,
+             f"{pool.capacity_bytes} bytes {pool.policy}, {pool.entries} adopted" if pool else "disabled")
     if ready is not None:
         ready.set()
-    tick = 0
+    tick_s = min(0.5, config.lease_s / 4)
+    orphan_every_s = max(config.lease_s, 1.0)
+    next_orphans = time.monotonic()
     while not stop.is_set():
         try:
-            await asyncio.wait_for(stop.wait(), 0.5)
+            await asyncio.wait_for(stop.wait(), tick_s)
         except TimeoutError:
             pass
         await service.sweep()
-        tick += 1
-        if tick % 60 == 0:
-            service.remove_orphans(older_than_s=config.lease_s * 2)
+        if time.monotonic() >= next_orphans:
+            service.remove_orphans(older_than_s=config.lease_s)
+            next_orphans = time.monotonic() + orphan_every_s
     await server.stop()
     for t in list(service.transfers.values()):
         await service._end(t, S.RELEASED, "kvtransfer shutting down")

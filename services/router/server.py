@@ -35,33 +35,66 @@ MAX_REQUEST_ID = 128
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+MAX_BATCH = 100_000
+
+
+def _check_prompt_and_sampling(prefix: str, msg) -> str | None:
+    """Checks the fields a Generate request and a batch item share; ``prefix`` names the item."""
+    which = msg.WhichOneof("prompt")
+    if which is None:
+        return f"{prefix}prompt: required (text or token_ids)"
+    if which == "text" and not msg.text.strip():
+        return f"{prefix}prompt.text: must not be empty"
+    if which == "token_ids":
+        if not msg.token_ids.ids:
+            return f"{prefix}prompt.token_ids: must not be empty"
+        if min(msg.token_ids.ids) < 0:
+            return f"{prefix}prompt.token_ids: must be >= 0"
+    if msg.max_tokens <= 0:
+        return f"{prefix}max_tokens: must be > 0 (got {msg.max_tokens})"
+    s = msg.sampling
+    if s.temperature < 0:
+        return f"{prefix}sampling.temperature: must be >= 0"
+    if not 0 <= s.top_p <= 1:
+        return f"{prefix}sampling.top_p: must be in [0, 1]"
+    return None
+
+
 def validate(req: router_pb2.GenerateRequest) -> str | None:
     """Returns ``"field: problem"`` for the first invalid field, or None."""
-    which = req.WhichOneof("prompt")
-    if which is None:
-        return "prompt: required (text or token_ids)"
-    if which == "text" and not req.text.strip():
-        return "prompt.text: must not be empty"
-    if which == "token_ids":
-        if not req.token_ids.ids:
-            return "prompt.token_ids: must not be empty"
-        if min(req.token_ids.ids) < 0:
-            return "prompt.token_ids: must be >= 0"
-    if req.max_tokens <= 0:
-        return f"max_tokens: must be > 0 (got {req.max_tokens})"
+    problem = _check_prompt_and_sampling("", req)
+    if problem:
+        return problem
     if req.request_class not in (common_pb2.ONLINE, common_pb2.OFFLINE):
         return f"request_class: must be ONLINE or OFFLINE (got {req.request_class})"
     if req.slo.ttft_ms < 0:
         return "slo.ttft_ms: must be >= 0"
     if req.slo.tpot_ms < 0:
         return "slo.tpot_ms: must be >= 0"
-    s = req.sampling
-    if s.temperature < 0:
-        return "sampling.temperature: must be >= 0"
-    if not 0 <= s.top_p <= 1:
-        return "sampling.top_p: must be in [0, 1]"
     if len(req.request_id) > MAX_REQUEST_ID:
         return f"request_id: at most {MAX_REQUEST_ID} characters"
+    return None
+
+
+def validate_batch(req: router_pb2.SubmitBatchRequest, max_model_len: int = 0) -> str | None:
+    """The whole job is checked before anything is enqueued: one bad item rejects the job."""
+    if not req.requests:
+        return "requests: must not be empty"
+    if len(req.requests) > MAX_BATCH:
+        return f"requests: at most {MAX_BATCH} per job (got {len(req.requests)})"
+    if len(req.job_id) > MAX_REQUEST_ID:
+        return f"job_id: at most {MAX_REQUEST_ID} characters"
+    seen: set[str] = set()
+    for i, item in enumerate(req.requests):
+        problem = _check_prompt_and_sampling(f"requests[{i}].", item)
+        if problem:
+            return problem
+        if max_model_len and item.max_tokens >= max_model_len:
+            return f"requests[{i}].max_tokens: {item.max_tokens} exceeds the model's context of {max_model_len}"
+        cid = item.custom_id or str(i)
+        if cid in seen:
+            return f"requests[{i}].custom_id: {cid!r} repeats an earlier request's id"
+        seen.add(cid)
     return None
 
 
@@ -83,6 +116,37 @@ class RouterService(router_pb2_grpc.RouterServicer):
             return await self.scheduler.ListWorkers(common_pb2.ListWorkersRequest(), timeout=5)
         except grpc.aio.AioRpcError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"scheduler: {exc.details()}")
+
+    # -- offline batch jobs: validated here, owned by the scheduler ---------------------------------------
+    async def _scheduler_call(self, method: str, request, context):
+        try:
+            return await getattr(self.scheduler, method)(request, timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code() if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT) \
+                else grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, exc.details() or exc.code().name)
+
+    async def SubmitBatch(self, request: router_pb2.SubmitBatchRequest, context):
+        workers = await self._scheduler_call("ListWorkers", common_pb2.ListWorkersRequest(), context)
+        limit = min((w.max_model_len for w in workers.workers if w.max_model_len), default=0)
+        problem = validate_batch(request, limit)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        return await self._scheduler_call("SubmitBatch", request, context)
+
+    async def GetBatch(self, request, context):
+        return await self._scheduler_call("GetBatch", request, context)
+
+    async def CancelBatch(self, request, context):
+        return await self._scheduler_call("CancelBatch", request, context)
+
+    async def GetBatchResults(self, request, context):
+        try:
+            async for r in self.scheduler.GetBatchResults(request, timeout=120):
+                yield r
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code() if exc.code() == grpc.StatusCode.NOT_FOUND else grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, exc.details() or exc.code().name)
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         arrived = time.perf_counter()

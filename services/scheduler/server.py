@@ -1,24 +1,32 @@
-"""The scheduler service: knows the workers (from Redis heartbeats) and answers placement.
+"""The scheduler service: knows the workers (from Redis heartbeats), places requests, runs offline work.
 
-Decisions are made by a placement policy from the pure core (``duopool.core.placement``), given
-``WorkerView`` dataclasses and the time: protobuf and Redis stay at this edge. The worker list is read from
-Redis at most every ``REFRESH_S`` (Redis stays off the per-request path); in-flight counts are this
-service's own, released by the router when a request ends.
+* Placement: a policy from the pure core (``duopool.core.placement``) decides from ``WorkerView``
+  dataclasses and the time; protobuf and Redis stay at this edge. The worker list is read from Redis at
+  most every ``REFRESH_S``; in-flight counts (by class) are this service's own, released when requests end.
+* Co-location (``duopool.core.colocation``): an online request placed on workers that hold offline work
+  beyond the limit triggers ``Worker.Preempt`` there at once; the time from that decision until the worker
+  reports the offline work stopped is the preemption latency (``Stats``).
+* Offline batch jobs: the durable queue in Redis (``duopool.common.jobs``), fed to workers by the
+  ``OfflineDispatcher`` running in this process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import statistics
 import time
-from collections import Counter
+from collections import Counter, deque
 
 import grpc
 
 from duopool.common import registry
 from duopool.common.config import SchedulerConfig
-from duopool.common.rpc import Server
+from duopool.common.jobs import JobStore
+from duopool.common.rpc import Channels, Server
 from duopool.common.telemetry import init_telemetry
+from duopool.core.colocation import ColocationLimits, WorkerLoad, offline_capacity, preemptions
 from duopool.core.placement import (
     PlacementRequest,
     PoolName,
@@ -27,13 +35,16 @@ from duopool.core.placement import (
     WorkerView,
     get_placement_policy,
 )
-from duopool.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from duopool.scheduler.dispatcher import OfflineDispatcher
+from duopool.v1 import common_pb2, router_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("duopool.scheduler")
 
 REFRESH_S = 0.25
 ROLE_PB = {"prefill": common_pb2.PREFILL, "decode": common_pb2.DECODE, "mixed": common_pb2.MIXED}
 POOL_PB = {"strict": common_pb2.STRICT, "relaxed": common_pb2.RELAXED}
+STATE_PB = {"queued": router_pb2.QUEUED, "running": router_pb2.RUNNING, "done": router_pb2.DONE,
+            "cancelled": router_pb2.CANCELLED}
 
 
 def worker_pb(w: registry.WorkerRecord) -> common_pb2.WorkerInfo:
@@ -44,18 +55,38 @@ def worker_pb(w: registry.WorkerRecord) -> common_pb2.WorkerInfo:
     )
 
 
+def batch_status_pb(h: dict) -> router_pb2.BatchStatus:
+    created, last = float(h.get("created_at", 0)), float(h.get("last_result_at", 0))
+    tokens = int(h.get("output_tokens", 0))
+    return router_pb2.BatchStatus(
+        job_id=h["job_id"], state=STATE_PB.get(h.get("state", ""), 0), total=int(h.get("total", 0)),
+        done=int(h.get("done", 0)), failed=int(h.get("failed", 0)), output_tokens=tokens, created_at=created,
+        finished_at=float(h.get("finished_at", 0)), preemptions=int(h.get("preemptions", 0)),
+        tokens_per_s=tokens / (last - created) if last > created else 0.0,
+    )
+
+
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, config: SchedulerConfig, redis, clock=time.time) -> None:
         self.config = config
         self.redis = redis
         self.clock = clock
         self.policy = get_placement_policy(config.policy)
-        self.inflight: Counter[str] = Counter()
-        self.placed: dict[str, tuple[str, str]] = {}
+        self.limits = ColocationLimits(config.offline_per_worker, config.offline_with_online)
+        self.channels = Channels()
+        self.jobs = JobStore(redis)
+        self.online: Counter[str] = Counter()  # worker id -> online requests in flight
+        self.offline: Counter[str] = Counter()
+        self.placed: dict[str, tuple[bool, tuple[str, ...]]] = {}  # request id -> (offline, workers)
+        self.preemption_ms: deque[float] = deque(maxlen=1000)
+        self.preempted = 0
+        self._preempting: set[str] = set()
         self._workers: list[registry.WorkerRecord] = []
         self._refreshed = 0.0
         self._lock = asyncio.Lock()
+        self.dispatcher: OfflineDispatcher | None = None
 
+    # -- cluster state ---------------------------------------------------------------------------------
     async def workers(self) -> list[registry.WorkerRecord]:
         async with self._lock:
             now = self.clock()
@@ -67,10 +98,69 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     def views(self, workers: list[registry.WorkerRecord]) -> list[WorkerView]:
         return [
             WorkerView(worker_id=w.worker_id, role=Role(w.role), pool=PoolName(w.pool), running=w.running,
-                       waiting=w.waiting, kv_usage=w.kv_usage, inflight=self.inflight[w.worker_id],
+                       waiting=w.waiting, kv_usage=w.kv_usage,
+                       inflight=self.online[w.worker_id] + self.offline[w.worker_id],
                        max_model_len=w.max_model_len, host=w.host)
             for w in workers
         ]
+
+    def load(self, worker_id: str) -> WorkerLoad:
+        return WorkerLoad(worker_id, self.online[worker_id], self.offline[worker_id])
+
+    # -- placement ---------------------------------------------------------------------------------------
+    def _record(self, rid: str, offline: bool, worker_ids: tuple[str, ...]) -> None:
+        self.release(rid)
+        self.placed[rid] = (offline, worker_ids)
+        counter = self.offline if offline else self.online
+        for wid in dict.fromkeys(worker_ids):
+            counter[wid] += 1
+
+    def release(self, rid: str) -> None:
+        placed = self.placed.pop(rid, None)
+        if placed:
+            offline, worker_ids = placed
+            counter = self.offline if offline else self.online
+            for wid in dict.fromkeys(worker_ids):
+                counter[wid] -= 1
+                if counter[wid] <= 0:
+                    del counter[wid]
+
+    async def offline_free_slots(self) -> int:
+        workers = await self.workers()
+        return sum(offline_capacity(self.load(w.worker_id), self.limits) for w in workers)
+
+    async def place_offline(self, rid: str):
+        """Places an offline request on workers with offline capacity: (rid, prefill, decode) or None."""
+        workers = await self.workers()
+        full = frozenset(w.worker_id for w in workers if offline_capacity(self.load(w.worker_id), self.limits) <= 0)
+        req = PlacementRequest(request_id=rid, request_class=RequestClass.OFFLINE, exclude=full)
+        decision = self.policy.place(req, self.views(workers), self.clock())
+        if decision is None:
+            return None
+        by_id = {w.worker_id: w for w in workers}
+        self._record(rid, True, (decision.prefill_worker_id, decision.decode_worker_id))
+        return rid, by_id[decision.prefill_worker_id], by_id[decision.decode_worker_id]
+
+    def _preempt_for_online(self, worker_ids: tuple[str, ...], by_id: dict[str, registry.WorkerRecord]) -> None:
+        loads = {wid: self.load(wid) for wid in dict.fromkeys(worker_ids)}
+        for wid, count in preemptions(loads, self.limits).items():
+            if wid not in self._preempting:
+                self._preempting.add(wid)
+                asyncio.create_task(self._preempt(by_id[wid], count))
+
+    async def _preempt(self, w: registry.WorkerRecord, count: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            stub = worker_pb2_grpc.WorkerStub(self.channels.get(w.address))
+            resp = await stub.Preempt(worker_pb2.PreemptRequest(
+                request_class=common_pb2.OFFLINE, max_requests=count, reason="online request placed"), timeout=30)
+            if resp.request_ids:
+                self.preempted += len(resp.request_ids)
+                self.preemption_ms.append((time.perf_counter() - t0) * 1e3)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("preempting offline work on %s failed: %s", w.worker_id, exc.code().name)
+        finally:
+            self._preempting.discard(w.worker_id)
 
     async def Place(self, request: scheduler_pb2.PlaceRequest, context: grpc.aio.ServicerContext):
         if request.request_class not in (common_pb2.ONLINE, common_pb2.OFFLINE):
@@ -81,9 +171,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"cluster state unavailable: {exc}")
         if not workers:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no workers registered")
+        online = request.request_class == common_pb2.ONLINE
         preq = PlacementRequest(
-            request_id=request.request_id,
-            request_class=RequestClass.ONLINE if request.request_class == common_pb2.ONLINE else RequestClass.OFFLINE,
+            request_id=request.request_id, request_class=RequestClass.ONLINE if online else RequestClass.OFFLINE,
             prompt_tokens=request.prompt_tokens, max_tokens=request.max_tokens,
             ttft_slo_ms=request.slo.ttft_ms, tpot_slo_ms=request.slo.tpot_ms,
             exclude=frozenset(request.exclude_workers),
@@ -94,25 +184,17 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                                 f"no worker can take this request ({len(workers)} registered, "
                                 f"{len(request.exclude_workers)} excluded)")
         by_id = {w.worker_id: w for w in workers}
-        self._release(request.request_id)
-        self.placed[request.request_id] = (decision.prefill_worker_id, decision.decode_worker_id)
-        self.inflight[decision.prefill_worker_id] += 1
-        self.inflight[decision.decode_worker_id] += 1
+        chosen = (decision.prefill_worker_id, decision.decode_worker_id)
+        self._record(request.request_id, not online, chosen)
+        if online:
+            self._preempt_for_online(chosen, by_id)
         return scheduler_pb2.Placement(
             request_id=request.request_id, prefill=worker_pb(by_id[decision.prefill_worker_id]),
             decode=worker_pb(by_id[decision.decode_worker_id]), policy=decision.policy,
         )
 
-    def _release(self, request_id: str) -> None:
-        placed = self.placed.pop(request_id, None)
-        if placed:
-            for wid in placed:
-                self.inflight[wid] -= 1
-                if self.inflight[wid] <= 0:
-                    del self.inflight[wid]
-
     async def Release(self, request, context):
-        self._release(request.request_id)
+        self.release(request.request_id)
         return scheduler_pb2.ReleaseResponse()
 
     async def ListWorkers(self, request, context):
@@ -121,6 +203,62 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         except Exception as exc:  # noqa: BLE001
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"cluster state unavailable: {exc}")
         return common_pb2.ListWorkersResponse(workers=[worker_pb(w) for w in workers])
+
+    # -- offline batch jobs -------------------------------------------------------------------------------
+    async def SubmitBatch(self, request: router_pb2.SubmitBatchRequest, context):
+        if not request.requests:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "requests: must not be empty")
+        items = []
+        for i, it in enumerate(request.requests):
+            item = {"custom_id": it.custom_id or str(i), "max_tokens": it.max_tokens, "chat": it.chat,
+                    "sampling": {"temperature": it.sampling.temperature, "top_p": it.sampling.top_p,
+                                 "stop": list(it.sampling.stop)}}
+            if it.sampling.HasField("seed"):
+                item["sampling"]["seed"] = it.sampling.seed
+            if it.WhichOneof("prompt") == "token_ids":
+                item["token_ids"] = list(it.token_ids.ids)
+            else:
+                item["text"] = it.text
+            items.append(item)
+        job_id, created = await self.jobs.submit(items, request.job_id)
+        if created:
+            log.info("batch job %s accepted: %d requests", job_id, len(items))
+        return batch_status_pb(await self.jobs.status(job_id))
+
+    async def _status_or_404(self, job_id: str, context) -> dict:
+        h = await self.jobs.status(job_id) if job_id else None
+        if h is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: no batch job {job_id!r}")
+        return h
+
+    async def GetBatch(self, request, context):
+        return batch_status_pb(await self._status_or_404(request.job_id, context))
+
+    async def GetBatchResults(self, request, context):
+        await self._status_or_404(request.job_id, context)
+        for index, r in await self.jobs.results(request.job_id):
+            yield router_pb2.BatchResult(
+                index=index, custom_id=r.get("custom_id", ""), text=r.get("text", ""),
+                token_ids=r.get("token_ids", []), finish_reason=r.get("finish_reason", ""), error=r.get("error", ""),
+                prefill_worker=r.get("prefill_worker", ""), decode_worker=r.get("decode_worker", ""),
+                preemptions=r.get("preemptions", 0))
+
+    async def CancelBatch(self, request, context):
+        await self._status_or_404(request.job_id, context)
+        await self.jobs.cancel(request.job_id)
+        return batch_status_pb(await self.jobs.status(request.job_id))
+
+    async def Stats(self, request, context):
+        samples = list(self.preemption_ms)
+        p50 = statistics.median(samples) if samples else 0.0
+        p99 = sorted(samples)[min(len(samples) - 1, int(0.99 * len(samples)))] if samples else 0.0
+        d = self.dispatcher
+        return scheduler_pb2.SchedulerStats(
+            online_inflight=sum(self.online.values()), offline_inflight=sum(self.offline.values()),
+            preemptions=self.preempted, preemption_ms_p50=p50, preemption_ms_p99=p99,
+            offline_completed=d.completed if d else 0, offline_requeued=d.requeued if d else 0,
+            policy=self.policy.name, preemption_ms=samples,
+        )
 
 
 async def serve(config: SchedulerConfig, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
@@ -131,9 +269,15 @@ async def serve(config: SchedulerConfig, stop: asyncio.Event, ready: asyncio.Eve
     server = Server(config.bind, [(scheduler_pb2_grpc.add_SchedulerServicer_to_server, service,
                                    "duopool.v1.Scheduler")])
     await server.start()
-    log.info("scheduler serving on %s:%d (policy %s)", config.host, server.port, config.policy)
+    consumer = config.scheduler_id or f"scheduler-{socket.gethostname()}"
+    service.dispatcher = OfflineDispatcher(service, service.jobs, consumer)
+    dispatch = asyncio.create_task(service.dispatcher.run(stop))
+    log.info("scheduler serving on %s:%d (policy %s, offline dispatcher %s)", config.host, server.port,
+             config.policy, consumer)
     if ready is not None:
         ready.set()
     await stop.wait()
+    await dispatch
     await server.stop()
+    await service.channels.close()
     await r.aclose()

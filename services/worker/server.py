@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pathlib
+import shutil
 import socket
 import time
 
@@ -17,9 +19,9 @@ import grpc
 
 from duopool.common import registry
 from duopool.common.config import WorkerConfig
-from duopool.common.rpc import Channels, Server
+from duopool.common.rpc import CHANNEL_OPTIONS, Channels, Server
 from duopool.common.telemetry import init_telemetry
-from duopool.kv.segment import segment_path, unlink_segment
+from duopool.kv.segment import SegmentError, segment_path, unlink_segment
 from duopool.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from duopool.worker.engines.base import Engine, EngineError, EngineRequest, KvLoad, Sampling, create_engine
 
@@ -27,6 +29,9 @@ log = logging.getLogger("duopool.worker")
 
 ROLE_TO_PB = {"prefill": common_pb2.PREFILL, "decode": common_pb2.DECODE, "mixed": common_pb2.MIXED}
 POOL_TO_PB = {"strict": common_pb2.STRICT, "relaxed": common_pb2.RELAXED}
+KV_MAX_RECONNECT_MS = 1000
+KV_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 100),
+                      ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", KV_MAX_RECONNECT_MS)]
 
 
 def sampling_from_pb(s: common_pb2.SamplingParams) -> Sampling:
@@ -40,21 +45,33 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.engine = engine
         self.address = address
         self.worker_id = config.id_or_default
-        self.host = socket.gethostname()
+        self.host = config.host_id or socket.gethostname()  # where this worker's KV lives (DUOPOOL_HOST_ID)
+        self.pull_dir = pathlib.Path(config.kv_dir) / f"pull-{self.worker_id}"  # KV pulled from other hosts
+        self._pulled: dict[str, pathlib.Path] = {}  # transfer id -> local copy, unlinked once loaded
+        self._kv_channel: grpc.aio.Channel | None = None
         self.channels = Channels()
         self.tracer = init_telemetry("worker")
         self.served = 0
         self.tokens = 0
+        self.role = config.role  # observed role and pool; the scheduler changes them with SetRole
+        self.pool = config.pool_or_default
+        self.active: dict[str, tuple[bool, asyncio.Event]] = {}  # engine request id -> (offline, ended)
+        self.preempted: set[str] = set()
 
     @property
     def kv(self) -> kvtransfer_pb2_grpc.KvTransferStub:
-        return kvtransfer_pb2_grpc.KvTransferStub(self.channels.get(self.config.kvtransfer))
+        """kvtransfer, on a channel of its own that retries the connection quickly (at most every
+        ``KV_MAX_RECONNECT_MS``), so a restarted kvtransfer is found again within seconds; until then calls
+        fail fast with UNAVAILABLE and the decode recomputes."""
+        if self._kv_channel is None:
+            self._kv_channel = grpc.aio.insecure_channel(self.config.kvtransfer, options=KV_CHANNEL_OPTIONS)
+        return kvtransfer_pb2_grpc.KvTransferStub(self._kv_channel)
 
     def record(self) -> registry.WorkerRecord:
         load = self.engine.load()
         return registry.WorkerRecord(
-            worker_id=self.worker_id, address=self.address, role=self.config.role,
-            pool=self.config.pool_or_default, engine=self.engine.name, model=self.engine.model_name,
+            worker_id=self.worker_id, address=self.address, role=self.role,
+            pool=self.pool, engine=self.engine.name, model=self.engine.model_name,
             max_model_len=self.engine.max_model_len, block_size=self.engine.block_size, host=self.host,
             running=load.running, waiting=load.waiting, kv_usage=load.kv_usage, last_heartbeat=time.time(),
         )
@@ -93,10 +110,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         t0 = time.perf_counter()
         out = None
         try:
-            async for o in self.engine.generate(ereq):
+            async for o in self._run(ereq):
                 out = o
         except EngineError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if out is not None and out.finish_reason == "preempted":
+            if out.kv:
+                await self._release_transfer(out.kv.transfer_id)
+            await context.abort(grpc.StatusCode.ABORTED, "preempted: offline prefill stopped for online work")
         if out is None or not out.token_ids:
             await context.abort(grpc.StatusCode.INTERNAL, "engine produced no token")
         engine_ms = (time.perf_counter() - t0) * 1e3
@@ -115,10 +136,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
             if finished:
                 await self._release_transfer(handle.transfer_id)
-            else:
-                await self.kv.StartTransfer(kvtransfer_pb2.StartTransferRequest(
-                    kv=handle, destination_worker=request.decode_worker, destination_host=request.decode_host,
-                ), timeout=5)
+            elif await self._start_transfer(handle, request, context):
                 resp.kv.CopyFrom(handle)
         return resp
 
@@ -135,7 +153,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         )
         completed = False
         try:
-            async for o in self.engine.generate(ereq):
+            async for o in self._run(ereq):
                 if transfer_id and not completed:
                     # The engine has taken the KV (or recomputed): the source segment can go.
                     completed = True
@@ -152,26 +170,91 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 await self._complete_transfer(transfer_id, ok=False, error="decode ended before loading")
             self.served += 1
 
+    # -- KV transfer (kvtransfer service) ---------------------------------------------------------------
+    async def _kv_failed(self, context, transfer_id: str, error: str) -> None:
+        """A transfer this decode cannot load: ``fail`` aborts with UNAVAILABLE naming kv (after telling the
+        broker, so the segment goes now rather than at lease expiry); ``recompute`` logs and goes on."""
+        if self.config.kv_load_failure_policy == "fail":
+            await self._complete_transfer(transfer_id, ok=False, error=error)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv: transfer {transfer_id} not loadable: {error}")
+        log.warning("transfer %s not loadable (%s); recomputing the prompt", transfer_id, error)
+
+    async def _start_transfer(self, handle: common_pb2.KvHandle, request: worker_pb2.PrefillRequest,
+                              context) -> bool:
+        """Announces exported KV to the broker. If the broker is unreachable the segment is freed at once
+        (nobody could find it) and the decode recomputes — or, under ``fail``, the prefill fails."""
+        try:
+            await self.kv.StartTransfer(kvtransfer_pb2.StartTransferRequest(
+                kv=handle, destination_worker=request.decode_worker, destination_host=request.decode_host,
+            ), timeout=self.config.kv_rpc_timeout_s)
+            return True
+        except grpc.aio.AioRpcError as exc:
+            unlink_segment(pathlib.Path(handle.location))
+            error = f"kvtransfer unreachable: {exc.code().name}"
+            if self.config.kv_load_failure_policy == "fail":
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv: transfer {handle.transfer_id} not started: {error}")
+            log.warning("transfer %s not started (%s); the decode will recompute", handle.transfer_id, error)
+            return False
+
+    def _is_remote(self, kv: common_pb2.KvHandle) -> bool:
+        return bool(kv.source_host and kv.source_host != self.host) or not os.path.exists(kv.location)
+
     async def _fetch_kv(self, handle: common_pb2.KvHandle, context) -> KvLoad | None:
         try:
             st = await self.kv.PollTransfer(kvtransfer_pb2.PollTransferRequest(
-                transfer_id=handle.transfer_id, wait_ms=2000, destination_host=self.host), timeout=5)
+                transfer_id=handle.transfer_id, wait_ms=2000, destination_host=self.host),
+                timeout=self.config.kv_rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            st = None
-            error = f"kvtransfer unreachable: {exc.code().name}"
-        else:
-            error = st.error or kvtransfer_pb2.TransferState.Name(st.state)
-        if st is not None and st.state == kvtransfer_pb2.READY:
+            await self._kv_failed(context, handle.transfer_id,
+                                  f"kvtransfer: {exc.code().name} {exc.details() or ''}".strip())
+            return None
+        if st.state != kvtransfer_pb2.READY:
+            await self._kv_failed(context, handle.transfer_id,
+                                  f"{kvtransfer_pb2.TransferState.Name(st.state)} {st.error}".strip())
+            return None
+        if not self._is_remote(st.kv):
             return KvLoad(path=st.kv.location, num_tokens=st.kv.num_tokens)
-        if self.config.kv_load_failure_policy == "fail":
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv: transfer {handle.transfer_id} not loadable: {error}")
-        log.warning("transfer %s not loadable (%s); recomputing the prompt", handle.transfer_id, error)
-        return None
+        path, error = await self._pull_kv(st.kv)
+        if path is None:
+            await self._kv_failed(context, handle.transfer_id, error)
+            return None
+        return KvLoad(path=str(path), num_tokens=st.kv.num_tokens)
+
+    async def _pull_kv(self, kv: common_pb2.KvHandle) -> tuple[pathlib.Path | None, str]:
+        """Cross-host fallback: pulls the segment through kvtransfer's ``Read`` stream into this worker's pull
+        directory (bounded by ``kv_pull_timeout_s``). Returns (local path, "") or (None, error); a partial
+        copy is removed, never loaded (it is unsealed anyway)."""
+        from duopool.kv.transport import TransferError
+        from duopool.kv.transport.grpc_stream import GrpcStreamTransport
+
+        self.pull_dir.mkdir(parents=True, exist_ok=True)
+        local = segment_path(kv.transfer_id, self.pull_dir)
+        self._pulled[kv.transfer_id] = local
+        t0 = time.perf_counter()
+
+        def pull():
+            with GrpcStreamTransport(self.config.kvtransfer, self.pull_dir) as transport:
+                return transport.receive(kv.transfer_id, timeout_s=self.config.kv_pull_timeout_s)
+
+        try:
+            result = await asyncio.to_thread(pull)
+        except (TransferError, SegmentError, OSError) as exc:
+            self._pulled.pop(kv.transfer_id)
+            return None, f"pull from {kv.source_host} failed: {exc}"
+        log.info("pulled KV %s from %s: %d bytes in %.1f ms", kv.transfer_id, kv.source_host, result.bytes_moved,
+                 (time.perf_counter() - t0) * 1e3)
+        return local, ""
+
+    def _drop_pulled(self, transfer_id: str) -> None:
+        path = self._pulled.pop(transfer_id, None)
+        if path is not None:
+            unlink_segment(path)
 
     async def _complete_transfer(self, transfer_id: str, ok: bool, error: str = "") -> None:
+        pass  # the engine has taken (or given up on) the local copy
         try:
             await self.kv.CompleteTransfer(kvtransfer_pb2.CompleteTransferRequest(
-                transfer_id=transfer_id, ok=ok, error=error), timeout=5)
+                transfer_id=transfer_id, ok=ok, error=error), timeout=self.config.kv_rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:  # the lease frees it anyway
             log.warning("CompleteTransfer %s failed: %s", transfer_id, exc.code().name)
 
@@ -179,11 +262,70 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         """Frees KV nobody will load (the request ended at its first token)."""
         unlink_segment(segment_path(transfer_id, pathlib.Path(self.config.kv_dir)))
 
+    async def register_kv_endpoint(self) -> None:
+        """Announces this worker to kvtransfer and clears KV pulled by a previous run of this worker."""
+        shutil.rmtree(self.pull_dir, ignore_errors=True)
+        try:
+            await self.kv.RegisterEndpoint(kvtransfer_pb2.RegisterEndpointRequest(
+                worker_id=self.worker_id, host=self.host, transports=["shm", "grpc"]),
+                timeout=self.config.kv_rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("kvtransfer at %s not reachable yet (%s); transfers will retry", self.config.kvtransfer,
+                        exc.code().name)
+
     async def Abort(self, request: worker_pb2.AbortRequest, context):
         found = False
         for suffix in (":prefill", ":decode"):
             found |= await self.engine.abort(request.request_id + suffix)
         return worker_pb2.AbortResponse(found=found)
+
+    async def _run(self, ereq: EngineRequest):
+        """The engine's outputs, tracked for preemption: an abort caused by Preempt ends as "preempted"."""
+        ended = asyncio.Event()
+        self.active[ereq.request_id] = (ereq.offline, ended)
+        try:
+            async for o in self.engine.generate(ereq):
+                if o.finished and ereq.request_id in self.preempted:
+                    o.finish_reason = "preempted"
+                yield o
+        finally:
+            ended.set()
+            self.active.pop(ereq.request_id, None)
+            self.preempted.discard(ereq.request_id)
+
+    async def Preempt(self, request: worker_pb2.PreemptRequest, context):
+        if request.request_class != common_pb2.OFFLINE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_class: only OFFLINE work is preemptible")
+        t0 = time.perf_counter()
+        victims = [rid for rid, (offline, _) in self.active.items() if offline and rid not in self.preempted]
+        victims.reverse()  # newest first: they have produced the least
+        if request.max_requests > 0:
+            victims = victims[: request.max_requests]
+        waits = []
+        for rid in victims:
+            self.preempted.add(rid)
+            waits.append(self.active[rid][1].wait())
+            await self.engine.abort(rid)
+        if waits:
+            await asyncio.wait_for(asyncio.gather(*waits), timeout=30)
+        stop_ms = (time.perf_counter() - t0) * 1e3
+        if victims:
+            log.info("preempted %d offline request(s) in %.1f ms (%s)", len(victims), stop_ms, request.reason)
+        return worker_pb2.PreemptResponse(request_ids=[v.rsplit(":", 1)[0] for v in victims], stop_ms=stop_ms)
+
+    async def SetRole(self, request: worker_pb2.SetRoleRequest, context):
+        pb_to_role = {v: k for k, v in ROLE_TO_PB.items()}
+        pb_to_pool = {v: k for k, v in POOL_TO_PB.items()}
+        if request.role and request.role not in pb_to_role:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"role: unknown value {request.role}")
+        if request.pool and request.pool not in pb_to_pool:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"pool: unknown value {request.pool}")
+        if request.role:
+            self.role = pb_to_role[request.role]
+        if request.pool:
+            self.pool = pb_to_pool[request.pool]
+        log.info("role set to %s, pool %s", self.role, self.pool)
+        return self.info_pb()
 
     async def Stats(self, request, context):
         return worker_pb2.StatsResponse(info=self.info_pb(), requests_served=self.served,
@@ -220,12 +362,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event, ready: asyncio.Event 
     if config.advertise == "" and config.host in ("0.0.0.0", "::"):
         service.address = f"{socket.gethostname()}:{server.port}"
     await server.start()
-    try:
-        await service.kv.RegisterEndpoint(kvtransfer_pb2.RegisterEndpointRequest(
-            worker_id=service.worker_id, host=service.host, transports=["shm", "grpc"]), timeout=5)
-    except grpc.aio.AioRpcError as exc:
-        log.warning("kvtransfer at %s not reachable yet (%s); transfers will retry", config.kvtransfer,
-                    exc.code().name)
+    await service.register_kv_endpoint()
     hb = asyncio.create_task(_heartbeat_loop(service, stop))
     log.info("worker %s (%s, %s pool) serving on %s", service.worker_id, config.role, config.pool_or_default,
              service.address)
@@ -236,3 +373,6 @@ async def serve(config: WorkerConfig, stop: asyncio.Event, ready: asyncio.Event 
     await server.stop()
     await engine.stop()
     await service.channels.close()
+    if service._kv_channel is not None:
+        await service._kv_channel.close()
+    shutil.rmtree(service.pull_dir, ignore_errors=True)

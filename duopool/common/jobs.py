@@ -1,0 +1,183 @@
+"""Offline batch jobs in Redis: a durable queue (Redis Streams + consumer group) and exactly-once results.
+
+This module owns these keys:
+
+``duopool:job:{job_id}`` (HASH)
+    ``job_id``, ``state`` (queued | running | done | cancelled), ``total``, ``done``, ``failed``,
+    ``output_tokens``, ``preemptions``, ``created_at``, ``finished_at``, ``last_result_at`` (unix s).
+``duopool:job:{job_id}:items`` (HASH)  index -> JSON of the request (custom_id, prompt, max_tokens, ...).
+``duopool:job:{job_id}:results`` (HASH)  index -> JSON of its result. Written with HSETNX: the first
+    result of a request is its only one, however often it ran (a dispatcher that died after computing
+    but before acknowledging makes a request run twice; it is answered once).
+``duopool:jobs`` (ZSET)  job_id scored by creation time.
+``duopool:offline:queue`` (STREAM, consumer group ``dispatchers``)
+    One entry per request still to run: ``job_id``, ``index``, ``prompt`` (JSON prompt token ids once
+    known, for a resumed request), ``generated`` (JSON token ids already produced), ``text`` (their
+    text), ``preemptions``. An entry leaves the stream
+    only together with its result (``complete``) or its replacement entry (``requeue``), each in one Lua
+    script, so accepted work is never dropped or duplicated. Entries of a dispatcher that died stay
+    pending and are claimed by the next one (own pending entries on restart; XAUTOCLAIM across
+    dispatchers).
+
+Every multi-key change is one Lua script (atomic); nothing is read-modified-written from two services.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+JOB = "duopool:job:{}"
+ITEMS = "duopool:job:{}:items"
+RESULTS = "duopool:job:{}:results"
+JOBS = "duopool:jobs"
+QUEUE = "duopool:offline:queue"
+GROUP = "dispatchers"
+
+_SUBMIT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local n = tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'job_id', ARGV[1], 'state', 'queued', 'total', n, 'done', 0, 'failed', 0,
+           'output_tokens', 0, 'preemptions', 0, 'created_at', ARGV[2], 'finished_at', 0, 'last_result_at', 0)
+for i = 1, n do
+  redis.call('HSET', KEYS[2], i - 1, ARGV[3 + i])
+  redis.call('XADD', KEYS[4], '*', 'job_id', ARGV[1], 'index', i - 1, 'prompt', '', 'generated', '[]',
+             'text', '', 'preemptions', 0)
+end
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return 1
+"""
+
+_COMPLETE = """
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
+  if ARGV[6] == '1' then redis.call('HINCRBY', KEYS[1], 'failed', 1) else redis.call('HINCRBY', KEYS[1], 'done', 1) end
+  redis.call('HINCRBY', KEYS[1], 'output_tokens', ARGV[5])
+  redis.call('HSET', KEYS[1], 'last_result_at', ARGV[7])
+  local h = redis.call('HMGET', KEYS[1], 'done', 'failed', 'total', 'state')
+  if tonumber(h[1]) + tonumber(h[2]) >= tonumber(h[3]) and h[4] ~= 'cancelled' then
+    redis.call('HSET', KEYS[1], 'state', 'done', 'finished_at', ARGV[7])
+  elseif h[4] == 'queued' then
+    redis.call('HSET', KEYS[1], 'state', 'running')
+  end
+end
+redis.call('XACK', KEYS[3], ARGV[3], ARGV[4])
+redis.call('XDEL', KEYS[3], ARGV[4])
+return 1
+"""
+
+_REQUEUE = """
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then
+  redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1], 'index', ARGV[2], 'prompt', ARGV[9],
+             'generated', ARGV[5], 'text', ARGV[6], 'preemptions', ARGV[7])
+  redis.call('HINCRBY', KEYS[1], 'preemptions', ARGV[8])
+  if redis.call('HGET', KEYS[1], 'state') == 'queued' then redis.call('HSET', KEYS[1], 'state', 'running') end
+end
+redis.call('XACK', KEYS[3], ARGV[3], ARGV[4])
+redis.call('XDEL', KEYS[3], ARGV[4])
+return 1
+"""
+
+_CANCEL = """
+local s = redis.call('HGET', KEYS[1], 'state')
+if not s then return 0 end
+if s ~= 'done' and s ~= 'cancelled' then redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1]) end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    entry_id: str
+    job_id: str
+    index: int
+    prompt: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    preemptions: int = 0
+
+    @classmethod
+    def from_fields(cls, entry_id: str, f: dict[str, str]) -> QueueEntry:
+        return cls(entry_id, f["job_id"], int(f["index"]), json.loads(f.get("prompt") or "[]"),
+                   json.loads(f.get("generated") or "[]"), f.get("text", ""), int(f.get("preemptions", 0)))
+
+
+class JobStore:
+    def __init__(self, r: aioredis.Redis) -> None:
+        self.r = r
+        self._submit = r.register_script(_SUBMIT)
+        self._complete = r.register_script(_COMPLETE)
+        self._requeue = r.register_script(_REQUEUE)
+        self._cancel = r.register_script(_CANCEL)
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.r.xgroup_create(QUEUE, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def submit(self, items: list[dict], job_id: str = "", now: float | None = None) -> tuple[str, bool]:
+        """Enqueues a whole job atomically. Returns (job_id, created); an existing id is returned as is."""
+        job_id = job_id or uuid.uuid4().hex
+        now = time.time() if now is None else now
+        created = await self._submit(
+            keys=[JOB.format(job_id), ITEMS.format(job_id), JOBS, QUEUE],
+            args=[job_id, now, len(items), *[json.dumps(i, separators=(",", ":")) for i in items]],
+        )
+        return job_id, bool(created)
+
+    async def status(self, job_id: str) -> dict | None:
+        h = await self.r.hgetall(JOB.format(job_id))
+        return h or None
+
+    async def item(self, job_id: str, index: int) -> dict | None:
+        raw = await self.r.hget(ITEMS.format(job_id), str(index))
+        return json.loads(raw) if raw else None
+
+    async def results(self, job_id: str) -> list[tuple[int, dict]]:
+        h = await self.r.hgetall(RESULTS.format(job_id))
+        return sorted((int(k), json.loads(v)) for k, v in h.items())
+
+    async def cancel(self, job_id: str, now: float | None = None) -> bool:
+        return bool(await self._cancel(keys=[JOB.format(job_id)], args=[time.time() if now is None else now]))
+
+    async def complete(self, entry: QueueEntry, result: dict, output_tokens: int, failed: bool,
+                       now: float | None = None) -> None:
+        await self._complete(
+            keys=[JOB.format(entry.job_id), RESULTS.format(entry.job_id), QUEUE],
+            args=[entry.index, json.dumps(result, separators=(",", ":")), GROUP, entry.entry_id, output_tokens,
+                  "1" if failed else "0", time.time() if now is None else now],
+        )
+
+    async def requeue(self, entry: QueueEntry, prompt: list[int], generated: list[int], text: str,
+                      preempted: bool) -> None:
+        """Replaces an entry with one that resumes from ``generated`` (after a preemption or a failure)."""
+        await self._requeue(
+            keys=[JOB.format(entry.job_id), RESULTS.format(entry.job_id), QUEUE],
+            args=[entry.job_id, entry.index, GROUP, entry.entry_id, json.dumps(generated), text,
+                  entry.preemptions + int(preempted), int(preempted), json.dumps(prompt) if prompt else ""],
+        )
+
+    async def drop(self, entry: QueueEntry) -> None:
+        """Removes an entry of a cancelled job."""
+        async with self.r.pipeline(transaction=True) as p:
+            p.xack(QUEUE, GROUP, entry.entry_id)
+            p.xdel(QUEUE, entry.entry_id)
+            await p.execute()
+
+    async def read(self, consumer: str, count: int, block_ms: int, pending: bool = False) -> list[QueueEntry]:
+        """New entries for this consumer (or, with ``pending``, those it already holds from before a restart)."""
+        resp = await self.r.xreadgroup(GROUP, consumer, {QUEUE: "0" if pending else ">"}, count=count,
+                                       block=None if pending else block_ms)
+        return [QueueEntry.from_fields(eid, f) for _, entries in (resp or []) for eid, f in entries if f]
+
+    async def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> list[QueueEntry]:
+        """Entries pending at other (dead) consumers for longer than ``min_idle_ms``."""
+        resp = await self.r.xautoclaim(QUEUE, GROUP, consumer, min_idle_time=min_idle_ms, start_id="0-0",
+                                       count=count)
+        return [QueueEntry.from_fields(eid, f) for eid, f in resp[1] if f]
