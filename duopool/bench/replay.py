@@ -1,0 +1,236 @@
+"""`duopool bench replay`: replay a real trace against a live local cluster, online + offline together.
+
+Online requests come from a trace (arrival times and lengths, time-scaled), sent through the router at
+their arrival times with their SLOs; an offline backlog (lengths) is submitted as one batch job at the
+start. Reports the simulator's ``summary.json`` fields (so live and simulated runs compare directly) plus
+``preemption_ms.{p50,p99}`` and ``offline.lost`` / ``offline.duplicated``:
+
+    duopool bench replay --online ../shared/traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv \\
+        --offline ../shared/traces/arxiv_summarization/arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv \\
+        --engine sim --prefill 4 --decode 4 --duration 60 --out out/replay
+
+Prompts are synthetic token ids of the trace's lengths (clipped to ``--max-prompt`` / ``--max-output`` so
+they fit the served context); with ``--engine sim`` the workers are SIMULATED (roofline timing of the
+imitated GPU and model), with ``--engine vllm`` they run real tokens (use ``--model tiny`` here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replay", help="replay an online trace + offline backlog against a live local cluster")
+    p.add_argument("--online", type=pathlib.Path, required=True, help="online trace (Azure CSV or Mooncake JSONL)")
+    p.add_argument("--offline", type=pathlib.Path, default=None, help="offline backlog (arXiv CSV or Azure CSV)")
+    p.add_argument("--offline-requests", type=int, default=200, help="offline backlog size [200]")
+    p.add_argument("--engine", choices=("sim", "vllm"), default="sim", help="worker engine [sim]")
+    p.add_argument("--model", default="tiny", help="vllm engine model [tiny]")
+    p.add_argument("--prefill", type=int, default=4, help="prefill workers [4]")
+    p.add_argument("--decode", type=int, default=4, help="decode workers [4]")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of (scaled) trace to replay [60]")
+    p.add_argument("--rate-scale", type=float, default=1.0, help="arrival-rate multiplier [1.0]")
+    p.add_argument("--ttft-slo-ms", type=float, default=1000.0, help="TTFT SLO [1000]")
+    p.add_argument("--tpot-slo-ms", type=float, default=100.0, help="TPOT SLO [100]")
+    p.add_argument("--max-prompt", type=int, default=1024, help="clip prompt lengths [1024]")
+    p.add_argument("--max-output", type=int, default=256, help="clip output lengths [256]")
+    p.add_argument("--no-preemption", action="store_true", help="never preempt offline work for online")
+    p.add_argument("--offline-per-worker", type=int, default=4, help="offline requests per idle worker [4]")
+    p.add_argument("--drain-timeout", type=float, default=120.0,
+                   help="after the window, wait this long for the offline job to finish (lost/duplicated check)")
+    p.add_argument("--sim-speedup", type=float, default=1.0, help="sim engine: divide step times by this [1]")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/replay"))
+    p.set_defaults(func=run)
+
+
+def load_online(path: pathlib.Path, duration: float, rate_scale: float) -> list[tuple[float, int, int]]:
+    """(arrival s from start, prompt tokens, output tokens) within ``duration`` after time-scaling."""
+    rows: list[tuple[float, int, int]] = []
+    if path.suffix == ".jsonl":
+        with open(path) as f:
+            for line in f:
+                d = json.loads(line)
+                rows.append((d["timestamp"] / 1000.0, int(d["input_length"]), int(d["output_length"])))
+    else:
+        from datetime import datetime
+
+        with open(path) as f:
+            for r in csv.DictReader(f):
+                ts = datetime.fromisoformat(r["TIMESTAMP"].strip()[:26]).timestamp()
+                rows.append((ts, int(r["ContextTokens"]), int(r["GeneratedTokens"])))
+    t0 = rows[0][0]
+    out = []
+    for ts, p, o in rows:
+        t = (ts - t0) / rate_scale
+        if t > duration:
+            break
+        out.append((t, max(1, p), max(1, o)))
+    return out
+
+
+def load_offline(path: pathlib.Path | None, n: int) -> list[tuple[int, int]]:
+    if path is None:
+        return []
+    with open(path) as f:
+        reader = csv.DictReader(f)
+        out = []
+        for r in reader:
+            if "num_prefill_tokens" in r:
+                out.append((int(r["num_prefill_tokens"]), int(r["num_decode_tokens"])))
+            else:
+                out.append((int(r["ContextTokens"]), int(r["GeneratedTokens"])))
+            if len(out) >= n:
+                break
+    return out
+
+
+def token_ids(seed: int, n: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(100, 30000, size=n).tolist()
+
+
+def pct(values: list[float]) -> dict:
+    if not values:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0}
+    a = np.asarray(values)
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99))}
+
+
+async def _online_request(stub, i, arrival, prompt_len, out_len, args, t_start, results):
+    from duopool.v1 import common_pb2, router_pb2
+
+    delay = t_start + arrival - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    req = router_pb2.GenerateRequest(
+        token_ids=common_pb2.TokenIds(ids=token_ids(i, prompt_len)), max_tokens=out_len,
+        request_class=common_pb2.ONLINE, slo=common_pb2.Slo(ttft_ms=args.ttft_slo_ms, tpot_ms=args.tpot_slo_ms),
+        sampling=common_pb2.SamplingParams(temperature=0), request_id=f"online-{i}")
+    sent = time.perf_counter()
+    times = []
+    try:
+        async for msg in stub.Generate(req, timeout=300):
+            if msg.HasField("chunk"):
+                times.extend([(time.perf_counter() - sent) * 1e3] * len(msg.chunk.token_ids))
+    except Exception as exc:  # noqa: BLE001 - a failed request counts as an SLO miss
+        results.append({"ok": False, "error": str(exc)[:200]})
+        return
+    ttft = times[0]
+    tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
+    results.append({"ok": True, "ttft_ms": ttft, "tpot_ms": tpot, "tokens": len(times)})
+
+
+async def _replay(args, cluster, online, offline) -> dict:
+    import grpc
+
+    from duopool.v1 import common_pb2, router_pb2, router_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+    async with grpc.aio.insecure_channel(cluster.router_address) as ch, \
+            grpc.aio.insecure_channel(cluster.address("scheduler")) as sch:
+        stub = router_pb2_grpc.RouterStub(ch)
+        sched = scheduler_pb2_grpc.SchedulerStub(sch)
+        job_id = ""
+        if offline:
+            items = [router_pb2.BatchItem(custom_id=f"off-{i}", token_ids=common_pb2.TokenIds(ids=token_ids(10**6 + i, p)),
+                                          max_tokens=o) for i, (p, o) in enumerate(offline)]
+            job = await stub.SubmitBatch(router_pb2.SubmitBatchRequest(requests=items,
+                                                                       job_id=f"replay-{int(time.time())}"), timeout=60)
+            job_id = job.job_id
+        t_start = time.monotonic()
+        results: list[dict] = []
+        tasks = [asyncio.create_task(_online_request(stub, i, a, p, o, args, t_start, results))
+                 for i, (a, p, o) in enumerate(online)]
+        last_print = 0.0
+        while not all(t.done() for t in tasks):
+            await asyncio.sleep(0.5)
+            now = time.monotonic() - t_start
+            if now - last_print >= 5:
+                last_print = now
+                st = await stub.GetBatch(router_pb2.GetBatchRequest(job_id=job_id), timeout=5) if job_id else None
+                print(f"\r  t={now:5.0f}s online {len(results)}/{len(online)} done"
+                      + (f" | offline {st.done}/{st.total}, {st.output_tokens} tokens" if st else ""),
+                      end="", file=sys.stderr, flush=True)
+        window_s = time.monotonic() - t_start
+        st_window = await stub.GetBatch(router_pb2.GetBatchRequest(job_id=job_id), timeout=5) if job_id else None
+        stats = await sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
+        print(file=sys.stderr)
+        lost = duplicated = 0
+        drained = True
+        if job_id:
+            deadline = time.monotonic() + args.drain_timeout
+            st = st_window
+            while st.state != router_pb2.DONE and time.monotonic() < deadline:
+                await asyncio.sleep(1.0)
+                st = await stub.GetBatch(router_pb2.GetBatchRequest(job_id=job_id), timeout=5)
+            drained = st.state == router_pb2.DONE
+            indices = [r.index async for r in stub.GetBatchResults(router_pb2.GetBatchRequest(job_id=job_id),
+                                                                   timeout=120)]
+            duplicated = len(indices) - len(set(indices))
+            lost = (len(offline) - len(set(indices))) if drained else 0
+            stats = await sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
+    ok = [r for r in results if r["ok"]]
+    met = [r for r in ok if r["ttft_ms"] <= args.ttft_slo_ms and r["tpot_ms"] <= args.tpot_slo_ms]
+    samples = list(stats.preemption_ms)
+    return {
+        "policy": f"live:least-loaded+colocation({'no-preemption' if args.no_preemption else 'preempt'})",
+        "engine": args.engine + (" (SIMULATED)" if args.engine == "sim" else ""),
+        "workers": {"prefill": args.prefill, "decode": args.decode},
+        "window_s": window_s, "rate_scale": args.rate_scale,
+        "slo": {"ttft_ms": args.ttft_slo_ms, "tpot_ms": args.tpot_slo_ms},
+        "online": {
+            "requests": len(online), "failed": len(results) - len(ok),
+            "slo_attainment": len(met) / len(online) if online else 1.0,
+            "ttft_ms": pct([r["ttft_ms"] for r in ok]), "tpot_ms": pct([r["tpot_ms"] for r in ok]),
+        },
+        "offline": {
+            "requests": len(offline),
+            "completed": st_window.done if st_window else 0,
+            "output_tokens_per_s": (st_window.output_tokens / window_s) if st_window else 0.0,
+            "drained": drained, "lost": lost, "duplicated": duplicated,
+        },
+        "goodput_requests_per_s": len(met) / window_s if window_s else 0.0,
+        "preemptions": stats.preemptions,
+        "preemption_ms": pct(samples) | {"samples": len(samples)},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from duopool.launcher import LocalCluster
+    from duopool.topology import Topology
+
+    online = load_online(args.online, args.duration, args.rate_scale)
+    online = [(t, min(p, args.max_prompt), min(o, args.max_output)) for t, p, o in online]
+    offline = [(min(p, args.max_prompt), min(o, args.max_output))
+               for p, o in load_offline(args.offline, args.offline_requests)]
+    print(f"replay: {len(online)} online requests over {args.duration:.0f}s (x{args.rate_scale} rate), "
+          f"{len(offline)} offline; {args.prefill}P+{args.decode}D {args.engine} workers"
+          f"{' (SIMULATED)' if args.engine == 'sim' else ''}; preemption {'off' if args.no_preemption else 'on'}",
+          file=sys.stderr)
+    env = {"DUOPOOL_OFFLINE_PER_WORKER": str(args.offline_per_worker),
+           "DUOPOOL_OFFLINE_WITH_ONLINE": str(args.offline_per_worker if args.no_preemption else 0),
+           "DUOPOOL_SIM_SPEEDUP": str(args.sim_speedup), "DUOPOOL_SCHEDULER_ID": "replay"}
+    args.out.mkdir(parents=True, exist_ok=True)
+    cluster = LocalCluster(Topology(engine=args.engine, model=args.model, prefill_workers=args.prefill,
+                                    decode_workers=args.decode, max_model_len=max(2048, args.max_prompt + args.max_output + 8)),
+                           args.out / "run", router_port=0, extra_env=env)
+    cluster.log = lambda m: print(m, file=sys.stderr, flush=True)
+    with cluster:
+        summary = asyncio.run(_replay(args, cluster, online, offline))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    on, off = summary["online"], summary["offline"]
+    print(f"online: {on['requests']} requests, SLO attainment {on['slo_attainment']:.1%}, "
+          f"TTFT p50/p99 {on['ttft_ms']['p50']:.0f}/{on['ttft_ms']['p99']:.0f} ms, "
+          f"TPOT p50/p99 {on['tpot_ms']['p50']:.1f}/{on['tpot_ms']['p99']:.1f} ms")
+    print(f"offline: {off['completed']} completed in the window, {off['output_tokens_per_s']:.1f} tok/s, "
+          f"lost {off['lost']}, duplicated {off['duplicated']} (drained: {off['drained']})")
+    print(f"preemptions: {summary['preemptions']}, latency p50/p99 {summary['preemption_ms']['p50']:.1f}/"
+          f"{summary['preemption_ms']['p99']:.1f} ms; wrote {args.out / 'summary.json'}")
+    return 0
