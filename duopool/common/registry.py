@@ -8,6 +8,10 @@
     Index of workers. Workers ZADD themselves on each heartbeat and ZREM on clean shutdown; the
     scheduler drops members whose score is older than the TTL (ZREMRANGEBYSCORE, one atomic command).
 
+``duopool:worker:{worker_id}:desired`` (HASH, no expiry)
+    Desired state, written only by the scheduler: ``role``, ``pool``, ``reason``, ``updated_at``. Kept apart
+    from the observed hash above; the scheduler reconciles the worker towards it (``Worker.SetRole``).
+
 A heartbeat is one MULTI/EXEC transaction (HSET + EXPIRE + ZADD), so a reader never sees a worker in the
 index without its hash, except after expiry, which readers treat as dead. No key is read-modified-written.
 """
@@ -21,6 +25,7 @@ import redis.asyncio as aioredis
 
 WORKER_KEY = "duopool:worker:{}"
 WORKERS_INDEX = "duopool:workers"
+DESIRED_KEY = "duopool:worker:{}:desired"
 
 
 @dataclass(frozen=True)
@@ -85,3 +90,16 @@ async def live_workers(r: aioredis.Redis, ttl_s: float, now: float | None = None
             p.hgetall(WORKER_KEY.format(wid))
         hashes = await p.execute()
     return sorted((WorkerRecord.from_hash(h) for h in hashes if h), key=lambda w: w.worker_id)
+
+
+async def set_desired(r: aioredis.Redis, worker_id: str, role: str, pool: str, reason: str, now: float) -> None:
+    await r.hset(DESIRED_KEY.format(worker_id), mapping={"role": role, "pool": pool, "reason": reason,
+                                                          "updated_at": str(now)})
+
+
+async def desired_states(r: aioredis.Redis, worker_ids: list[str]) -> dict[str, dict[str, str]]:
+    async with r.pipeline(transaction=False) as p:
+        for wid in worker_ids:
+            p.hgetall(DESIRED_KEY.format(wid))
+        found = await p.execute()
+    return {wid: h for wid, h in zip(worker_ids, found, strict=True) if h}

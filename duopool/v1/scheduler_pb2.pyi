@@ -8,6 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SetWorkerRoleRequest(_message.Message):
+    __slots__ = ("worker_id", "role", "pool", "reason")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    role: _common_pb2.WorkerRole
+    pool: _common_pb2.Pool
+    reason: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., pool: _Optional[_Union[_common_pb2.Pool, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class PlaceRequest(_message.Message):
     __slots__ = ("request_id", "request_class", "prompt_tokens", "max_tokens", "slo", "exclude_workers")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

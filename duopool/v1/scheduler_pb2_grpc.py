@@ -76,6 +76,11 @@ class SchedulerStub:
                 request_serializer=duopool_dot_v1_dot_scheduler__pb2.SchedulerStatsRequest.SerializeToString,
                 response_deserializer=duopool_dot_v1_dot_scheduler__pb2.SchedulerStats.FromString,
                 _registered_method=True)
+        self.SetWorkerRole = channel.unary_unary(
+                '/duopool.v1.Scheduler/SetWorkerRole',
+                request_serializer=duopool_dot_v1_dot_scheduler__pb2.SetWorkerRoleRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_common__pb2.WorkerInfo.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -132,6 +137,14 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetWorkerRole(self, request, context):
+        """Records a worker's desired role/pool (kept apart from its observed state) and applies it; the
+        scheduler re-applies it whenever the observed state differs (e.g. after the worker restarts).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +187,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=duopool_dot_v1_dot_scheduler__pb2.SchedulerStatsRequest.FromString,
                     response_serializer=duopool_dot_v1_dot_scheduler__pb2.SchedulerStats.SerializeToString,
+            ),
+            'SetWorkerRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetWorkerRole,
+                    request_deserializer=duopool_dot_v1_dot_scheduler__pb2.SetWorkerRoleRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_common__pb2.WorkerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,6 +410,33 @@ class Scheduler:
             '/duopool.v1.Scheduler/Stats',
             duopool_dot_v1_dot_scheduler__pb2.SchedulerStatsRequest.SerializeToString,
             duopool_dot_v1_dot_scheduler__pb2.SchedulerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetWorkerRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duopool.v1.Scheduler/SetWorkerRole',
+            duopool_dot_v1_dot_scheduler__pb2.SetWorkerRoleRequest.SerializeToString,
+            duopool_dot_v1_dot_common__pb2.WorkerInfo.FromString,
             options,
             channel_credentials,
             insecure,

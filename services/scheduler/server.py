@@ -248,6 +248,42 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         await self.jobs.cancel(request.job_id)
         return batch_status_pb(await self.jobs.status(request.job_id))
 
+    # -- roles and pools: desired state in Redis, applied to workers -----------------------------------------
+    async def SetWorkerRole(self, request: scheduler_pb2.SetWorkerRoleRequest, context):
+        workers = {w.worker_id: w for w in await self.workers()}
+        w = workers.get(request.worker_id)
+        if w is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"worker_id: {request.worker_id!r} is not registered")
+        role = {v: k for k, v in ROLE_PB.items()}.get(request.role, w.role)
+        pool = {v: k for k, v in POOL_PB.items()}.get(request.pool, w.pool)
+        await registry.set_desired(self.redis, w.worker_id, role, pool, request.reason or "operator", self.clock())
+        info = await self._apply_role(w, role, pool)
+        if info is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {w.worker_id} unreachable; desired state kept")
+        self._refreshed = 0.0  # the next placement sees the change
+        return info
+
+    async def _apply_role(self, w: registry.WorkerRecord, role: str, pool: str):
+        try:
+            stub = worker_pb2_grpc.WorkerStub(self.channels.get(w.address))
+            info = await stub.SetRole(worker_pb2.SetRoleRequest(role=ROLE_PB[role], pool=POOL_PB[pool]), timeout=5)
+            log.info("worker %s set to role %s, pool %s", w.worker_id, role, pool)
+            return info
+        except grpc.aio.AioRpcError as exc:
+            log.warning("SetRole on %s failed: %s", w.worker_id, exc.code().name)
+            return None
+
+    async def reconcile_roles(self) -> int:
+        """Applies desired roles/pools that differ from what workers report; returns how many changed."""
+        workers = await self.workers()
+        desired = await registry.desired_states(self.redis, [w.worker_id for w in workers])
+        changed = 0
+        for w in workers:
+            d = desired.get(w.worker_id)
+            if d and (d["role"], d["pool"]) != (w.role, w.pool):
+                changed += await self._apply_role(w, d["role"], d["pool"]) is not None
+        return changed
+
     async def Stats(self, request, context):
         samples = list(self.preemption_ms)
         p50 = statistics.median(samples) if samples else 0.0
@@ -276,7 +312,14 @@ async def serve(config: SchedulerConfig, stop: asyncio.Event, ready: asyncio.Eve
              config.policy, consumer)
     if ready is not None:
         ready.set()
-    await stop.wait()
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except TimeoutError:
+            try:
+                await service.reconcile_roles()
+            except Exception:  # noqa: BLE001 - Redis blips: try again next second
+                log.debug("role reconciliation failed", exc_info=True)
     await dispatch
     await server.stop()
     await service.channels.close()

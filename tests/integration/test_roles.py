@@ -1,0 +1,47 @@
+"""Roles and pools change at run time; the desired state lives in Redis apart from the observed one."""
+
+import grpc
+import pytest
+import redis
+
+from duopool.launcher import LocalCluster
+from duopool.topology import Topology
+from duopool.v1 import common_pb2, router_pb2, router_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_set_role_applies_persists_and_survives_worker_restart(tmp_path, redis_server):
+    url = redis_server.url.replace("/0", "/4")
+    with LocalCluster(Topology(engine="sim", prefill_workers=2, decode_workers=1), tmp_path, redis_url=url,
+                      router_port=0) as c:
+        c.log = lambda m: None
+        with grpc.insecure_channel(c.address("scheduler")) as sch, grpc.insecure_channel(c.router_address) as rch:
+            sched, router = scheduler_pb2_grpc.SchedulerStub(sch), router_pb2_grpc.RouterStub(rch)
+
+            def observed(wid):
+                ws = {w.worker_id: w for w in router.ListWorkers(common_pb2.ListWorkersRequest(), timeout=5).workers}
+                return (ws[wid].role, ws[wid].pool) if wid in ws else None
+
+            info = sched.SetWorkerRole(scheduler_pb2.SetWorkerRoleRequest(
+                worker_id="prefill-1", role=common_pb2.DECODE, pool=common_pb2.STRICT, reason="test"), timeout=10)
+            assert (info.role, info.pool) == (common_pb2.DECODE, common_pb2.STRICT)
+            desired = redis.Redis.from_url(url, decode_responses=True).hgetall("duopool:worker:prefill-1:desired")
+            assert desired["role"] == "decode" and desired["pool"] == "strict" and desired["reason"] == "test"
+            wait_for(lambda: observed("prefill-1") == (common_pb2.DECODE, common_pb2.STRICT), 10,
+                     what="the heartbeat to report the new role")
+            # Placement follows: prefill now only on prefill-0; decode on either decode worker.
+            for _ in range(4):
+                msgs = list(router.Generate(router_pb2.GenerateRequest(
+                    text="a b c d e f", max_tokens=2, request_class=common_pb2.ONLINE), timeout=10))
+                assert msgs[-1].summary.prefill_worker == "prefill-0"
+            # The worker restarts with its configured role; the scheduler re-applies the desired one.
+            c.kill("prefill-1")
+            c.restart("prefill-1")
+            wait_for(lambda: observed("prefill-1") == (common_pb2.DECODE, common_pb2.STRICT), 15,
+                     what="the scheduler to reconcile the restarted worker")
+            with pytest.raises(grpc.RpcError) as err:
+                sched.SetWorkerRole(scheduler_pb2.SetWorkerRoleRequest(worker_id="nope", role=common_pb2.DECODE),
+                                    timeout=10)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
