@@ -1,6 +1,6 @@
 """Reference run for the end-to-end test: one plain vLLM instance (no connector), greedy.
 
-    python tests/e2e/reference_vllm.py MODEL_DIR MAX_TOKENS '[[prompt token ids], ...]'
+    python tests/e2e/reference_vllm.py MODEL_DIR '[max_tokens, ...]' '[[prompt token ids], ...]'
 
 Prints the generated token ids of each prompt as JSON. Its own process: vLLM's engine core needs a __main__ guard.
 """
@@ -17,10 +17,10 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     torch.set_num_threads(1)
-    model, max_tokens, prompts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    model, max_tokens, prompts = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
     llm = LLM(model=model, enforce_eager=True, max_model_len=2048, block_size=32, enable_prefix_caching=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(max_tokens=max_tokens, temperature=0))
+                        [SamplingParams(max_tokens=m, temperature=0) for m in max_tokens])
     print("REFERENCE " + json.dumps([list(o.outputs[0].token_ids) for o in outs]), flush=True)
 
 

@@ -14,6 +14,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -32,6 +33,9 @@ BLOCK = 32
 PROMPT = [(i * 37 + 11) % 40000 + 100 for i in range(100)]  # 100 tokens: 3 full blocks move, 4 recomputed
 # The control uses another prompt: the decode engine's prefix cache already holds PROMPT's blocks.
 CONTROL_PROMPT = [(i * 53 + 7) % 40000 + 100 for i in range(100)]
+# Offline batch prompts for the preemption test (long answers, so the online burst lands mid-decode).
+OFFLINE_PROMPTS = [[(i * 31 + 17 * k) % 40000 + 100 for i in range(70)] for k in range(3)]
+OFFLINE_TOKENS = 160
 MAX_TOKENS = 24
 
 
@@ -51,7 +55,8 @@ def reference():
 
     out = subprocess.run(
         [sys.executable, str(pathlib.Path(__file__).with_name("reference_vllm.py")), str(tiny_llama_checkpoint()),
-         str(MAX_TOKENS), json.dumps([PROMPT, CONTROL_PROMPT])], capture_output=True, text=True, timeout=600,
+         json.dumps([MAX_TOKENS, MAX_TOKENS] + [OFFLINE_TOKENS] * len(OFFLINE_PROMPTS)),
+         json.dumps([PROMPT, CONTROL_PROMPT, *OFFLINE_PROMPTS])], capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("REFERENCE ")), None)
@@ -99,3 +104,40 @@ def test_corrupted_kv_changes_the_output(cluster, reference):
     assert dec[0].cached_tokens == 96  # the scrambled KV was loaded...
     assert out != reference[1]  # ...and it is what decode computed from
     assert not pathlib.Path(pre.kv.location).exists(), "the segment was not freed after decode"
+
+
+def test_preempted_offline_requests_resume_with_identical_greedy_output(cluster, reference):
+    """An online burst preempts running offline requests; they resume (re-queued with the tokens they had)
+    and finish with exactly the tokens a single uninterrupted vLLM run produces."""
+    import threading
+
+    from duopool.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    with grpc.insecure_channel(cluster.router_address) as ch, \
+            grpc.insecure_channel(cluster.address("scheduler")) as sch:
+        router, sched = router_pb2_grpc.RouterStub(ch), scheduler_pb2_grpc.SchedulerStub(sch)
+        router.SubmitBatch(router_pb2.SubmitBatchRequest(job_id="e2e-preempt", requests=[
+            router_pb2.BatchItem(custom_id=f"o{k}", token_ids=common_pb2.TokenIds(ids=p), max_tokens=OFFLINE_TOKENS)
+            for k, p in enumerate(OFFLINE_PROMPTS)]), timeout=30)
+        wait_for(lambda: sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5).offline_inflight >= 2,
+                 timeout=60, what="offline decode to be running")
+        time.sleep(0.5)
+
+        def online():
+            list(router.Generate(router_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=PROMPT[:40]),
+                                                            max_tokens=4, request_class=common_pb2.ONLINE), timeout=120))
+
+        threads = [threading.Thread(target=online) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wait_for(lambda: router.GetBatch(router_pb2.GetBatchRequest(job_id="e2e-preempt"), timeout=5).state
+                 == router_pb2.DONE, timeout=300, what="the offline job to finish")
+        stats = sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
+        results = list(router.GetBatchResults(router_pb2.GetBatchRequest(job_id="e2e-preempt"), timeout=30))
+    assert stats.preemptions >= 1, "the online burst preempted nothing"
+    assert sum(r.preemptions for r in results) >= 1
+    assert [r.custom_id for r in results] == ["o0", "o1", "o2"]
+    for k, r in enumerate(results):
+        assert list(r.token_ids) == reference[2 + k], f"{r.custom_id} (preempted {r.preemptions}x) differs"
