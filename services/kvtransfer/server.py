@@ -216,8 +216,10 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
             try:
                 pending = first
                 while pending is not None:
-                    if self.config.read_max_mib_s > 0:
-                        await asyncio.sleep(len(pending.data) / (self.config.read_max_mib_s * (1 << 20)))
+                    if self.config.read_max_mib_s > 0:  # paced by this service: still progress, keep the lease
+                        pause = len(pending.data) / (self.config.read_max_mib_s * (1 << 20))
+                        t.deadline = max(t.deadline, self.clock() + t.lease_s + pause)
+                        await asyncio.sleep(pause)
                     if t.state != S.READY:
                         await context.abort(grpc.StatusCode.UNAVAILABLE,
                                             f"kv: transfer {t.kv.transfer_id} ended mid-stream "

@@ -30,6 +30,7 @@ log = logging.getLogger("duopool.worker")
 ROLE_TO_PB = {"prefill": common_pb2.PREFILL, "decode": common_pb2.DECODE, "mixed": common_pb2.MIXED}
 POOL_TO_PB = {"strict": common_pb2.STRICT, "relaxed": common_pb2.RELAXED}
 KV_MAX_RECONNECT_MS = 1000
+KV_RECONNECT_WAIT_S = 1.5  # an UNAVAILABLE call is retried once, waiting this long for the connection
 KV_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 100),
                       ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", KV_MAX_RECONNECT_MS)]
 
@@ -184,9 +185,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         """Announces exported KV to the broker. If the broker is unreachable the segment is freed at once
         (nobody could find it) and the decode recomputes — or, under ``fail``, the prefill fails."""
         try:
-            await self.kv.StartTransfer(kvtransfer_pb2.StartTransferRequest(
+            await self._kv_call("StartTransfer", kvtransfer_pb2.StartTransferRequest(
                 kv=handle, destination_worker=request.decode_worker, destination_host=request.decode_host,
-            ), timeout=self.config.kv_rpc_timeout_s)
+            ))
             return True
         except grpc.aio.AioRpcError as exc:
             unlink_segment(pathlib.Path(handle.location))
@@ -196,14 +197,26 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             log.warning("transfer %s not started (%s); the decode will recompute", handle.transfer_id, error)
             return False
 
+    async def _kv_call(self, method: str, request, extra_s: float = 0.0):
+        """One kvtransfer call, bounded by ``kv_rpc_timeout_s``. Fails fast when kvtransfer is down, but an
+        UNAVAILABLE is retried once waiting up to ``KV_RECONNECT_WAIT_S`` for the connection: just after a
+        kvtransfer restart this channel may still be in its reconnect backoff."""
+        call = getattr(self.kv, method)
+        timeout = self.config.kv_rpc_timeout_s
+        try:
+            return await call(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+        return await call(request, timeout=min(timeout, KV_RECONNECT_WAIT_S + extra_s), wait_for_ready=True)
+
     def _is_remote(self, kv: common_pb2.KvHandle) -> bool:
         return bool(kv.source_host and kv.source_host != self.host) or not os.path.exists(kv.location)
 
     async def _fetch_kv(self, handle: common_pb2.KvHandle, context) -> KvLoad | None:
         try:
-            st = await self.kv.PollTransfer(kvtransfer_pb2.PollTransferRequest(
-                transfer_id=handle.transfer_id, wait_ms=2000, destination_host=self.host),
-                timeout=self.config.kv_rpc_timeout_s)
+            st = await self._kv_call("PollTransfer", kvtransfer_pb2.PollTransferRequest(
+                transfer_id=handle.transfer_id, wait_ms=2000, destination_host=self.host), extra_s=2.0)
         except grpc.aio.AioRpcError as exc:
             await self._kv_failed(context, handle.transfer_id,
                                   f"kvtransfer: {exc.code().name} {exc.details() or ''}".strip())
@@ -239,7 +252,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         try:
             result = await asyncio.to_thread(pull)
         except (TransferError, SegmentError, OSError) as exc:
-            self._pulled.pop(kv.transfer_id)
+            self._drop_pulled(kv.transfer_id)
             return None, f"pull from {kv.source_host} failed: {exc}"
         log.info("pulled KV %s from %s: %d bytes in %.1f ms", kv.transfer_id, kv.source_host, result.bytes_moved,
                  (time.perf_counter() - t0) * 1e3)
@@ -251,7 +264,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             unlink_segment(path)
 
     async def _complete_transfer(self, transfer_id: str, ok: bool, error: str = "") -> None:
-        pass  # the engine has taken (or given up on) the local copy
+        self._drop_pulled(transfer_id)  # the engine has taken (or given up on) the local copy
         try:
             await self.kv.CompleteTransfer(kvtransfer_pb2.CompleteTransferRequest(
                 transfer_id=transfer_id, ok=ok, error=error), timeout=self.config.kv_rpc_timeout_s)
