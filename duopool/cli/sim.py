@@ -10,7 +10,8 @@ from pathlib import Path
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--online", action="append", default=[], metavar="TRACE",
-                   help="online trace (Azure CSV or Mooncake JSONL); repeat to play traces one after another")
+                   help="online trace (Azure CSV or Mooncake JSONL), optionally PATH:START_S:DURATION_S; "
+                        "repeat to play traces one after another (a load-mix shift)")
     p.add_argument("--offline", metavar="TRACE", help="offline backlog lengths (arXiv CSV, or any trace)")
     p.add_argument("--hardware", default="H100-SXM", help="built-in hardware name or JSON path")
     p.add_argument("--model", default="llama-3.1-8b", help="built-in model name, config.json path or model dir")
@@ -44,7 +45,7 @@ def load_workload(args):
 
     online = None
     if args.online:
-        parts = [load_trace(p) for p in args.online]
+        parts = [_load_segment(p) for p in args.online]
         online = parts[0] if len(parts) == 1 else Trace.concat(parts)
         if args.start_s or args.duration_s:
             online = online.window(args.start_s, args.duration_s)
@@ -52,6 +53,16 @@ def load_workload(args):
             online = online.clipped(max_input=args.max_input)
     offline = load_trace(args.offline) if args.offline else None
     return online, offline
+
+
+def _load_segment(spec: str):
+    """``PATH`` or ``PATH:START_S:DURATION_S`` (a window of the trace, e.g. to splice a load-mix shift)."""
+    from duopool.traces import load_trace
+
+    if not Path(spec).exists() and spec.count(":") >= 2:
+        path, start, dur = spec.rsplit(":", 2)
+        return load_trace(path).window(float(start or 0), float(dur) if dur else None)
+    return load_trace(spec)
 
 
 def make_config(args, policy: str):
@@ -106,6 +117,11 @@ def main(args) -> int:
         online = online.scaled(args.rate_scale)
     if online is None and args.offline_limit is None:
         print("duopool sim: without --online, give --offline-limit (or the run never ends)", file=sys.stderr)
+        return 2
+    from duopool.core.policies import policy_names
+
+    if args.policy not in policy_names():
+        print(f"duopool sim: unknown policy {args.policy!r}; known: {', '.join(policy_names())}", file=sys.stderr)
         return 2
     try:
         cfg = make_config(args, args.policy)

@@ -322,6 +322,23 @@ class PerfModel:
         bytes_t = m.dtype_bytes * (2 * n * hq + 2 * ctx * hkv) / (hw.mem_bw * e.attn_bw)
         return fixed + np.maximum(flops_t, bytes_t) * m.num_hidden_layers
 
+    def decode_ctx_budget(self, n: int, budget_s: float, pad_to: int = 0) -> float:
+        """Largest Σ context a decode-only step of ``n`` sequences may have and still take at most
+        ``budget_s`` (linear layers at ``max(n, pad_to)`` tokens). Closed form of the roofline; -1 if even
+        an empty context exceeds the budget."""
+        if n <= 0:
+            return math.inf
+        m, e, hw = self.model, self.eff, self.hardware
+        fixed = (self.linear_time(max(n, pad_to)) + self.allreduce_time(max(n, pad_to)) + self.lm_head_time(n)
+                 + e.step_overhead_s)
+        left = (budget_s - fixed) / m.num_hidden_layers
+        hq = m.q_dim / self.tp
+        hkv = max(1, m.num_key_value_heads // self.tp) * m.head_dim
+        c_flops = left * hw.peak_flops * e.attn_compute / (4 * hq)
+        c_bytes = (left * hw.mem_bw * e.attn_bw / m.dtype_bytes - 2 * n * hq) / (2 * hkv)
+        c = min(c_flops, c_bytes)
+        return c if c >= 0 else -1.0
+
     def prefill_time_s(self, length: int) -> float:
         return self.step_time_s([length], [])
 

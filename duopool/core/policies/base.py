@@ -1,0 +1,277 @@
+"""The scheduling-policy interface, its registry and the helpers the policies share.
+
+One interface for all policies (the simulator and the live scheduler load the same classes by name):
+
+* ``layout(n)`` — initial role/pool of each of ``n`` instances;
+* ``order_backlog(reqs)`` — order of the offline backlog;
+* ``route(req, cluster, now)`` — the instance that prefills a new online request;
+* ``decode_target(req, inst, cluster, now)`` — where a request decodes once its prefill is done;
+* ``plan(inst, cluster, now)`` — the :class:`StepPlan` of the instance's next step;
+* ``tick(cluster, now)`` — periodic control (every ``tick_s`` seconds), returns actions (DOPD role changes);
+* ``place(request, workers, now)`` — live placement over :class:`WorkerView` (the placement protocol).
+
+Policies are pure: no I/O, no clock (``now`` is passed in), no mutation of the cluster state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from duopool.core.perfmodel import PerfModel
+from duopool.core.placement import (
+    PlacementDecision,
+    PlacementRequest,
+    PoolName,
+    RequestClass,
+    Role,
+    WorkerView,
+    register_placement,
+)
+from duopool.core.state import OFFLINE, ONLINE, Cluster, Instance, Req, SetRole, StepPlan
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Knobs shared by the policies; defaults and their sources in docs/scheduling.md."""
+
+    ttft_slo_s: float = 1.0
+    tpot_slo_s: float = 0.1
+    prefill_fraction: float = 0.5  # P/D layouts: share of (online) instances that prefill
+    offline_share: float = 0.25  # pd-static: instances reserved for offline work
+    max_num_seqs: int = 256  # vLLM default
+    max_batched_tokens: int = 8192  # tokens per prefill step (vLLM chunked-prefill budget)
+    offline_chunk_tokens: int = 2048  # offline prefill chunk on a co-located instance
+    # OOCO
+    kv_watermark: float = 0.90  # strict instance pulls offline decode while KV use is below this
+    step_margin: float = 0.90  # ... and predicted step time below this × TPOT target
+    pull_per_step: int = 8
+    # HyGen
+    hygen_budget_frac: float = 0.80  # latency budget = this × TPOT SLO (the SLO-aware profiler's output)
+    starvation_s: float = 60.0  # an offline request queued longer than this goes first
+    # Tropical
+    short_prompt: int = 256  # prompts this short always multiplex onto decode instances
+    # DOPD
+    dopd_tick_s: float = 10.0
+    dopd_target_util: float = 0.6  # prefill instances kept at most this busy with online prefill
+    dopd_alpha: float = 0.5  # forecast smoothing (Holt level)
+    dopd_beta: float = 0.3  # forecast smoothing (Holt trend)
+    dopd_min_prefill: int = 1
+
+    def __post_init__(self) -> None:
+        for f in ("ttft_slo_s", "tpot_slo_s", "max_batched_tokens", "max_num_seqs", "offline_chunk_tokens"):
+            if not getattr(self, f) > 0:
+                raise ValueError(f"policy config field {f!r} must be > 0")
+        for f in ("prefill_fraction", "offline_share", "kv_watermark", "step_margin", "hygen_budget_frac",
+                  "dopd_target_util"):
+            if not 0 < getattr(self, f) <= 1:
+                raise ValueError(f"policy config field {f!r} must be in (0, 1]")
+
+
+class SchedulingPolicy:
+    """Base class: P/D layout, least-loaded routing, FIFO backlog. Subclasses override the hooks."""
+
+    name: ClassVar[str] = "base"
+    tick_s: ClassVar[float] = 0.0
+    fast_preemption: ClassVar[bool] = False
+
+    def __init__(self, perf: PerfModel, cfg: PolicyConfig | None = None) -> None:
+        self.pm = perf
+        self.cfg = cfg or PolicyConfig()
+        self.kv_capacity = perf.kv_capacity_tokens()
+        self.sat_batch = perf.saturation_batch()
+
+    # ---------------------------------------------------------------- hooks
+    def layout(self, n: int) -> list[tuple[Role, PoolName, bool]]:
+        """(role, pool, offline_only) per instance."""
+        return pd_layout(n, self.cfg.prefill_fraction)
+
+    def order_backlog(self, reqs: list[Req]) -> list[Req]:
+        return reqs
+
+    def route(self, r: Req, cluster: Cluster, now: float) -> int:
+        return least_queued(candidates(cluster, Role.PREFILL)).idx
+
+    def decode_target(self, r: Req, inst: Instance, cluster: Cluster, now: float) -> int:
+        if inst.role == Role.MIXED or inst.offline_only:
+            return inst.idx
+        return least_decoding(candidates(cluster, Role.DECODE)).idx
+
+    def plan(self, inst: Instance, cluster: Cluster, now: float) -> StepPlan:
+        raise NotImplementedError
+
+    def tick(self, cluster: Cluster, now: float) -> list[SetRole]:
+        return []
+
+    # ---------------------------------------------------------------- shared pieces
+    def online_prefill_chunks(self, inst: Instance, budget: int | None = None, sjf: bool = False) -> list:
+        """Online prefills FIFO (or shortest-first) until the token budget; the last one may be chunked."""
+        left = self.cfg.max_batched_tokens if budget is None else budget
+        out = []
+        queue = sorted(inst.waiting, key=lambda r: r.prompt - r.prefilled) if sjf else inst.waiting
+        for r in queue:
+            if left <= 0:
+                break
+            c = min(r.prompt - r.prefilled, left)
+            out.append((r, c))
+            left -= c
+        return out
+
+    def offline_prefill_chunks(self, inst: Instance, cluster: Cluster, token_budget: int,
+                               admit_new: bool = True, kv_reserve: int = 0) -> list:
+        """Continue this instance's offline prefills, then admit from the backlog while KV, sequence and
+        token budgets allow. Each chunk is at most ``offline_chunk_tokens``."""
+        out = []
+        left = token_budget
+        chunk = self.cfg.offline_chunk_tokens
+        for r in inst.waiting_off:
+            if left <= 0:
+                return out
+            c = min(r.prompt - r.prefilled, left, chunk)
+            out.append((r, c))
+            left -= c
+        if not admit_new:
+            return out
+        free = inst.kv_free() - kv_reserve
+        seqs = inst.n_seqs
+        i = 0
+        backlog = cluster.backlog
+        while left > 0 and i < len(backlog) and seqs < self.cfg.max_num_seqs:
+            r = backlog[i]
+            i += 1
+            need = r.prompt + r.output + inst.block_size
+            if need > free:
+                break
+            c = min(r.prompt, left, chunk)
+            out.append((r, c))
+            free -= need
+            left -= c
+            seqs += 1
+        return out
+
+    def decode_time(self, inst: Instance, extra_n: int = 0, extra_ctx: int = 0, pad_to: int = 0) -> float:
+        n = inst.n_decoding + extra_n
+        if n <= 0:
+            return 0.0
+        ctx = inst.ctx_sum() + extra_ctx
+        if pad_to > n:  # linear layers at the padded batch, attention at the real contexts
+            return (self.pm.linear_time(pad_to) + self.pm.attention_time(ctx, n, ctx)
+                    + self.pm.lm_head_time(n) + self.pm.eff.step_overhead_s)
+        return self.pm.chunked_step_time_s((), n, ctx)
+
+    def resume_pulls(self, inst: Instance, cluster: Cluster, max_n: int, kv_reserve: int = 0) -> tuple:
+        """Swapped offline decodes, oldest first (FIFO, so none starves), that fit this instance's
+        slots and KV; stops at the first that does not fit."""
+        if not cluster.resume or max_n <= 0:
+            return ()
+        room = min(max_n, self.cfg.max_num_seqs - inst.n_seqs - inst.incoming - len(inst.inbox))
+        if room <= 0:
+            return ()
+        out = []
+        free = inst.kv_free() - kv_reserve
+        for r in cluster.resume:
+            if r.moving:
+                continue
+            need = r.prompt + r.output + inst.block_size
+            if need > free:
+                break
+            out.append(r)
+            free -= need
+            if len(out) >= room:
+                break
+        return tuple(out)
+
+    def evict_for_budget(self, inst: Instance, budget_s: float) -> tuple:
+        """Offline decodes from the back of the running queue until the decode step fits ``budget_s``."""
+        if inst.n_dec[OFFLINE] == 0 or self.decode_time(inst) <= budget_s:
+            return ()
+        out = []
+        n, ctx = 0, 0
+        for r in inst.newest_offline_decodes():
+            out.append(r)
+            n += 1
+            ctx += inst.ctx_of(r)
+            if self.decode_time(inst, -n, -ctx) <= budget_s:
+                break
+        return tuple(out)
+
+    # ---------------------------------------------------------------- live placement
+    @classmethod
+    def place_workers(cls, request: PlacementRequest, workers: Sequence[WorkerView]) -> PlacementDecision | None:
+        """Default live placement: least-loaded prefill-capable then decode-capable worker; offline
+        requests stay on one worker where the layout co-locates them."""
+        usable = [w for w in workers if w.worker_id not in request.exclude]
+        pre = sorted((w for w in usable if w.can_prefill()), key=lambda w: (w.load, w.worker_id))
+        dec = sorted((w for w in usable if w.can_decode()), key=lambda w: (w.load, w.worker_id))
+        if not pre or not dec:
+            return None
+        p = pre[0]
+        d = next((w for w in dec if w.worker_id != p.worker_id), dec[0])
+        return PlacementDecision(p.worker_id, d.worker_id, cls.name, reason="least load")
+
+
+# -------------------------------------------------------------------- registry
+_POLICIES: dict[str, type[SchedulingPolicy]] = {}
+
+
+def register_policy(name: str) -> Callable[[type], type]:
+    """Register a scheduling policy; it is also registered as a live placement policy of the same name."""
+
+    def wrap(cls: type) -> type:
+        if name in _POLICIES:
+            raise ValueError(f"scheduling policy {name!r} registered twice")
+        cls.name = name
+        _POLICIES[name] = cls
+
+        class _Placement:
+            def place(self, request, workers, now):
+                return cls.place_workers(request, workers)
+
+        _Placement.__name__ = f"{cls.__name__}Placement"
+        register_placement(name)(_Placement)
+        return cls
+
+    return wrap
+
+
+def get_policy(name: str, perf: PerfModel, cfg: PolicyConfig | None = None) -> SchedulingPolicy:
+    try:
+        cls = _POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown scheduling policy {name!r}; known: {', '.join(sorted(_POLICIES))}") from None
+    return cls(perf, cfg)
+
+
+def policy_names() -> list[str]:
+    return sorted(_POLICIES)
+
+
+# -------------------------------------------------------------------- helpers
+def pd_layout(n: int, prefill_fraction: float, pools: bool = True) -> list[tuple[Role, PoolName, bool]]:
+    if n < 2:
+        return [(Role.MIXED, PoolName.RELAXED, False)] * n
+    n_p = min(n - 1, max(1, round(n * prefill_fraction)))
+    return ([(Role.PREFILL, PoolName.RELAXED, False)] * n_p
+            + [(Role.DECODE, PoolName.STRICT, False)] * (n - n_p))
+
+
+def candidates(cluster: Cluster, role: Role) -> list[Instance]:
+    c = [i for i in cluster.instances if i.role == role and i.accepting and not i.offline_only]
+    if not c:
+        c = [i for i in cluster.instances if i.role == role and not i.offline_only]
+    if not c:
+        c = [i for i in cluster.instances if not i.offline_only] or cluster.instances
+    return c
+
+
+def least_queued(insts: Sequence[Instance]) -> Instance:
+    return min(insts, key=lambda i: (i.queued_prefill_tokens + (4096 if i.running_offline_prefill else 0), i.idx))
+
+
+def least_decoding(insts: Sequence[Instance]) -> Instance:
+    return min(insts, key=lambda i: (i.n_dec[ONLINE] + i.incoming, i.n_decoding, i.idx))
+
+
+def request_class_of(r: Req) -> RequestClass:
+    return RequestClass.ONLINE if r.cls == ONLINE else RequestClass.OFFLINE

@@ -1,0 +1,521 @@
+"""Discrete-event cluster simulator: virtual clock, N instances, the scheduling policies of ``duopool.core``.
+
+Main loop: pop the next event (receive), let the policy plan the instance's next step (schedule), compute
+its duration from the roofline model (execute), apply the outcome at the step's end (update).
+
+Events: online arrival, step end, KV arrival (transfer done), periodic policy tick, idle poll. A decode-only
+plan runs as one event for up to ``max_run_steps`` iterations (durations vectorised); anything delivered to
+the instance meanwhile truncates the run at the next iteration boundary, so decisions still happen at
+every step where something changed. Deterministic for a seed (the seed orders the offline backlog).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from duopool.core.perfmodel import Efficiency, PerfModel
+from duopool.core.placement import Role
+from duopool.core.policies import PolicyConfig, SchedulingPolicy, get_policy
+from duopool.core.state import OFFLINE, ONLINE, Cluster, Instance, Phase, Req, SetRole, StepPlan
+from duopool.traces import Trace
+
+_ARRIVE, _STEP, _KV, _TICK, _WAKE = 0, 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    policy: str = "ooco"
+    hardware: str = "H100-SXM"
+    model: str = "llama-3.1-8b"
+    tp: int = 1
+    instances: int = 8
+    seed: int = 0
+    policy_cfg: PolicyConfig = field(default_factory=PolicyConfig)
+    efficiency: Efficiency | None = None
+    max_run_steps: int = 512
+    idle_poll_s: float = 0.05
+    offline_limit: int | None = None  # None: endless backlog sampled from the offline trace
+    max_time_s: float | None = None  # stop here at the latest (default: when online traffic is done)
+
+    def __post_init__(self) -> None:
+        if self.instances < 1:
+            raise ValueError("sim config field 'instances' must be >= 1")
+        if self.max_run_steps < 1:
+            raise ValueError("sim config field 'max_run_steps' must be >= 1")
+
+
+@dataclass
+class _Run:
+    plan: StepPlan
+    k: int
+    start: float
+    cum: np.ndarray | None  # cumulative durations of a decode run
+    dur: float
+    aborted: bool = False
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    online: list[Req]
+    offline: list[Req]
+    end_time: float
+    wall_s: float
+    events: int
+    steps: int
+    role_history: list = field(default_factory=list)
+    offline_tokens: int = 0
+
+
+class Simulator:
+    def __init__(self, cfg: SimConfig, online: Trace | None, offline: Trace | None,
+                 perf: PerfModel | None = None, policy: SchedulingPolicy | None = None,
+                 progress: Callable[[float], None] | None = None) -> None:
+        self.cfg = cfg
+        self.pm = perf or PerfModel.load(cfg.hardware, cfg.model, tp=cfg.tp, eff=cfg.efficiency)
+        self.policy = policy or get_policy(cfg.policy, self.pm, cfg.policy_cfg)
+        self.pcfg = self.policy.cfg
+        self.online_trace = online
+        self.offline_trace = offline
+        self.progress = progress
+        cap = self.pm.kv_capacity_tokens()
+        insts = []
+        for i, (role, pool, off_only) in enumerate(self.policy.layout(cfg.instances)):
+            inst = Instance(i, role, pool, cap, offline_only=off_only)
+            inst.cur = None  # type: ignore[attr-defined]
+            inst.token = 0  # type: ignore[attr-defined]
+            insts.append(inst)
+        self.cluster = Cluster(insts)
+        self.events: list = []
+        self._seq = 0
+        self.now = 0.0
+        self.n_events = 0
+        self.n_steps = 0
+        self.online_reqs: list[Req] = []
+        self.offline_reqs: list[Req] = []
+        self.online_left = len(online) if online is not None else 0
+        self._rng = random.Random(cfg.seed)
+        self._next_rid = 0
+        self._offline_made = 0
+        self.role_history: list = [(0.0, self._roles())]
+        self._tpot = self.pcfg.tpot_slo_s
+        if online is not None and len(online):
+            self._arr = online.arrival_s.tolist()
+            self._inp = online.input_tokens.tolist()
+            self._out = online.output_tokens.tolist()
+            self.horizon = float(online.arrival_s[-1])
+        else:
+            self._arr, self._inp, self._out = [], [], []
+            self.horizon = cfg.max_time_s or 0.0
+        self._arr_i = 0
+
+    # ================================================================ events
+    def _push(self, t: float, kind: int, a=None, b=None) -> None:
+        self._seq += 1
+        heapq.heappush(self.events, (t, self._seq, kind, a, b))
+
+    def run(self) -> SimResult:
+        wall0 = time.perf_counter()
+        self._refill_backlog()
+        if self._arr:
+            self._push(self._arr[0], _ARRIVE)
+        if self.policy.tick_s > 0:
+            self._push(self.policy.tick_s, _TICK)
+        for inst in self.cluster.instances:
+            self._push(0.0, _WAKE, inst)
+        stop_at = self.cfg.max_time_s if self.cfg.max_time_s is not None else math.inf
+        next_report = 0.0
+        ev = self.events
+        while ev:
+            t, _, kind, a, b = heapq.heappop(ev)
+            if t > stop_at:
+                self.now = stop_at
+                break
+            self.now = self.cluster.now = t
+            self.n_events += 1
+            if kind == _STEP:
+                if a.token == b:
+                    self._finish_step(a)
+            elif kind == _ARRIVE:
+                self._arrive()
+            elif kind == _KV:
+                self._kv_arrived(a, b)
+            elif kind == _WAKE:
+                if not a.busy:
+                    self._start_step(a)
+            elif kind == _TICK:
+                self._tick()
+            if self.online_trace is not None and len(self.online_trace) and self.online_left == 0 \
+                    and self._arr_i >= len(self._arr):
+                break
+            if self.cfg.offline_limit is not None and not self._arr and self._offline_all_done():
+                break
+            if self.progress and self.horizon > 0 and t >= next_report:
+                self.progress(min(1.0, t / self.horizon))
+                next_report = t + self.horizon / 200
+        if self.progress:
+            self.progress(1.0)
+        offline_tokens = self._offline_tokens()
+        return SimResult(self.cfg, self.online_reqs, self.offline_reqs, self.now, time.perf_counter() - wall0,
+                         self.n_events, self.n_steps, self.role_history, offline_tokens)
+
+    # ================================================================ workload
+    def _refill_backlog(self) -> None:
+        tr = self.offline_trace
+        if tr is None or not len(tr):
+            return
+        bl = self.cluster.backlog
+        limit = self.cfg.offline_limit
+        if len(bl) >= 2048 or (limit is not None and self._offline_made >= limit):
+            return
+        batch = []
+        n = 4096 if limit is None else min(4096, limit - self._offline_made)
+        for _ in range(n):
+            j = self._rng.randrange(len(tr))
+            pre = tr.prefix_hashes[j] if tr.prefix_hashes is not None else None
+            r = Req(self._next_rid, OFFLINE, self.now, int(tr.input_tokens[j]), int(tr.output_tokens[j]), pre)
+            r.queued_t = self.now
+            self._next_rid += 1
+            batch.append(r)
+        self._offline_made += n
+        self.offline_reqs.extend(batch)
+        bl.extend(self.policy.order_backlog(batch))
+
+    def _offline_all_done(self) -> bool:
+        return not self.cluster.backlog and all(r.phase == Phase.DONE for r in self.offline_reqs)
+
+    def _arrive(self) -> None:
+        i = self._arr_i
+        self._arr_i += 1
+        r = Req(self._next_rid, ONLINE, self._arr[i], int(self._inp[i]), int(self._out[i]))
+        self._next_rid += 1
+        r.queued_t = self.now
+        self.online_reqs.append(r)
+        self.cluster.arrived_prefill_s += self.pm.prefill_time_s(r.prompt)
+        self.cluster.arrived_requests += 1
+        if self._arr_i < len(self._arr):
+            self._push(self._arr[self._arr_i], _ARRIVE)
+        inst = self.cluster.instances[self.policy.route(r, self.cluster, self.now)]
+        self._enqueue_online(inst, r)
+
+    def _enqueue_online(self, inst: Instance, r: Req) -> None:
+        r.inst = inst.idx
+        r.phase = Phase.QUEUED
+        r.kv_res = r.prompt + inst.block_size
+        inst.kv_reserved += r.kv_res
+        inst.waiting.append(r)
+        inst.queued_prefill_tokens += r.prompt - r.prefilled
+        self._poke(inst, online=True)
+
+    # ================================================================ instance steps
+    def _poke(self, inst: Instance, online: bool = False) -> None:
+        """Something was delivered to ``inst``: start it if idle, or bring its next boundary forward."""
+        if not inst.busy:
+            self._start_step(inst)
+            return
+        run: _Run = inst.cur
+        now = self.now
+        if online and self.policy.fast_preemption and run.plan.fast_preemptible and run.plan.chunks \
+                and not run.aborted:
+            # fast preemption: the offline step stops at the next layer boundary
+            layer = run.dur / self.pm.model.num_hidden_layers
+            end = min(run.start + run.dur, now + layer)
+            run.aborted = True
+            inst.token += 1
+            self._push(end, _STEP, inst, inst.token)
+            return
+        if run.k > 1 and run.cum is not None:
+            j = int(np.searchsorted(run.cum, now - run.start, side="left"))
+            j = min(j, run.k - 1)
+            if j + 1 < run.k:
+                run.k = j + 1
+                inst.token += 1
+                self._push(run.start + float(run.cum[j]), _STEP, inst, inst.token)
+
+    def _start_step(self, inst: Instance) -> None:
+        now = self.now
+        if inst.pending_role is not None:
+            self._apply_role(inst)
+        self._release_pending(inst)
+        self._join_inbox(inst)
+        self._refill_backlog()
+        plan = self.policy.plan(inst, self.cluster, now)
+        for r in plan.evict:
+            if r.phase == Phase.DECODING and r.inst == inst.idx:
+                self._evict(inst, r)
+        for r in plan.pull:
+            self._pull(r, inst)
+        for r, _c in plan.chunks:
+            if r.inst != inst.idx:
+                self._admit_offline(inst, r)
+        n = inst.n_decoding if plan.decode else 0
+        if plan.chunks:
+            chunks = [(c, r.prefilled + c) for r, c in plan.chunks]
+            dur = self.pm.chunked_step_time_s(chunks, n, inst.ctx_sum() if n else 0)
+            run = _Run(plan, 1, now, None, dur)
+            inst.running_offline_prefill = not any(r.cls == ONLINE for r, _ in plan.chunks)
+        elif n:
+            if not self._ensure_memory(inst):
+                n = inst.n_decoding
+                if not n:
+                    return self._go_idle(inst)
+            k = min(plan.max_steps, self.cfg.max_run_steps)
+            nf = inst.next_finish_step()
+            if nf is not None:
+                k = min(k, max(1, nf - inst.steps))
+            free = inst.kv_free()
+            k = max(1, min(k, free // n if n else k))
+            cum = np.cumsum(self.pm.decode_run_times(n, inst.ctx_sum(), k))
+            dur = float(cum[-1])
+            run = _Run(plan, k, now, cum, dur)
+            inst.running_offline_prefill = False
+        else:
+            return self._go_idle(inst, plan.wake_at)
+        inst.cur = run
+        inst.busy = True
+        inst.step_start, inst.step_end = now, now + dur
+        inst.token += 1
+        self.n_steps += 1
+        self._push(now + dur, _STEP, inst, inst.token)
+
+    def _go_idle(self, inst: Instance, wake_at: float | None = None) -> None:
+        inst.busy = False
+        inst.cur = None
+        inst.running_offline_prefill = False
+        t = wake_at if wake_at is not None else self.now + self.cfg.idle_poll_s
+        self._push(max(t, self.now + 1e-6), _WAKE, inst)
+
+    def _finish_step(self, inst: Instance) -> None:
+        run: _Run = inst.cur
+        inst.busy = False
+        inst.cur = None
+        if not run.aborted:
+            if run.plan.decode and inst.n_decoding:
+                inst.steps += run.k
+                for r in inst.pop_finished():
+                    self._complete(inst, r)
+            for r, c in run.plan.chunks:
+                if r.inst != inst.idx or r.phase != Phase.QUEUED:
+                    continue
+                r.prefilled += c
+                if r.cls == ONLINE:
+                    inst.queued_prefill_tokens -= c
+                if r.prefilled >= r.prompt:
+                    self._prefill_done(inst, r)
+        else:
+            for r, _c in run.plan.chunks:
+                if r.cls == OFFLINE:
+                    r.preemptions += 1
+        inst.compact_join_order()
+        self._start_step(inst)
+
+    def _complete(self, inst: Instance, r: Req) -> None:
+        inst.remove_decode(r)
+        r.generated = r.output
+        r.phase = Phase.DONE
+        r.finish_t = self.now
+        r.inst = -1
+        if r.cls == ONLINE:
+            self.online_left -= 1
+
+    def _prefill_done(self, inst: Instance, r: Req) -> None:
+        now = self.now
+        if r.cls == ONLINE:
+            inst.waiting.remove(r)
+        else:
+            inst.waiting_off.remove(r)
+        inst.kv_reserved -= r.kv_res
+        r.kv_res = 0
+        r.generated = 1
+        if math.isnan(r.first_token_t):
+            r.first_token_t = now
+        if r.output <= 1:
+            r.phase = Phase.DONE
+            r.finish_t = now
+            r.inst = -1
+            if r.cls == ONLINE:
+                self.online_left -= 1
+            return
+        dst = self.policy.decode_target(r, inst, self.cluster, now)
+        if dst == inst.idx:
+            r.kv_res = r.prompt + inst.block_size
+            inst.kv_reserved += r.kv_res
+            inst.inbox.append(r)
+        else:
+            self._transfer(r, self.cluster.instances[dst], r.prompt + 1)
+
+    def _transfer(self, r: Req, dst: Instance, tokens: int) -> None:
+        r.phase = Phase.TRANSFER
+        r.inst = dst.idx
+        r.kv_res = tokens + dst.block_size
+        dst.kv_reserved += r.kv_res
+        dst.incoming += 1
+        self._push(self.now + self.pm.kv_transfer_s(tokens), _KV, r, dst)
+
+    def _kv_arrived(self, r: Req, dst: Instance) -> None:
+        dst.incoming -= 1
+        dst.kv_reserved -= r.kv_res  # waiting to join, its KV sits in the transfer buffer
+        r.kv_res = 0
+        dst.inbox.append(r)
+        self._poke(dst)
+
+    def _join_inbox(self, inst: Instance) -> None:
+        if not inst.inbox:
+            return
+        box = inst.inbox
+        if any(r.cls == ONLINE for r in box) and box[0].cls != ONLINE:
+            box = deque(sorted(box, key=lambda r: r.cls))  # online first, FIFO within a class
+        inst.inbox = deque()
+        max_seqs = self.pcfg.max_num_seqs
+        blocked = [False, False]  # per class: FIFO, so once one waits the rest of its class waits too
+        victims = inst.newest_offline_decodes()
+        no_victims = False
+        for r in box:
+            if blocked[r.cls]:
+                inst.inbox.append(r)
+                continue
+            need = r.prompt + r.output + inst.block_size
+            if r.cls == ONLINE and not no_victims:
+                while inst.n_decoding >= max_seqs or inst.kv_free() + r.kv_res < need:
+                    v = next(victims, None)
+                    if v is None:
+                        no_victims = True
+                        break
+                    self._evict(inst, v)
+            if inst.n_decoding >= max_seqs or inst.kv_free() + r.kv_res < min(need, r.prompt + r.generated + 64):
+                inst.inbox.append(r)  # waits for room, keeping its reservation
+                blocked[r.cls] = True
+                continue
+            inst.kv_reserved -= r.kv_res
+            r.kv_res = 0
+            inst.add_decode(r, self._tpot)
+
+    def _ensure_memory(self, inst: Instance) -> bool:
+        """Engine-level preemption when the next decode step would overflow KV: offline first."""
+        ok = True
+        while inst.n_decoding and inst.kv_free() < inst.n_decoding:
+            ok = False
+            v = next(inst.newest_offline_decodes(), None)
+            if v is None:
+                # only online left: swap out the newest online sequence and bring it back later
+                v = next(r for r, ep in reversed(inst.join_order) if ep == r.epoch and r.phase == Phase.DECODING)
+                inst.remove_decode(v)
+                v.preemptions += 1
+                self._transfer(v, inst, v.prompt + v.generated)
+                continue
+            self._evict(inst, v)
+        return ok
+
+    def _evict(self, inst: Instance, r: Req) -> None:
+        inst.remove_decode(r)
+        r.phase = Phase.SWAPPED
+        r.inst = -1
+        r.preemptions += 1
+        r.queued_t = self.now
+        self.cluster.resume.append(r)
+
+    def _admit_offline(self, inst: Instance, r: Req) -> None:
+        bl = self.cluster.backlog
+        if bl and bl[0] is r:
+            bl.popleft()
+        else:
+            bl.remove(r)
+        r.inst = inst.idx
+        r.phase = Phase.QUEUED
+        r.queued_t = self.now
+        r.kv_res = r.prompt + inst.block_size
+        inst.kv_reserved += r.kv_res
+        inst.waiting_off.append(r)
+
+    def _pull(self, r: Req, dst: Instance) -> None:
+        if r.phase == Phase.SWAPPED:
+            self.cluster.resume.remove(r)
+            self._transfer(r, dst, r.prompt + r.generated)
+            return
+        if r.phase != Phase.DECODING or r.moving or r.inst == dst.idx:
+            return
+        src = self.cluster.instances[r.inst]
+        r.moving = True
+        dst.incoming += 1
+        src.pending_out.append((r, dst))
+        if src.busy:
+            self._poke(src)
+        else:
+            self._release_pending(src)
+
+    def _release_pending(self, inst: Instance) -> None:
+        if not inst.pending_out:
+            return
+        for r, dst in inst.pending_out:
+            dst.incoming -= 1
+            r.moving = False
+            if r.phase != Phase.DECODING or r.inst != inst.idx:
+                continue
+            inst.remove_decode(r)
+            self._transfer(r, dst, r.prompt + r.generated)
+        inst.pending_out.clear()
+
+    # ================================================================ control
+    def _tick(self) -> None:
+        acts = self.policy.tick(self.cluster, self.now)
+        for a in acts:
+            if isinstance(a, SetRole):
+                inst = self.cluster.instances[a.instance]
+                inst.pending_role = (a.role, a.pool)
+                inst.accepting = False
+                if not inst.busy:
+                    self._start_step(inst)
+                else:
+                    self._poke(inst)
+        if acts:
+            self.role_history.append((self.now, self._roles()))
+        if self.online_left > 0 or self._arr_i < len(self._arr):
+            self._push(self.now + self.policy.tick_s, _TICK)
+
+    def _roles(self) -> list[str]:
+        return [str(i.role if i.pending_role is None else i.pending_role[0]) for i in self.cluster.instances]
+
+    def _apply_role(self, inst: Instance) -> None:
+        role, pool = inst.pending_role
+        inst.pending_role = None
+        inst.role, inst.pool = role, pool
+        inst.accepting = True
+        now = self.now
+        if role == Role.DECODE:
+            for r in [r for r in inst.waiting if r.prefilled == 0]:
+                inst.waiting.remove(r)
+                inst.queued_prefill_tokens -= r.prompt
+                inst.kv_reserved -= r.kv_res
+                r.kv_res = 0
+                self._enqueue_online(self.cluster.instances[self.policy.route(r, self.cluster, now)], r)
+            for r in list(inst.waiting_off):
+                inst.waiting_off.remove(r)
+                inst.kv_reserved -= r.kv_res
+                r.kv_res = 0
+                r.prefilled = 0
+                r.phase = Phase.QUEUED
+                r.inst = -1
+                self.cluster.backlog.appendleft(r)
+        else:
+            for r in list(inst.decoding.values()):
+                dst = self.policy.decode_target(r, inst, self.cluster, now)
+                if dst != inst.idx:
+                    inst.remove_decode(r)
+                    self._transfer(r, self.cluster.instances[dst], r.prompt + r.generated)
+
+    def _offline_tokens(self) -> int:
+        total = 0
+        for r in self.offline_reqs:
+            if r.phase == Phase.DECODING:
+                total += self.cluster.instances[r.inst].gen_of(r)
+            else:
+                total += r.generated
+        return total
