@@ -51,7 +51,9 @@ class ServiceConfig:
 class SchedulerConfig(ServiceConfig):
     port: int = opt(50052, "DUOPOOL_PORT", "port to bind")
     redis_url: str = opt("", "REDIS_URL", "Redis holding the cluster state, e.g. redis://127.0.0.1:6379/0")
-    policy: str = opt("least-loaded", "DUOPOOL_POLICY", "placement policy (see duopool.core.placement)")
+    policy: str = opt("least-loaded", "DUOPOOL_POLICY",
+                      "placement policy: least-loaded, pd-static, online-priority, hygen, tropical, ooco, dopd, "
+                      "ooco+dopd (docs/scheduling.md)")
     worker_ttl_s: float = opt(3.0, "DUOPOOL_WORKER_TTL_S", "a worker silent this long is dropped")
     scheduler_id: str = opt("", "DUOPOOL_SCHEDULER_ID",
                             "stable name of this scheduler's offline-queue consumer (default scheduler-<hostname>); "
@@ -68,6 +70,11 @@ class SchedulerConfig(ServiceConfig):
             raise ConfigError("redis_url", "required (flag --redis-url or env REDIS_URL)")
         if self.worker_ttl_s <= 0:
             raise ConfigError("worker_ttl_s", "must be > 0")
+        import duopool.core.policies  # noqa: F401 - registers the policies' names
+        from duopool.core.placement import placement_policy_names
+
+        if self.policy not in placement_policy_names():
+            raise ConfigError("policy", f"unknown policy {self.policy!r}; known: {', '.join(placement_policy_names())}")
         if self.offline_per_worker < 0:
             raise ConfigError("offline_per_worker", "must be >= 0")
         if not 0 <= self.offline_with_online <= self.offline_per_worker:

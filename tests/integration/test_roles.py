@@ -45,3 +45,17 @@ def test_set_role_applies_persists_and_survives_worker_restart(tmp_path, redis_s
                 sched.SetWorkerRole(scheduler_pb2.SetWorkerRoleRequest(worker_id="nope", role=common_pb2.DECODE),
                                     timeout=10)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("policy", ["ooco", "hygen"])
+def test_live_scheduler_places_with_core_policies(tmp_path, redis_server, policy):
+    """The scheduler service loads the simulator's policy classes by name (the same registry)."""
+    url = redis_server.url.replace("/0", "/5")
+    with LocalCluster(Topology(engine="sim", policy=policy), tmp_path, redis_url=url, router_port=0) as c:
+        c.log = lambda m: None
+        with grpc.insecure_channel(c.address("scheduler")) as sch, grpc.insecure_channel(c.router_address) as rch:
+            msgs = list(router_pb2_grpc.RouterStub(rch).Generate(router_pb2.GenerateRequest(
+                text="a b c d", max_tokens=3, request_class=common_pb2.ONLINE), timeout=10))
+            assert msgs[-1].summary.output_tokens == 3
+            assert scheduler_pb2_grpc.SchedulerStub(sch).Stats(scheduler_pb2.SchedulerStatsRequest(),
+                                                              timeout=5).policy == policy
