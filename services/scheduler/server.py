@@ -21,12 +21,12 @@ from collections import Counter, deque
 
 import grpc
 
+import duopool.core.policies  # noqa: F401 - registers every policy by name for live placement
 from duopool.common import registry
 from duopool.common.config import SchedulerConfig
 from duopool.common.jobs import JobStore
 from duopool.common.rpc import Channels, Server
 from duopool.common.telemetry import init_telemetry
-import duopool.core.policies  # noqa: F401 - registers every policy by name for live placement
 from duopool.core.colocation import ColocationLimits, WorkerLoad, offline_capacity, preemptions
 from duopool.core.placement import (
     PlacementRequest,
