@@ -14,7 +14,7 @@ if command -v docker-compose >/dev/null 2>&1; then
 else
   echo "docker-compose not installed: skipping its validation"
 fi
-ruff check duopool services tests scripts bench
+ruff check duopool services tests scripts
 
 set +e
 python -m pytest -p no:cacheprovider -ra "$@"
