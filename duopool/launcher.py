@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from duopool.common.redis_server import RedisServer, free_port
@@ -33,7 +34,7 @@ class LocalCluster:
     router_port: int = DEFAULT_PORTS["router"]
     fixed_ports: bool = False  # True: the default ports for every service; False: free ports but the router's
     extra_env: dict[str, str] = field(default_factory=dict)
-    log: object = print
+    log: Callable[[str], None] = print  # progress lines
 
     def __post_init__(self) -> None:
         self.procs: dict[str, Proc] = {}
@@ -85,7 +86,6 @@ class LocalCluster:
     def _spawn(self, spec: ServiceSpec) -> Proc:
         log_path = self.run_dir / f"{spec.name}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
-        env.setdefault("OTEL_SERVICE_NAME", f"duopool-{spec.name}")
         env["OTEL_SERVICE_NAME"] = f"duopool-{spec.name}"
         with open(log_path, "ab") as out:
             popen = subprocess.Popen([sys.executable, "-m", "duopool.cli.main", *spec.argv()], stdout=out,
