@@ -15,12 +15,14 @@ Policies are pure: no I/O, no clock (``now`` is passed in), no mutation of the c
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from duopool.core.perfmodel import PerfModel
 from duopool.core.placement import (
+    LeastLoaded,
     PlacementDecision,
     PlacementRequest,
     PoolName,
@@ -199,16 +201,9 @@ class SchedulingPolicy:
     # ---------------------------------------------------------------- live placement
     @classmethod
     def place_workers(cls, request: PlacementRequest, workers: Sequence[WorkerView]) -> PlacementDecision | None:
-        """Default live placement: least-loaded prefill-capable then decode-capable worker; offline
-        requests stay on one worker where the layout co-locates them."""
-        usable = [w for w in workers if w.worker_id not in request.exclude]
-        pre = sorted((w for w in usable if w.can_prefill()), key=lambda w: (w.load, w.worker_id))
-        dec = sorted((w for w in usable if w.can_decode()), key=lambda w: (w.load, w.worker_id))
-        if not pre or not dec:
-            return None
-        p = pre[0]
-        d = next((w for w in dec if w.worker_id != p.worker_id), dec[0])
-        return PlacementDecision(p.worker_id, d.worker_id, cls.name, reason="least load")
+        """Default live placement: the role-aware least-loaded rule of ``duopool.core.placement``."""
+        decision = LeastLoaded().place(request, workers, 0.0)
+        return None if decision is None else dataclasses.replace(decision, policy=cls.name)
 
 
 # -------------------------------------------------------------------- registry
