@@ -39,3 +39,14 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture()
+def router(cluster):
+    """A Router stub on the requesting module's ``cluster`` fixture (a LocalCluster)."""
+    import grpc
+
+    from duopool.v1 import router_pb2_grpc
+
+    with grpc.insecure_channel(cluster.router_address) as ch:
+        yield router_pb2_grpc.RouterStub(ch)

@@ -28,12 +28,6 @@ def cluster(tmp_path_factory, redis_server, otlp_sink):
     c.stop()
 
 
-@pytest.fixture()
-def router(cluster):
-    with grpc.insecure_channel(cluster.router_address) as ch:
-        yield router_pb2_grpc.RouterStub(ch)
-
-
 def generate(stub, **kw):
     kw.setdefault("max_tokens", 8)
     kw.setdefault("request_class", common_pb2.ONLINE)

@@ -18,7 +18,7 @@ import pytest
 
 from duopool.launcher import LocalCluster
 from duopool.topology import Topology
-from duopool.v1 import common_pb2, router_pb2, router_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from duopool.v1 import common_pb2, router_pb2, scheduler_pb2, scheduler_pb2_grpc
 from duopool.worker.engines.sim import sim_token, sim_tokenize
 from tests.conftest import wait_for
 
@@ -48,12 +48,6 @@ def cluster(tmp_path_factory, redis_server):
     c.start(timeout=120)
     yield c
     c.stop()
-
-
-@pytest.fixture()
-def router(cluster):
-    with grpc.insecure_channel(cluster.router_address) as ch:
-        yield router_pb2_grpc.RouterStub(ch)
 
 
 def items(n: int, max_tokens: int) -> list:
