@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tpot-slo-ms", type=float, default=100.0, help="TPOT SLO [100]")
     p.add_argument("--max-prompt", type=int, default=1024, help="clip prompt lengths [1024]")
     p.add_argument("--max-output", type=int, default=256, help="clip output lengths [256]")
+    p.add_argument("--policy", default="least-loaded", help="scheduler placement policy [least-loaded]")
     p.add_argument("--no-preemption", action="store_true", help="never preempt offline work for online")
     p.add_argument("--offline-per-worker", type=int, default=4, help="offline requests per idle worker [4]")
     p.add_argument("--drain-timeout", type=float, default=120.0,
@@ -180,7 +181,7 @@ async def _replay(args, cluster, online, offline) -> dict:
     met = [r for r in ok if r["ttft_ms"] <= args.ttft_slo_ms and r["tpot_ms"] <= args.tpot_slo_ms]
     samples = list(stats.preemption_ms)
     return {
-        "policy": f"live:least-loaded+colocation({'no-preemption' if args.no_preemption else 'preempt'})",
+        "policy": f"live:{args.policy}+colocation({'no-preemption' if args.no_preemption else 'preempt'})",
         "engine": args.engine + (" (SIMULATED)" if args.engine == "sim" else ""),
         "workers": {"prefill": args.prefill, "decode": args.decode},
         "window_s": window_s, "rate_scale": args.rate_scale,
@@ -219,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
            "DUOPOOL_SIM_SPEEDUP": str(args.sim_speedup), "DUOPOOL_SCHEDULER_ID": "replay"}
     args.out.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(Topology(engine=args.engine, model=args.model, prefill_workers=args.prefill,
+                                    policy=args.policy,
                                     decode_workers=args.decode, max_model_len=max(2048, args.max_prompt + args.max_output + 8)),
                            args.out / "run", router_port=0, extra_env=env)
     cluster.log = lambda m: print(m, file=sys.stderr, flush=True)
