@@ -89,7 +89,7 @@ def profile_vllm(model_dir: str, n: int, seed: int, max_prefill_tokens: int, max
 
     from duopool.core.perfmodel import ProfileSample
 
-    llm = LLM(model=model_dir, enforce_eager=True, max_model_len=max(max_context + 64, 512), seed=seed,
+    llm = LLM(model=model_dir, enforce_eager=True, max_model_len=max(max_context, max_prefill_tokens) + 64, seed=seed,
               max_num_seqs=max_decodes, max_num_batched_tokens=max(max_prefill_tokens, max_context + 64))
     rng = random.Random(seed)
     vocab = 1000
