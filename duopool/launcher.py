@@ -62,7 +62,7 @@ class LocalCluster:
         t0 = time.monotonic()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self.redis_url:
-            self.redis = RedisServer(log_path=self.run_dir / "redis.log").start()
+            self.redis = RedisServer(log_path=self.run_dir / "redis.log", data_dir=self.run_dir / "redis").start()
             self.redis_url = self.redis.url
             self.log(f"  redis       {self.redis_url} ({pathlib.Path(self.redis.binary).name})")
         ports = self._ports()

