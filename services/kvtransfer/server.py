@@ -155,6 +155,12 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
         await self._notify()
         return t.status()
 
+    async def _transfer_or_abort(self, transfer_id: str, context) -> Transfer:
+        t = self.transfers.get(transfer_id)
+        if t is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"transfer_id: {transfer_id!r} unknown")
+        return t
+
     async def PollTransfer(self, request, context):
         deadline = self.clock() + request.wait_ms / 1000
         while True:
@@ -173,23 +179,17 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
                     pass
 
     async def CompleteTransfer(self, request, context):
-        t = self.transfers.get(request.transfer_id)
-        if t is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"transfer_id: {request.transfer_id!r} unknown")
+        t = await self._transfer_or_abort(request.transfer_id, context)
         await self._end(t, S.COMPLETED if request.ok else S.FAILED, request.error)
         return t.status()
 
     async def Release(self, request, context):
-        t = self.transfers.get(request.transfer_id)
-        if t is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"transfer_id: {request.transfer_id!r} unknown")
+        t = await self._transfer_or_abort(request.transfer_id, context)
         await self._end(t, S.RELEASED)
         return t.status()
 
     async def Read(self, request, context):
-        t = self.transfers.get(request.transfer_id)
-        if t is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"transfer_id: {request.transfer_id!r} unknown")
+        t = await self._transfer_or_abort(request.transfer_id, context)
         if t.state != S.READY:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"transfer_id: {request.transfer_id!r} is {S.TransferState.Name(t.state)}, not READY")
@@ -271,9 +271,7 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "transfer_id: give exactly one of transfer_id or location")
         t = None
         if request.transfer_id:
-            t = self.transfers.get(request.transfer_id)
-            if t is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"transfer_id: {request.transfer_id!r} unknown")
+            t = await self._transfer_or_abort(request.transfer_id, context)
             if t.state != S.READY:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"transfer_id: {request.transfer_id!r} is {S.TransferState.Name(t.state)}")

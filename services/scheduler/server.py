@@ -27,6 +27,7 @@ from duopool.common.config import SchedulerConfig
 from duopool.common.jobs import JobStore
 from duopool.common.rpc import Channels, Server
 from duopool.common.telemetry import init_telemetry
+from duopool.common.wire import PB_POOL, PB_ROLE, POOL_PB, ROLE_PB, worker_info_pb
 from duopool.core.colocation import ColocationLimits, WorkerLoad, offline_capacity, preemptions
 from duopool.core.placement import (
     PlacementRequest,
@@ -42,18 +43,8 @@ from duopool.v1 import common_pb2, router_pb2, scheduler_pb2, scheduler_pb2_grpc
 log = logging.getLogger("duopool.scheduler")
 
 REFRESH_S = 0.25
-ROLE_PB = {"prefill": common_pb2.PREFILL, "decode": common_pb2.DECODE, "mixed": common_pb2.MIXED}
-POOL_PB = {"strict": common_pb2.STRICT, "relaxed": common_pb2.RELAXED}
 STATE_PB = {"queued": router_pb2.QUEUED, "running": router_pb2.RUNNING, "done": router_pb2.DONE,
             "cancelled": router_pb2.CANCELLED}
-
-
-def worker_pb(w: registry.WorkerRecord) -> common_pb2.WorkerInfo:
-    return common_pb2.WorkerInfo(
-        worker_id=w.worker_id, address=w.address, role=ROLE_PB.get(w.role, 0), pool=POOL_PB.get(w.pool, 0),
-        engine=w.engine, model=w.model, max_model_len=w.max_model_len, block_size=w.block_size, host=w.host,
-        running=w.running, waiting=w.waiting, kv_usage=w.kv_usage, last_heartbeat=w.last_heartbeat,
-    )
 
 
 def batch_status_pb(h: dict) -> router_pb2.BatchStatus:
@@ -190,8 +181,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if online:
             self._preempt_for_online(chosen, by_id)
         return scheduler_pb2.Placement(
-            request_id=request.request_id, prefill=worker_pb(by_id[decision.prefill_worker_id]),
-            decode=worker_pb(by_id[decision.decode_worker_id]), policy=decision.policy,
+            request_id=request.request_id, prefill=worker_info_pb(by_id[decision.prefill_worker_id]),
+            decode=worker_info_pb(by_id[decision.decode_worker_id]), policy=decision.policy,
         )
 
     async def Release(self, request, context):
@@ -203,7 +194,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             workers = await self.workers()
         except Exception as exc:  # noqa: BLE001
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"cluster state unavailable: {exc}")
-        return common_pb2.ListWorkersResponse(workers=[worker_pb(w) for w in workers])
+        return common_pb2.ListWorkersResponse(workers=[worker_info_pb(w) for w in workers])
 
     # -- offline batch jobs -------------------------------------------------------------------------------
     async def SubmitBatch(self, request: router_pb2.SubmitBatchRequest, context):
@@ -255,8 +246,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         w = workers.get(request.worker_id)
         if w is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"worker_id: {request.worker_id!r} is not registered")
-        role = {v: k for k, v in ROLE_PB.items()}.get(request.role, w.role)
-        pool = {v: k for k, v in POOL_PB.items()}.get(request.pool, w.pool)
+        role = PB_ROLE.get(request.role, w.role)
+        pool = PB_POOL.get(request.pool, w.pool)
         await registry.set_desired(self.redis, w.worker_id, role, pool, request.reason or "operator", self.clock())
         info = await self._apply_role(w, role, pool)
         if info is None:

@@ -21,14 +21,13 @@ from duopool.common import registry
 from duopool.common.config import WorkerConfig
 from duopool.common.rpc import CHANNEL_OPTIONS, Channels, Server
 from duopool.common.telemetry import init_telemetry
+from duopool.common.wire import PB_POOL, PB_ROLE, worker_info_pb
 from duopool.kv.segment import SegmentError, segment_path, unlink_segment
 from duopool.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from duopool.worker.engines.base import Engine, EngineError, EngineRequest, KvLoad, Sampling, create_engine
 
 log = logging.getLogger("duopool.worker")
 
-ROLE_TO_PB = {"prefill": common_pb2.PREFILL, "decode": common_pb2.DECODE, "mixed": common_pb2.MIXED}
-POOL_TO_PB = {"strict": common_pb2.STRICT, "relaxed": common_pb2.RELAXED}
 KV_MAX_RECONNECT_MS = 1000
 KV_RECONNECT_WAIT_S = 1.5  # an UNAVAILABLE call is retried once, waiting this long for the connection
 KV_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 100),
@@ -78,12 +77,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         )
 
     def info_pb(self) -> common_pb2.WorkerInfo:
-        r = self.record()
-        return common_pb2.WorkerInfo(
-            worker_id=r.worker_id, address=r.address, role=ROLE_TO_PB[r.role], pool=POOL_TO_PB[r.pool],
-            engine=r.engine, model=r.model, max_model_len=r.max_model_len, block_size=r.block_size, host=r.host,
-            running=r.running, waiting=r.waiting, kv_usage=r.kv_usage, last_heartbeat=r.last_heartbeat,
-        )
+        return worker_info_pb(self.record())
 
     # -- RPCs ---------------------------------------------------------------------------------------
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
@@ -327,16 +321,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.PreemptResponse(request_ids=[v.rsplit(":", 1)[0] for v in victims], stop_ms=stop_ms)
 
     async def SetRole(self, request: worker_pb2.SetRoleRequest, context):
-        pb_to_role = {v: k for k, v in ROLE_TO_PB.items()}
-        pb_to_pool = {v: k for k, v in POOL_TO_PB.items()}
-        if request.role and request.role not in pb_to_role:
+        if request.role and request.role not in PB_ROLE:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"role: unknown value {request.role}")
-        if request.pool and request.pool not in pb_to_pool:
+        if request.pool and request.pool not in PB_POOL:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"pool: unknown value {request.pool}")
         if request.role:
-            self.role = pb_to_role[request.role]
+            self.role = PB_ROLE[request.role]
         if request.pool:
-            self.pool = pb_to_pool[request.pool]
+            self.pool = PB_POOL[request.pool]
         log.info("role set to %s, pool %s", self.role, self.pool)
         return self.info_pb()
 

@@ -109,16 +109,8 @@ class SchedulingPolicy:
     # ---------------------------------------------------------------- shared pieces
     def online_prefill_chunks(self, inst: Instance, budget: int | None = None, sjf: bool = False) -> list:
         """Online prefills FIFO (or shortest-first) until the token budget; the last one may be chunked."""
-        left = self.cfg.max_batched_tokens if budget is None else budget
-        out = []
         queue = sorted(inst.waiting, key=lambda r: r.prompt - r.prefilled) if sjf else inst.waiting
-        for r in queue:
-            if left <= 0:
-                break
-            c = min(r.prompt - r.prefilled, left)
-            out.append((r, c))
-            left -= c
-        return out
+        return fill_prefill_chunks(queue, self.cfg.max_batched_tokens if budget is None else budget)
 
     def offline_prefill_chunks(self, inst: Instance, cluster: Cluster, token_budget: int,
                                admit_new: bool = True, kv_reserve: int = 0) -> list:
@@ -243,6 +235,18 @@ def policy_names() -> list[str]:
 
 
 # -------------------------------------------------------------------- helpers
+def fill_prefill_chunks(queue, budget: int) -> list:
+    """(request, tokens) in queue order until ``budget`` prefill tokens; the last one may be chunked."""
+    out, left = [], budget
+    for r in queue:
+        if left <= 0:
+            break
+        c = min(r.prompt - r.prefilled, left)
+        out.append((r, c))
+        left -= c
+    return out
+
+
 def pd_layout(n: int, prefill_fraction: float, pools: bool = True) -> list[tuple[Role, PoolName, bool]]:
     if n < 2:
         return [(Role.MIXED, PoolName.RELAXED, False)] * n

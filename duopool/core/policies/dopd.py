@@ -89,9 +89,9 @@ class RatioController:
         return acts
 
 
-@register_policy("dopd")
-class Dopd(OnlinePriority):
-    count_offline_decode = True  # offline decodes share the decode instances here
+class _RatioControlled:
+    """Adds DOPD's P/D-ratio controller (its ``tick``) to a policy."""
+
     def __init__(self, perf, cfg=None) -> None:
         super().__init__(perf, cfg)
         self.ctrl = RatioController(self)
@@ -99,15 +99,13 @@ class Dopd(OnlinePriority):
 
     def tick(self, cluster: Cluster, now: float) -> list[SetRole]:
         return self.ctrl.tick(cluster, now)
+
+
+@register_policy("dopd")
+class Dopd(_RatioControlled, OnlinePriority):
+    count_offline_decode = True  # offline decodes share the decode instances here
 
 
 @register_policy("ooco+dopd")
-class OocoDopd(Ooco):
+class OocoDopd(_RatioControlled, Ooco):
     count_offline_decode = False  # the relaxed pool decodes offline work
-    def __init__(self, perf, cfg=None) -> None:
-        super().__init__(perf, cfg)
-        self.ctrl = RatioController(self)
-        self.tick_s = self.cfg.dopd_tick_s
-
-    def tick(self, cluster: Cluster, now: float) -> list[SetRole]:
-        return self.ctrl.tick(cluster, now)

@@ -14,6 +14,7 @@ from duopool.core.placement import Role
 from duopool.core.policies.base import (
     SchedulingPolicy,
     candidates,
+    fill_prefill_chunks,
     least_decoding,
     least_queued,
     register_policy,
@@ -55,14 +56,7 @@ class Tropical(SchedulingPolicy):
             (urgent if slack < 0.5 * ttft else rest).append(r)
         urgent.sort(key=lambda r: r.arrival)
         rest.sort(key=lambda r: r.prompt - r.prefilled)
-        out, left = [], self.cfg.max_batched_tokens
-        for r in urgent + rest:
-            if left <= 0:
-                break
-            c = min(r.prompt - r.prefilled, left)
-            out.append((r, c))
-            left -= c
-        return out
+        return fill_prefill_chunks(urgent + rest, self.cfg.max_batched_tokens)
 
     def plan(self, inst: Instance, cluster: Cluster, now: float) -> StepPlan:
         if inst.role == Role.PREFILL:
