@@ -50,3 +50,12 @@ def preemptions(loads: Mapping[str, WorkerLoad], limits: ColocationLimits) -> di
         if load.online > 0 and load.offline > limits.offline_with_online:
             out[wid] = load.offline - limits.offline_with_online
     return out
+
+
+def must_yield(load: WorkerLoad, limits: ColocationLimits) -> bool:
+    """Whether an offline request about to start a phase on this worker (its decode, after its prefill ran
+    elsewhere or earlier) must step back instead: online work is in flight there and the offline work placed
+    on it, this request included, exceeds ``offline_with_online``. The same rule as :func:`preemptions`,
+    applied to a request that was between phases — and so invisible to the worker — when online work landed.
+    """
+    return load.online > 0 and load.offline > limits.offline_with_online

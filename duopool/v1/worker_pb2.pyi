@@ -82,10 +82,12 @@ class DecodeResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
-    __slots__ = ("request_id",)
+    __slots__ = ("request_id", "kv")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+    kv: _common_pb2.KvHandle
+    def __init__(self, request_id: _Optional[str] = ..., kv: _Optional[_Union[_common_pb2.KvHandle, _Mapping]] = ...) -> None: ...
 
 class AbortResponse(_message.Message):
     __slots__ = ("found",)
@@ -98,16 +100,20 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("info", "requests_served", "tokens_generated", "simulated")
+    __slots__ = ("info", "requests_served", "tokens_generated", "simulated", "running_online", "running_offline")
     INFO_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
     SIMULATED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_ONLINE_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_OFFLINE_FIELD_NUMBER: _ClassVar[int]
     info: _common_pb2.WorkerInfo
     requests_served: int
     tokens_generated: int
     simulated: bool
-    def __init__(self, info: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., requests_served: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., simulated: _Optional[bool] = ...) -> None: ...
+    running_online: int
+    running_offline: int
+    def __init__(self, info: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., requests_served: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., simulated: _Optional[bool] = ..., running_online: _Optional[int] = ..., running_offline: _Optional[int] = ...) -> None: ...
 
 class PreemptRequest(_message.Message):
     __slots__ = ("request_class", "max_requests", "reason")

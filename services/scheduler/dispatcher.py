@@ -117,6 +117,12 @@ class OfflineDispatcher:
             generated.append(pre.first_token_id)
             text += pre.first_token_text
             finish = pre.finish_reason
+            if not pre.finished and self.service.offline_must_yield(decode_w.worker_id):
+                # Online work landed on the decode worker while this request was prefilling: step back
+                # before decoding (the worker could not preempt what it was not yet running).
+                await self._abandon(prefill_w, rid, pre.kv if pre.HasField("kv") else None)
+                await self._requeue(entry, prompt, generated, text, preempted=True)
+                return
             if not pre.finished:
                 dreq = worker_pb2.DecodeRequest(
                     request_id=rid, prompt_token_ids=prompt, generated_token_ids=generated,
@@ -153,6 +159,13 @@ class OfflineDispatcher:
     async def _requeue(self, entry, prompt, generated, text, preempted: bool) -> None:
         self.requeued += 1
         await self.store.requeue(entry, prompt if generated else entry.prompt, generated, text, preempted)
+
+    async def _abandon(self, prefill_w, rid: str, kv) -> None:
+        """Frees the KV a prefill exported for a decode that will not happen (else its lease frees it)."""
+        try:
+            await self._worker(prefill_w).Abort(worker_pb2.AbortRequest(request_id=rid, kv=kv), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("releasing the KV of %s on %s failed: %s", rid, prefill_w.worker_id, exc.code().name)
 
     def _worker(self, w) -> worker_pb2_grpc.WorkerStub:
         return worker_pb2_grpc.WorkerStub(self.service.channels.get(w.address))

@@ -28,7 +28,7 @@ from duopool.common.jobs import JobStore
 from duopool.common.rpc import Channels, Server
 from duopool.common.telemetry import init_telemetry
 from duopool.common.wire import PB_POOL, PB_ROLE, POOL_PB, ROLE_PB, worker_info_pb
-from duopool.core.colocation import ColocationLimits, WorkerLoad, offline_capacity, preemptions
+from duopool.core.colocation import ColocationLimits, WorkerLoad, must_yield, offline_capacity, preemptions
 from duopool.core.placement import (
     PlacementRequest,
     PoolName,
@@ -132,6 +132,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         by_id = {w.worker_id: w for w in workers}
         self._record(rid, True, (decision.prefill_worker_id, decision.decode_worker_id))
         return rid, by_id[decision.prefill_worker_id], by_id[decision.decode_worker_id]
+
+    def offline_must_yield(self, worker_id: str) -> bool:
+        """An offline request between phases must not start its next phase on this worker (online work
+        landed there meanwhile); counted as a preemption that stopped it in no time."""
+        if not must_yield(self.load(worker_id), self.limits):
+            return False
+        self.preempted += 1
+        self.preemption_ms.append(0.0)
+        return True
 
     def _preempt_for_online(self, worker_ids: tuple[str, ...], by_id: dict[str, registry.WorkerRecord]) -> None:
         loads = {wid: self.load(wid) for wid in dict.fromkeys(worker_ids)}

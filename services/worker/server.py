@@ -284,7 +284,24 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         found = False
         for suffix in (":prefill", ":decode"):
             found |= await self.engine.abort(request.request_id + suffix)
+        if request.HasField("kv") and request.kv.transfer_id:
+            if request.kv.source_worker and request.kv.source_worker != self.worker_id:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"kv.source_worker: {request.kv.source_worker!r} is not this worker")
+            await self._abandon_transfer(request.kv.transfer_id)
+            found = True
         return worker_pb2.AbortResponse(found=found)
+
+    async def _abandon_transfer(self, transfer_id: str) -> None:
+        """Exported KV that will never be decoded: ended at the broker (RELEASED) and its segment freed here
+        even if the broker is unreachable."""
+        try:
+            await self.kv.Release(kvtransfer_pb2.ReleaseTransferRequest(transfer_id=transfer_id),
+                                  timeout=self.config.kv_rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:  # NOT_FOUND: already ended; otherwise the lease ends it
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                log.warning("Release %s failed: %s", transfer_id, exc.code().name)
+        await self._release_transfer(transfer_id)
 
     async def _run(self, ereq: EngineRequest):
         """The engine's outputs, tracked for preemption: an abort caused by Preempt ends as "preempted"."""
@@ -333,8 +350,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return self.info_pb()
 
     async def Stats(self, request, context):
+        offline = sum(1 for off, _ in self.active.values() if off)
         return worker_pb2.StatsResponse(info=self.info_pb(), requests_served=self.served,
-                                        tokens_generated=self.tokens, simulated=self.engine.simulated)
+                                        tokens_generated=self.tokens, simulated=self.engine.simulated,
+                                        running_online=len(self.active) - offline, running_offline=offline)
 
 
 async def _heartbeat_loop(service: WorkerService, stop: asyncio.Event) -> None:

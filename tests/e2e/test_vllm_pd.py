@@ -14,7 +14,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
@@ -114,14 +113,17 @@ def test_preempted_offline_requests_resume_with_identical_greedy_output(cluster,
     from duopool.v1 import scheduler_pb2, scheduler_pb2_grpc
 
     with grpc.insecure_channel(cluster.router_address) as ch, \
-            grpc.insecure_channel(cluster.address("scheduler")) as sch:
+            grpc.insecure_channel(cluster.address("scheduler")) as sch, \
+            grpc.insecure_channel(cluster.address("decode-0")) as dch:
         router, sched = router_pb2_grpc.RouterStub(ch), scheduler_pb2_grpc.SchedulerStub(sch)
+        decode = worker_pb2_grpc.WorkerStub(dch)
         router.SubmitBatch(router_pb2.SubmitBatchRequest(job_id="e2e-preempt", requests=[
             router_pb2.BatchItem(custom_id=f"o{k}", token_ids=common_pb2.TokenIds(ids=p), max_tokens=OFFLINE_TOKENS)
             for k, p in enumerate(OFFLINE_PROMPTS)]), timeout=30)
-        wait_for(lambda: sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5).offline_inflight >= 2,
-                 timeout=60, what="offline decode to be running")
-        time.sleep(0.5)
+        # The burst must land while offline requests decode (a request between its phases steps back too,
+        # but one that already finished cannot be preempted).
+        wait_for(lambda: decode.Stats(worker_pb2.StatsRequest(), timeout=5).running_offline >= 2,
+                 timeout=120, interval=0.05, what="offline decode to be running on decode-0")
 
         def online():
             list(router.Generate(router_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=PROMPT[:40]),

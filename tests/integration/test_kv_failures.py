@@ -215,6 +215,27 @@ def test_destination_that_never_pulls_expires_and_late_decodes_fall_back(cluster
     assert_no_leaks(cluster)
 
 
+def test_abandoned_kv_is_released_at_once_by_the_source_worker(cluster):
+    """A decode that will not happen (an offline request stepping back between its phases): Abort with the
+    handle ends the transfer RELEASED and frees the segment now, not at the lease's end."""
+    before = stats(cluster)
+    pre = prefill(cluster, "abandon-1", prompt("c2"))
+    path = pathlib.Path(pre.kv.location)
+    assert path.exists()
+    with pytest.raises(grpc.RpcError) as err:  # only the worker that exported it may abandon it
+        worker(cluster, "decode-0").Abort(worker_pb2.AbortRequest(request_id="abandon-1", kv=pre.kv), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "kv.source_worker" in err.value.details()
+    resp = worker(cluster, "prefill-0").Abort(worker_pb2.AbortRequest(request_id="abandon-1", kv=pre.kv),
+                                              timeout=10)
+    assert resp.found
+    assert state(cluster, pre.kv.transfer_id) == S.RELEASED and not path.exists()
+    after = stats(cluster)
+    assert after.released == before.released + 1 and after.active_transfers == 0
+    # Abandoning it again is harmless (the broker answers NOT_FOUND or the ended state).
+    worker(cluster, "prefill-0").Abort(worker_pb2.AbortRequest(request_id="abandon-1", kv=pre.kv), timeout=10)
+    assert_no_leaks(cluster)
+
+
 # -- (b) the source dies --------------------------------------------------------------------------------
 def test_source_killed_after_prefill_kv_outlives_it_on_the_same_host(cluster):
     pre = prefill(cluster, "src-1", prompt("d"))
