@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-output", type=int, default=256, help="clip output lengths [256]")
     p.add_argument("--policy", default="least-loaded", help="scheduler placement policy [least-loaded]")
     p.add_argument("--no-preemption", action="store_true", help="never preempt offline work for online")
+    p.add_argument("--preempt-trigger", choices=("slo", "online"), default="slo",
+                   help="slo: preempt when a worker's online latency nears the SLO or online work queues there; "
+                        "online: on any online arrival (docs/colocation.md) [slo]")
     p.add_argument("--offline-per-worker", type=int, default=4, help="offline requests per idle worker [4]")
     p.add_argument("--drain-timeout", type=float, default=120.0,
                    help="after the window, wait this long for the offline job to finish (lost/duplicated check)")
@@ -181,7 +184,8 @@ async def _replay(args, cluster, online, offline) -> dict:
     met = [r for r in ok if r["ttft_ms"] <= args.ttft_slo_ms and r["tpot_ms"] <= args.tpot_slo_ms]
     samples = list(stats.preemption_ms)
     return {
-        "policy": f"live:{args.policy}+colocation({'no-preemption' if args.no_preemption else 'preempt'})",
+        "policy": f"live:{args.policy}+colocation("
+                  f"{'no-preemption' if args.no_preemption else 'preempt:' + args.preempt_trigger})",
         "engine": args.engine + (" (SIMULATED)" if args.engine == "sim" else ""),
         "workers": {"prefill": args.prefill, "decode": args.decode},
         "window_s": window_s, "rate_scale": args.rate_scale,
@@ -213,11 +217,14 @@ def run(args: argparse.Namespace) -> int:
                for p, o in load_offline(args.offline, args.offline_requests)]
     print(f"replay: {len(online)} online requests over {args.duration:.0f}s (x{args.rate_scale} rate), "
           f"{len(offline)} offline; {args.prefill}P+{args.decode}D {args.engine} workers"
-          f"{' (SIMULATED)' if args.engine == 'sim' else ''}; preemption {'off' if args.no_preemption else 'on'}",
+          f"{' (SIMULATED)' if args.engine == 'sim' else ''}; preemption "
+          f"{'off' if args.no_preemption else 'on (trigger ' + args.preempt_trigger + ')'}",
           file=sys.stderr)
     env = {"DUOPOOL_OFFLINE_PER_WORKER": str(args.offline_per_worker),
            "DUOPOOL_OFFLINE_WITH_ONLINE": str(args.offline_per_worker if args.no_preemption else 0),
-           "DUOPOOL_SIM_SPEEDUP": str(args.sim_speedup), "DUOPOOL_SCHEDULER_ID": "replay"}
+           "DUOPOOL_SIM_SPEEDUP": str(args.sim_speedup), "DUOPOOL_SCHEDULER_ID": "replay",
+           "DUOPOOL_PREEMPT_TRIGGER": args.preempt_trigger, "DUOPOOL_TTFT_SLO_MS": str(args.ttft_slo_ms),
+           "DUOPOOL_TPOT_SLO_MS": str(args.tpot_slo_ms)}
     args.out.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(Topology(engine=args.engine, model=args.model, prefill_workers=args.prefill,
                                     policy=args.policy,

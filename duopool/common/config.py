@@ -61,8 +61,21 @@ class SchedulerConfig(ServiceConfig):
     offline_per_worker: int = opt(4, "DUOPOOL_OFFLINE_PER_WORKER",
                                   "offline requests a worker holds while no online request is in flight on it")
     offline_with_online: int = opt(0, "DUOPOOL_OFFLINE_WITH_ONLINE",
-                                   "offline requests left running on a worker that receives online work "
-                                   "(the rest are preempted)")
+                                   "offline requests left running on a worker whose online work triggers "
+                                   "preemption (the rest are preempted)")
+    preempt_trigger: str = opt("slo", "DUOPOOL_PREEMPT_TRIGGER",
+                               "when offline work is preempted: slo = a worker's online latency nears its SLO "
+                               "or online requests queue up there; online = any online request landing on it "
+                               "(docs/colocation.md)", ("slo", "online"))
+    slo_low: float = opt(0.5, "DUOPOOL_SLO_LOW",
+                         "slo trigger: below this SLO pressure (observed latency / SLO) offline work is still "
+                         "added next to online work")
+    slo_high: float = opt(0.8, "DUOPOOL_SLO_HIGH", "slo trigger: SLO pressure at which offline work is preempted")
+    online_queue: int = opt(4, "DUOPOOL_ONLINE_QUEUE",
+                            "slo trigger: online requests in flight on one worker that preempt its offline work "
+                            "whatever the pressure (0 = off)")
+    ttft_slo_ms: float = opt(1000.0, "DUOPOOL_TTFT_SLO_MS", "TTFT SLO for online requests that carry none, ms")
+    tpot_slo_ms: float = opt(100.0, "DUOPOOL_TPOT_SLO_MS", "TPOT SLO for online requests that carry none, ms")
 
     def validate(self) -> None:
         super().validate()
@@ -79,6 +92,12 @@ class SchedulerConfig(ServiceConfig):
             raise ConfigError("offline_per_worker", "must be >= 0")
         if not 0 <= self.offline_with_online <= self.offline_per_worker:
             raise ConfigError("offline_with_online", "must be in [0, offline_per_worker]")
+        if not 0 < self.slo_low <= self.slo_high:
+            raise ConfigError("slo_low", "must be in (0, slo_high]")
+        if self.online_queue < 0:
+            raise ConfigError("online_queue", "must be >= 0")
+        if not (self.ttft_slo_ms > 0 and self.tpot_slo_ms > 0):
+            raise ConfigError("ttft_slo_ms" if not self.ttft_slo_ms > 0 else "tpot_slo_ms", "must be > 0")
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,27 @@
 """Live online/offline co-location rules: how much offline work a worker may hold, and when to preempt.
 
-Pure (no I/O, no clock): the scheduler service feeds it per-worker counts of in-flight online and offline
-requests it placed, and applies what it returns — dispatch capacity for the offline queue, and how many
-offline requests to preempt on a worker an online request has just been placed on.
+Pure (no I/O, no clock): the scheduler service feeds it, per worker, the in-flight online and offline
+requests it placed and the worker's *SLO pressure* — how close the online requests it served lately came
+to their SLOs (observed TTFT / TTFT SLO on a prefill worker, TPOT / TPOT SLO on a decode worker, as a
+moving average) — and applies what it returns: dispatch capacity for the offline queue, and how many
+offline requests to preempt on a worker.
 
-The rule is the online-first core shared by the papers' live schedulers: a worker with no online work
-in flight takes up to ``offline_per_worker`` offline requests (the ballast filling idle cycles); once
-online work lands on it, offline work beyond ``offline_with_online`` is preempted at once (HyGen's
-first phase / OOCO's fast preemption) and no new offline work is sent there until the online work has
-drained. Preempted requests are re-queued with the tokens they already produced and resume later,
-possibly elsewhere.
+Two triggers (``ColocationLimits.trigger``):
+
+``slo`` (default) — offline work is ballast that stays while online SLOs hold (the papers' point: every
+    spare cycle goes to offline work). A worker with online work in flight keeps taking offline requests
+    up to ``offline_per_worker`` while its pressure is below ``slo_low``; between ``slo_low`` and
+    ``slo_high`` it takes no new offline work (``offline_with_online``); at ``slo_high`` or above — or when
+    ``online_queue`` online requests are in flight on it at once (a spike seen before any latency is) —
+    offline work beyond ``offline_with_online`` is preempted at once (HyGen's latency-budget first phase,
+    OOCO's fast preemption). The band between the two marks is the hysteresis that keeps it from
+    oscillating.
+``online`` — online first without SLO awareness: any online request landing on a worker preempts the
+    offline work beyond ``offline_with_online`` there, and no new offline work goes there until the
+    online work has drained.
+
+Preempted requests are re-queued with the tokens they already produced and resume later, possibly
+elsewhere.
 """
 
 from __future__ import annotations
@@ -17,17 +29,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+TRIGGERS = ("slo", "online")
+
 
 @dataclass(frozen=True)
 class ColocationLimits:
-    offline_per_worker: int = 4  # offline requests a worker holds while no online request is in flight on it
-    offline_with_online: int = 0  # offline requests allowed to keep running next to online work
+    offline_per_worker: int = 4  # offline requests a worker holds while its online SLOs have headroom
+    offline_with_online: int = 0  # offline requests allowed to keep running next to online work under pressure
+    trigger: str = "slo"  # slo | online (see the module docstring)
+    slo_low: float = 0.5  # pressure below which offline work is still added next to online work
+    slo_high: float = 0.8  # pressure at which offline work beyond offline_with_online is preempted
+    online_queue: int = 4  # online requests in flight on one worker that preempt regardless of pressure (0: off)
 
     def __post_init__(self) -> None:
         if self.offline_per_worker < 0:
             raise ValueError("offline_per_worker: must be >= 0")
         if not 0 <= self.offline_with_online <= self.offline_per_worker:
             raise ValueError("offline_with_online: must be in [0, offline_per_worker]")
+        if self.trigger not in TRIGGERS:
+            raise ValueError(f"trigger: must be one of {', '.join(TRIGGERS)}")
+        if not 0 < self.slo_low <= self.slo_high:
+            raise ValueError("slo_low: must be in (0, slo_high]")
+        if self.online_queue < 0:
+            raise ValueError("online_queue: must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -35,27 +59,51 @@ class WorkerLoad:
     worker_id: str
     online: int  # online requests in flight on it (placed by this scheduler)
     offline: int  # offline requests in flight on it
+    pressure: float = 0.0  # recent observed latency / SLO of its online requests (1.0 = at the SLO)
+
+
+def _spiking(load: WorkerLoad, limits: ColocationLimits) -> bool:
+    """Online work there must not share the worker with more than ``offline_with_online`` offline requests."""
+    if load.online <= 0:
+        return False
+    if limits.trigger == "online":
+        return True
+    return load.pressure >= limits.slo_high or (limits.online_queue > 0 and load.online >= limits.online_queue)
+
+
+def allowed_offline(load: WorkerLoad, limits: ColocationLimits) -> int:
+    """How many offline requests this worker may hold now."""
+    if load.online <= 0:
+        return limits.offline_per_worker
+    if limits.trigger == "slo" and not _spiking(load, limits) and load.pressure < limits.slo_low:
+        return limits.offline_per_worker
+    return limits.offline_with_online
 
 
 def offline_capacity(load: WorkerLoad, limits: ColocationLimits) -> int:
     """How many more offline requests may be dispatched to this worker now."""
-    cap = limits.offline_with_online if load.online > 0 else limits.offline_per_worker
-    return max(0, cap - load.offline)
+    return max(0, allowed_offline(load, limits) - load.offline)
 
 
 def preemptions(loads: Mapping[str, WorkerLoad], limits: ColocationLimits) -> dict[str, int]:
-    """Offline requests to preempt per worker: the excess over the limit where online work is in flight."""
+    """Offline requests to preempt per worker: the excess over ``offline_with_online`` where online work is
+    in flight and the trigger fires."""
     out = {}
     for wid, load in loads.items():
-        if load.online > 0 and load.offline > limits.offline_with_online:
+        if _spiking(load, limits) and load.offline > limits.offline_with_online:
             out[wid] = load.offline - limits.offline_with_online
     return out
 
 
 def must_yield(load: WorkerLoad, limits: ColocationLimits) -> bool:
     """Whether an offline request about to start a phase on this worker (its decode, after its prefill ran
-    elsewhere or earlier) must step back instead: online work is in flight there and the offline work placed
-    on it, this request included, exceeds ``offline_with_online``. The same rule as :func:`preemptions`,
-    applied to a request that was between phases — and so invisible to the worker — when online work landed.
-    """
-    return load.online > 0 and load.offline > limits.offline_with_online
+    elsewhere or earlier) must step back instead: the rule of :func:`preemptions`, applied to a request that
+    was between phases — and so invisible to the worker — when the trigger fired. The request counts itself
+    in ``load.offline``."""
+    return _spiking(load, limits) and load.offline > limits.offline_with_online
+
+
+def update_pressure(previous: float | None, observed_ms: float, slo_ms: float, alpha: float = 0.3) -> float:
+    """The moving average of observed latency / SLO that :class:`WorkerLoad` carries (first sample: itself)."""
+    ratio = observed_ms / slo_ms
+    return ratio if previous is None else (1 - alpha) * previous + alpha * ratio

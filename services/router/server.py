@@ -154,12 +154,18 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         rid = request.request_id or uuid.uuid4().hex
+        release = scheduler_pb2.ReleaseRequest(request_id=rid, slo=request.slo)
         try:
             async for msg in self._generate(rid, request, arrived, context):
+                if msg.HasField("summary"):  # what the request saw, for the SLO-aware preemption trigger
+                    times = msg.summary.token_times_ms
+                    release.ttft_ms = times[0]
+                    if len(times) > 1:
+                        release.tpot_ms = (times[-1] - times[0]) / (len(times) - 1)
                 yield msg
         finally:
             try:
-                await self.scheduler.Release(scheduler_pb2.ReleaseRequest(request_id=rid), timeout=2)
+                await self.scheduler.Release(release, timeout=2)
             except grpc.aio.AioRpcError:
                 pass
 

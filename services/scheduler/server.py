@@ -28,7 +28,14 @@ from duopool.common.jobs import JobStore
 from duopool.common.rpc import Channels, Server
 from duopool.common.telemetry import init_telemetry
 from duopool.common.wire import PB_POOL, PB_ROLE, POOL_PB, ROLE_PB, worker_info_pb
-from duopool.core.colocation import ColocationLimits, WorkerLoad, must_yield, offline_capacity, preemptions
+from duopool.core.colocation import (
+    ColocationLimits,
+    WorkerLoad,
+    must_yield,
+    offline_capacity,
+    preemptions,
+    update_pressure,
+)
 from duopool.core.placement import (
     PlacementRequest,
     PoolName,
@@ -64,7 +71,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.redis = redis
         self.clock = clock
         self.policy = get_placement_policy(config.policy)
-        self.limits = ColocationLimits(config.offline_per_worker, config.offline_with_online)
+        self.limits = ColocationLimits(config.offline_per_worker, config.offline_with_online,
+                                       trigger=config.preempt_trigger, slo_low=config.slo_low,
+                                       slo_high=config.slo_high, online_queue=config.online_queue)
+        self.pressure: dict[str, float] = {}  # worker id -> recent online latency / SLO (moving average)
         self.channels = Channels()
         self.jobs = JobStore(redis)
         self.online: Counter[str] = Counter()  # worker id -> online requests in flight
@@ -97,7 +107,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         ]
 
     def load(self, worker_id: str) -> WorkerLoad:
-        return WorkerLoad(worker_id, self.online[worker_id], self.offline[worker_id])
+        return WorkerLoad(worker_id, self.online[worker_id], self.offline[worker_id],
+                          self.pressure.get(worker_id, 0.0))
 
     # -- placement ---------------------------------------------------------------------------------------
     def _record(self, rid: str, offline: bool, worker_ids: tuple[str, ...]) -> None:
@@ -135,11 +146,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     def offline_must_yield(self, worker_id: str) -> bool:
         """An offline request between phases must not start its next phase on this worker (online work
-        landed there meanwhile); counted as a preemption that stopped it in no time."""
+        landed there meanwhile). Counted as a preemption; no latency sample (nothing had to stop)."""
         if not must_yield(self.load(worker_id), self.limits):
             return False
         self.preempted += 1
-        self.preemption_ms.append(0.0)
         return True
 
     def _preempt_for_online(self, worker_ids: tuple[str, ...], by_id: dict[str, registry.WorkerRecord]) -> None:
@@ -195,8 +205,24 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         )
 
     async def Release(self, request, context):
+        placed = self.placed.get(request.request_id)
         self.release(request.request_id)
+        if placed and not placed[0]:
+            self._observe(placed[1], request)
         return scheduler_pb2.ReleaseResponse()
+
+    def _observe(self, worker_ids: tuple[str, ...], request: scheduler_pb2.ReleaseRequest) -> None:
+        """Folds an online request's observed TTFT (into its prefill worker's SLO pressure) and TPOT (into
+        its decode worker's) and preempts where the pressure now calls for it."""
+        prefill, decode = worker_ids[0], worker_ids[-1]
+        ttft_slo = request.slo.ttft_ms or self.config.ttft_slo_ms
+        tpot_slo = request.slo.tpot_ms or self.config.tpot_slo_ms
+        if request.ttft_ms > 0:
+            self.pressure[prefill] = update_pressure(self.pressure.get(prefill), request.ttft_ms, ttft_slo)
+        if request.tpot_ms > 0:
+            self.pressure[decode] = update_pressure(self.pressure.get(decode), request.tpot_ms, tpot_slo)
+        by_id = {w.worker_id: w for w in self._workers}
+        self._preempt_for_online(tuple(w for w in dict.fromkeys(worker_ids) if w in by_id), by_id)
 
     async def ListWorkers(self, request, context):
         try:
@@ -294,7 +320,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             online_inflight=sum(self.online.values()), offline_inflight=sum(self.offline.values()),
             preemptions=self.preempted, preemption_ms_p50=p50, preemption_ms_p99=p99,
             offline_completed=d.completed if d else 0, offline_requeued=d.requeued if d else 0,
-            policy=self.policy.name, preemption_ms=samples,
+            policy=self.policy.name, preemption_ms=samples, preempt_trigger=self.limits.trigger,
+            slo_pressure=self.pressure,
         )
 
 

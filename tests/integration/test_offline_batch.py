@@ -43,7 +43,8 @@ def cluster(tmp_path_factory, redis_server):
     # online burst arrives.
     c = LocalCluster(Topology(engine="sim", prefill_workers=2, decode_workers=2), tmp_path_factory.mktemp("run"),
                      redis_url=redis_server.url.replace("/0", "/3"), router_port=0,
-                     extra_env={"DUOPOOL_SIM_SPEEDUP": "0.25", "DUOPOOL_SCHEDULER_ID": "sched-test"})
+                     extra_env={"DUOPOOL_SIM_SPEEDUP": "0.25", "DUOPOOL_SCHEDULER_ID": "sched-test",
+                                "DUOPOOL_PREEMPT_TRIGGER": "online"})  # the SLO trigger: test_slo_preemption
     c.log = lambda m: None
     c.start(timeout=120)
     yield c
