@@ -74,8 +74,19 @@ class SchedulerConfig(ServiceConfig):
     online_queue: int = opt(4, "DUOPOOL_ONLINE_QUEUE",
                             "slo trigger: online requests in flight on one worker that preempt its offline work "
                             "whatever the pressure (0 = off)")
+    role_balance_s: float = opt(-1.0, "DUOPOOL_ROLE_BALANCE_S",
+                                "seconds between role-balance ticks that move a worker from decode to prefill or "
+                                "back when one side's SLO pressure is high and the other's low; 0 = off, "
+                                "-1 = 5 s with the dopd and ooco+dopd policies, else off")
     ttft_slo_ms: float = opt(1000.0, "DUOPOOL_TTFT_SLO_MS", "TTFT SLO for online requests that carry none, ms")
     tpot_slo_ms: float = opt(100.0, "DUOPOOL_TPOT_SLO_MS", "TPOT SLO for online requests that carry none, ms")
+
+    @property
+    def role_balance_interval_s(self) -> float:
+        """The role balancer's tick in seconds (0: off), resolving -1 by the policy."""
+        if self.role_balance_s >= 0:
+            return self.role_balance_s
+        return 5.0 if self.policy in ("dopd", "ooco+dopd") else 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -96,6 +107,8 @@ class SchedulerConfig(ServiceConfig):
             raise ConfigError("slo_low", "must be in (0, slo_high]")
         if self.online_queue < 0:
             raise ConfigError("online_queue", "must be >= 0")
+        if self.role_balance_s < 0 and self.role_balance_s != -1:
+            raise ConfigError("role_balance_s", "must be >= 0, or -1 for the policy's default")
         if not (self.ttft_slo_ms > 0 and self.tpot_slo_ms > 0):
             raise ConfigError("ttft_slo_ms" if not self.ttft_slo_ms > 0 else "tpot_slo_ms", "must be > 0")
 

@@ -103,7 +103,10 @@ def must_yield(load: WorkerLoad, limits: ColocationLimits) -> bool:
     return _spiking(load, limits) and load.offline > limits.offline_with_online
 
 
+PRESSURE_CAP = 10.0  # one observation counts at most as a 10x miss, so a single outlier cannot pin the average
+
+
 def update_pressure(previous: float | None, observed_ms: float, slo_ms: float, alpha: float = 0.3) -> float:
     """The moving average of observed latency / SLO that :class:`WorkerLoad` carries (first sample: itself)."""
-    ratio = observed_ms / slo_ms
+    ratio = min(observed_ms / slo_ms, PRESSURE_CAP)
     return ratio if previous is None else (1 - alpha) * previous + alpha * ratio

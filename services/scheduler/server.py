@@ -44,6 +44,7 @@ from duopool.core.placement import (
     WorkerView,
     get_placement_policy,
 )
+from duopool.core.rolebalance import RoleBalanceConfig, RoleBalancer, RoleView
 from duopool.scheduler.dispatcher import OfflineDispatcher
 from duopool.v1 import common_pb2, router_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -75,6 +76,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                                        trigger=config.preempt_trigger, slo_low=config.slo_low,
                                        slo_high=config.slo_high, online_queue=config.online_queue)
         self.pressure: dict[str, float] = {}  # worker id -> recent online latency / SLO (moving average)
+        self.balancer = RoleBalancer(RoleBalanceConfig(high=config.slo_high, low=config.slo_low)) \
+            if config.role_balance_interval_s > 0 else None
+        self.role_moves = 0
         self.channels = Channels()
         self.jobs = JobStore(redis)
         self.online: Counter[str] = Counter()  # worker id -> online requests in flight
@@ -311,6 +315,26 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 changed += await self._apply_role(w, d["role"], d["pool"]) is not None
         return changed
 
+    async def balance_roles(self) -> bool:
+        """One role-balancer tick: moves at most one worker between prefill and decode (desired state first,
+        like SetWorkerRole, so the move survives the worker restarting). Returns whether one moved."""
+        if self.balancer is None:
+            return False
+        workers = await self.workers()
+        move = self.balancer.tick([
+            RoleView(w.worker_id, w.role, self.pressure.get(w.worker_id), self.online[w.worker_id],
+                     self.offline[w.worker_id]) for w in workers])
+        if move is None:
+            return False
+        w = next(w for w in workers if w.worker_id == move.worker_id)
+        await registry.set_desired(self.redis, w.worker_id, move.role, w.pool, move.reason, self.clock())
+        log.info("%s -> %s (%s)", w.worker_id, move.role, move.reason)
+        self.pressure.pop(w.worker_id, None)  # it said how the old role went; the new one starts unobserved
+        self.role_moves += 1
+        await self._apply_role(w, move.role, w.pool)  # unreachable: reconcile_roles applies it later
+        self._refreshed = 0.0
+        return True
+
     async def Stats(self, request, context):
         samples = list(self.preemption_ms)
         p50 = statistics.median(samples) if samples else 0.0
@@ -321,7 +345,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             preemptions=self.preempted, preemption_ms_p50=p50, preemption_ms_p99=p99,
             offline_completed=d.completed if d else 0, offline_requeued=d.requeued if d else 0,
             policy=self.policy.name, preemption_ms=samples, preempt_trigger=self.limits.trigger,
-            slo_pressure=self.pressure,
+            slo_pressure=self.pressure, role_moves=self.role_moves,
         )
 
 
@@ -340,12 +364,17 @@ async def serve(config: SchedulerConfig, stop: asyncio.Event, ready: asyncio.Eve
              config.policy, consumer)
     if ready is not None:
         ready.set()
+    balance_s = config.role_balance_interval_s
+    next_balance = time.monotonic() + balance_s
     while not stop.is_set():
         try:
-            await asyncio.wait_for(stop.wait(), 1.0)
+            await asyncio.wait_for(stop.wait(), min(1.0, balance_s) if balance_s > 0 else 1.0)
         except TimeoutError:
             try:
                 await service.reconcile_roles()
+                if balance_s > 0 and time.monotonic() >= next_balance:
+                    next_balance = time.monotonic() + balance_s
+                    await service.balance_roles()
             except Exception:  # noqa: BLE001 - Redis blips: try again next second
                 log.debug("role reconciliation failed", exc_info=True)
     await dispatch

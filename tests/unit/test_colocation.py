@@ -66,6 +66,7 @@ def test_pressure_is_a_moving_average_of_latency_over_slo():
     assert p == 0.5
     p = update_pressure(p, 150, 100, alpha=0.5)
     assert p == pytest.approx(1.0)
+    assert update_pressure(None, 1e9, 1) == 10.0  # capped: one outlier does not pin the average
 
 
 @pytest.mark.parametrize("kw", [{"offline_per_worker": -1}, {"offline_per_worker": 2, "offline_with_online": 3},
