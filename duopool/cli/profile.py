@@ -4,7 +4,9 @@
 ``--engine vllm`` runs batches with vLLM's offline ``LLM`` on ``--model-dir`` and records step times
 (prefill-only steps: ``max_tokens=1``; decode steps: the per-token time of a batch generating N tokens).
 Writes ``profiles.json`` and ``fit.json`` (predictor coefficients, its MAPE on held-back samples, fitted
-efficiency factors and the roofline's MAPE).
+efficiency factors and the roofline's MAPE). The predictor is piecewise in batch tokens (S_p + N_d):
+``--regimes auto`` splits at the roofline's saturation batch for ``--hardware`` / the model and 4× that,
+``none`` fits HyGen's single linear model, or give the edges (``--regimes 400,1600``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-decodes", type=int, default=256)
     p.add_argument("--max-context", type=int, default=4096)
     p.add_argument("--holdout", type=float, default=0.2, help="share of samples held back for MAPE")
+    p.add_argument("--regimes", default="auto",
+                   help="predictor regime edges in batch tokens: auto (saturation batch, 4x it) | none | N,N,...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--from", dest="from_file", help="fit existing profiles.json instead of profiling")
     p.add_argument("--out", required=True, help="output directory")
@@ -38,8 +42,16 @@ def register(subparsers) -> None:
 
 def main(args) -> int:
     from duopool.core.perfmodel import PerfModel, fit_efficiency, mape
-    from duopool.core.predictor import fit, load_profiles, profile_sim, save_profiles
+    from duopool.core.predictor import fit, load_profiles, profile_sim, regime_edges, save_profiles
 
+    if args.regimes in ("auto", "none"):
+        edges: tuple[int, ...] = ()
+    else:
+        try:
+            edges = tuple(int(x) for x in args.regimes.split(","))
+        except ValueError:
+            print(f"duopool profile: --regimes wants auto, none or N,N,..., got {args.regimes!r}", file=sys.stderr)
+            return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"engine": args.engine, "hardware": args.hardware, "model": args.model_dir or args.model, "tp": args.tp}
@@ -59,19 +71,26 @@ def main(args) -> int:
                                max_prefill_tokens=args.max_prefill_tokens, max_decodes=args.max_decodes,
                                max_context=args.max_context)
     save_profiles(out / "profiles.json", samples, meta)
-    pred = fit(samples, holdout=args.holdout, seed=args.seed)
-    report = {"meta": meta, "samples": len(samples), "predictor": pred.to_json()}
     model_cfg = args.model_dir or args.model
     try:
         pm = PerfModel.load(args.hardware, model_cfg, tp=args.tp)
-        eff = fit_efficiency(pm, samples)
-        report["roofline"] = {"mape_default_eff": mape(pm, samples), "efficiency": eff.__dict__,
-                              "mape_fitted_eff": mape(pm.with_efficiency(eff), samples)}
     except (ValueError, OSError) as exc:
-        report["roofline"] = {"error": str(exc)}
+        pm, roofline = None, {"error": str(exc)}
+    if args.regimes == "auto" and pm is not None:
+        edges = regime_edges(pm)
+    pred = fit(samples, holdout=args.holdout, seed=args.seed, edges=edges)
+    if pm is not None:
+        try:
+            eff = fit_efficiency(pm, samples)
+            roofline = {"mape_default_eff": mape(pm, samples), "efficiency": eff.__dict__,
+                        "mape_fitted_eff": mape(pm.with_efficiency(eff), samples)}
+        except ValueError as exc:
+            roofline = {"error": str(exc)}
+    report = {"meta": meta, "samples": len(samples), "predictor": pred.to_json(), "roofline": roofline}
     (out / "fit.json").write_text(json.dumps(report, indent=2))
-    print(f"{len(samples)} samples ({args.engine}); predictor MAPE train {pred.train_mape:.2%}, "
-          f"held-back {pred.test_mape:.2%} (n={pred.n_test}); roofline MAPE "
+    print(f"{len(samples)} samples ({args.engine}); predictor ({len(pred.coefs)} regimes, edges "
+          f"{list(pred.edges)} tokens) MAPE train {pred.train_mape:.2%}, held-back {pred.test_mape:.2%} "
+          f"(n={pred.n_test}); roofline MAPE "
           f"{report['roofline'].get('mape_fitted_eff', float('nan')):.2%} with fitted efficiencies -> {out}/fit.json")
     return 0
 

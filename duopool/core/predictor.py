@@ -28,6 +28,7 @@ from duopool.core.perfmodel import PerfModel, ProfileSample
 FEATURES = ("1", "S_p", "S_d", "S_p^2", "N_p", "N_d")
 MIN_REGIME_SAMPLES = 5 * len(FEATURES)  # a regime with fewer training samples is merged into a neighbour
 UNBOUNDED = 1 << 20  # max_prefill_tokens when the prediction never reaches the budget
+_bisect_right = bisect.bisect_right
 
 
 def features(s_p: float, s_d: float, n_p: float, n_d: float) -> tuple[float, ...]:
@@ -78,11 +79,8 @@ class LatencyPredictor:
         object.__setattr__(self, "coefs", coefs)
         object.__setattr__(self, "edges", edges)
 
-    def regime(self, s_p: float, n_d: float) -> int:
-        return bisect.bisect_right(self.edges, s_p + n_d) if self.edges else 0
-
     def predict_ms(self, s_p: float, s_d: float, n_p: int, n_d: int) -> float:
-        c = self.coefs[bisect.bisect_right(self.edges, s_p + n_d)] if self.edges else self.coefs[0]
+        c = self.coefs[_bisect_right(self.edges, s_p + n_d)]
         return c[0] + c[1] * s_p + c[2] * s_d + c[3] * s_p * s_p + c[4] * n_p + c[5] * n_d
 
     def predict_sample_ms(self, s: ProfileSample) -> float:
@@ -93,27 +91,27 @@ class LatencyPredictor:
         predicted within the budget (so admitting any part of x is safe too, and x never shrinks as the
         budget grows). Closed form of the quadratic in S_p per regime, walking the regimes up from s_p0;
         0 when even s_p0 is over budget."""
+        edges, coefs = self.edges, self.coefs
         s0 = int(math.ceil(s_p0))
-        if self.predict_ms(s0, s_d, n_p, n_d) > budget_ms:
-            return 0
-        k = self.regime(s0, n_d)
+        s = s0  # first S_p of the part of regime k being solved
+        k = _bisect_right(edges, s + n_d)
         while True:
-            c = self.coefs[k]
-            hi = self.edges[k] - n_d - 1 if k < len(self.edges) else math.inf  # last S_p of regime k
-            rest = budget_ms - (c[0] + c[2] * s_d + c[4] * n_p + c[5] * n_d)
-            smax = _last_within(c[3], c[1], rest, max(s0, self.edges[k - 1] - n_d if k else s0), hi)
-            if smax < hi:
+            c = coefs[k]
+            a, b = c[3], c[1]
+            rest = budget_ms - (c[0] + c[2] * s_d + c[4] * n_p + c[5] * n_d)  # a·S² + b·S ≤ rest
+            if a * s * s + b * s > rest:  # over budget where this regime starts: stop just before
+                return max(0, s - 1 - s0)
+            hi = edges[k] - n_d - 1 if k < len(edges) else math.inf  # last S_p of regime k
+            smax = _last_within(a, b, rest, s, hi)
+            if smax < hi or k == len(edges):
                 break
-            # the whole regime fits: go on if the next one starts within budget
-            if math.isinf(hi) or self.predict_ms(hi + 1, s_d, n_p, n_d) > budget_ms:
-                break
-            k += 1
+            s, k = hi + 1, k + 1  # the whole regime fits: carry on in the next one
         if math.isinf(smax):
             return UNBOUNDED
-        x = min(int(smax) - s0, UNBOUNDED)
-        while x > 0 and self.predict_ms(s0 + x, s_d, n_p, n_d) > budget_ms:  # guard against rounding
-            x -= 1
-        return max(0, x)
+        smax = int(smax)
+        while smax >= s and a * smax * smax + b * smax > rest:  # guard against rounding
+            smax -= 1
+        return max(0, min(smax - s0, UNBOUNDED))
 
     def mape(self, samples: Sequence[ProfileSample]) -> float:
         errs = [abs(self.predict_sample_ms(s) - s.step_ms) / s.step_ms for s in samples if s.step_ms > 0]
@@ -139,7 +137,9 @@ def _last_within(a: float, b: float, rest: float, lo: float, hi: float) -> float
     if abs(a) <= 1e-15:
         return min(hi, math.floor(rest / b + 1e-9)) if b > 0 else hi
     disc = b * b + 4 * a * rest
-    if disc < 0:  # a < 0 (a > 0 with a feasible lo has disc ≥ 0): never reaches the budget
+    if a > 0:
+        disc = max(disc, 0.0)  # ≥ 0 in exact arithmetic, since the quadratic holds at lo
+    elif disc < 0:  # concave and never reaching the budget
         return hi
     # a > 0: the feasible set is [r1, r2] with r2 this root; a < 0: (-inf, r] ∪ [r', inf) with r this root
     r = (-b + math.sqrt(disc)) / (2 * a)
