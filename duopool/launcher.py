@@ -35,11 +35,12 @@ class LocalCluster:
     fixed_ports: bool = False  # True: the default ports for every service; False: free ports but the router's
     extra_env: dict[str, str] = field(default_factory=dict)
     log: Callable[[str], None] = print  # progress lines
+    kv_root: pathlib.Path = pathlib.Path("/dev/shm")  # where the cluster's KV segment dir is made (a tmpfs)
 
     def __post_init__(self) -> None:
         self.procs: dict[str, Proc] = {}
         self.redis: RedisServer | None = None
-        self.kv_dir = pathlib.Path("/dev/shm") / f"duopool-kv-{os.getpid()}-{int(time.time())}"
+        self.kv_dir = pathlib.Path(self.kv_root) / f"duopool-kv-{os.getpid()}-{int(time.time())}"
         self.specs: list[ServiceSpec] = []
 
     # -- addresses -------------------------------------------------------------------------------------

@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("."), help="directory for kv.json")
     p.add_argument("--quick", action="store_true", help="few repetitions, 4-layer request (CI smoke, ~30 s)")
     p.add_argument("--transports", default="shm,gloo,grpc", help="comma-separated subset to run")
+    p.add_argument("--kv-dir", type=pathlib.Path, default=None,
+                   help="where the segments live (default DUOPOOL_KV_DIR or /dev/shm/duopool-kv); a tmpfs mounted "
+                        "with huge=within_size shows the huge-page figures (docs/kv-transfer.md)")
     p.set_defaults(func=run)
 
 
@@ -209,14 +212,16 @@ def _gpu_notes() -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from duopool.kv.segment import kv_dir
+    from duopool.kv.segment import huge_pages, kv_dir
 
     t_start = time.perf_counter()
     cases = _cases(args.quick)
     names = [n.strip() for n in args.transports.split(",") if n.strip()]
     memcpy = _memcpy(cases)
-    base = kv_dir()
+    base = args.kv_dir or kv_dir()
     base.mkdir(parents=True, exist_ok=True)
+    pages = huge_pages(base)
+    print(f"segments in {base} ({'tmpfs ' + pages if pages else '4 KiB pages'})", file=sys.stderr)
     root = pathlib.Path(tempfile.mkdtemp(prefix="bench-", dir=base))
     transports: dict[str, dict] = {}
     try:
@@ -250,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
                           "blocks": req["blocks"], "block_bytes": BLOCK_BYTES, "bytes": req["bytes"],
                           "model": "Llama-3-8B layer shape (8 KV heads x 128, fp16)"
                                    + ("; 4 of 32 layers (--quick)" if args.quick else "; all 32 layers")},
+        "kv_dir": str(base), "kv_dir_pages": pages or "4KiB",
         "quick": bool(args.quick),
         "unavailable": _gpu_notes(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
@@ -264,6 +270,8 @@ def run(args: argparse.Namespace) -> int:
             "memcpy: numpy copyto into a preallocated buffer, one thread; memcpy_gb_s is measured first in "
             "the parent; shm entries also carry paired_memcpy_gb_s, a memcpy of the same size timed in the "
             "receiver just before each shm repetition (same moment, same process), and their ratio",
+            "kv_dir_pages: 4KiB = a reader's first touch of each 4 KiB page of a fresh segment faults (the "
+            "shm ceiling is then ~55-60% of memcpy); huge=... = a tmpfs with transparent huge pages",
             "2 shared vCPUs: figures are noisy",
         ],
     }
@@ -285,4 +293,5 @@ def _print_table(r: dict) -> None:
     if r.get("shm_vs_memcpy_64MiB") is not None:
         paired = r["transports"]["shm"]["64MiB"].get("vs_paired_memcpy")
         print(f"shm / memcpy at 64 MiB: {r['shm_vs_memcpy_64MiB']:.0%} (vs a memcpy timed alongside: {paired:.0%})")
-    print(f"request: {r['request_shape']['bytes'] / MIB:.0f} MiB ({r['request_shape']['model']})")
+    print(f"request: {r['request_shape']['bytes'] / MIB:.0f} MiB ({r['request_shape']['model']}); "
+          f"segments in {r['kv_dir']} ({r['kv_dir_pages']})")

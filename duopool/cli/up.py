@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="least-loaded", help="placement policy [least-loaded]")
     p.add_argument("--run-dir", type=pathlib.Path, default=None,
                    help="where service logs go [~/.cache/duopool/runs/<time>]")
+    p.add_argument("--kv-root", type=pathlib.Path, default=pathlib.Path(os.environ.get("DUOPOOL_KV_ROOT", "/dev/shm")),
+                   help="tmpfs under which the cluster keeps its KV segments; one mounted with huge=within_size "
+                        "makes same-host KV copies ~1.7x faster (docs/kv-transfer.md) [DUOPOOL_KV_ROOT or /dev/shm]")
     p.add_argument("--prompt", default=None, help="send this prompt once the cluster is up and stream the answer")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens for --prompt [128]")
     p.add_argument("--exit", action="store_true", help="stop the cluster after --prompt instead of serving")
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                     decode_workers=args.decode, threads=args.threads, max_model_len=args.max_model_len,
                     policy=args.policy)
     run_dir = args.run_dir or cache_dir() / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    cluster = LocalCluster(topo, run_dir, redis_url=args.redis_url, router_port=args.port)
+    cluster = LocalCluster(topo, run_dir, redis_url=args.redis_url, router_port=args.port, kv_root=args.kv_root)
     cluster.log = lambda m: print(m, file=sys.stderr, flush=True)
     label = "SIMULATED engine" if args.engine == "sim" else f"vLLM, model {args.model}"
     print(f"duopool: starting a local cluster ({label}; logs in {run_dir})", file=sys.stderr, flush=True)

@@ -38,6 +38,42 @@ def kv_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("DUOPOOL_KV_DIR", DEFAULT_KV_DIR))
 
 
+def mount_of(path: pathlib.Path, mounts: str | None = None) -> tuple[str, str, str]:
+    """(mount point, filesystem type, mount options) of the filesystem holding ``path`` (Linux
+    /proc/self/mounts, or ``mounts`` in its format; the longest mount point that is a prefix of the path);
+    ("", "", "") when unknown."""
+    if mounts is None:
+        try:
+            mounts = pathlib.Path("/proc/self/mounts").read_text()
+        except OSError:
+            return "", "", ""
+    lines = mounts.splitlines()
+    target = str(path.resolve() if path.exists() else path.absolute())
+    best = ("", "", "")
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+            best = (mnt, parts[2], parts[3])
+    return best
+
+
+def huge_pages(directory: pathlib.Path, mounts: str | None = None) -> str:
+    """How segment files under ``directory`` are paged: ``"huge=<mode>"`` on a tmpfs mounted with
+    transparent huge pages (``huge=always|within_size|advise``), else ``""`` (4 KiB pages). With 4 KiB pages
+    a reader's first touch of a fresh segment costs a page fault per 4 KiB, which holds a same-host copy to
+    ~55-60% of memcpy; on a huge-page tmpfs it runs at ~memcpy speed (docs/kv-transfer.md)."""
+    _, fstype, options = mount_of(directory, mounts)
+    if fstype != "tmpfs":
+        return ""
+    for opt in options.split(","):
+        if opt.startswith("huge=") and opt not in ("huge=never", "huge=deny"):
+            return opt
+    return ""
+
+
 def segment_path(transfer_id: str, directory: pathlib.Path | None = None) -> pathlib.Path:
     if not transfer_id or "/" in transfer_id or transfer_id.startswith("."):
         raise ValueError(f"invalid transfer_id {transfer_id!r}")

@@ -47,7 +47,7 @@ from duopool.common.config import KvTransferConfig
 from duopool.common.rpc import Server
 from duopool.common.telemetry import init_telemetry
 from duopool.kv.pool import KvPool, PoolFull
-from duopool.kv.segment import KvSegment, SegmentError, segment_path, unlink_segment
+from duopool.kv.segment import KvSegment, SegmentError, huge_pages, segment_path, unlink_segment
 from duopool.kv.transport import grpc_stream
 from duopool.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc
 
@@ -381,6 +381,12 @@ async def serve(config: KvTransferConfig, stop: asyncio.Event, ready: asyncio.Ev
     log.info("kvtransfer serving on %s:%d (segments in %s, lease %.1fs, pool %s)", config.host, server.port,
              config.kv_dir, config.lease_s,
              f"{pool.capacity_bytes} bytes {pool.policy}, {pool.entries} adopted" if pool else "disabled")
+    huge = huge_pages(pathlib.Path(config.kv_dir))
+    if huge:
+        log.info("KV segments on a huge-page tmpfs (%s)", huge)
+    else:
+        log.info("KV segments on 4 KiB pages: same-host transfers run at ~55-60%% of memcpy; a tmpfs mounted "
+                 "with huge=within_size as --kv-dir brings them near memcpy (docs/kv-transfer.md)")
     if ready is not None:
         ready.set()
     tick_s = min(0.5, config.lease_s / 4)

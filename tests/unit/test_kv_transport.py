@@ -185,3 +185,29 @@ def test_grpc_receiver_rejects_wrong_transfer(dirs):
     with pytest.raises(TransferError):
         ChunkReceiver("b", dst).write(off, bytes(head))
     seg.close()
+
+
+MOUNTS = """\
+overlay / overlay rw,relatime 0 0
+tmpfs /dev/shm tmpfs rw,nosuid,nodev,size=65536k 0 0
+tmpfs /mnt/huge tmpfs rw,relatime,size=2097152k,huge=within_size 0 0
+tmpfs /mnt/never tmpfs rw,relatime,huge=never 0 0
+tmpfs /mnt/my\\040dir tmpfs rw,huge=always 0 0
+"""
+
+
+@pytest.mark.parametrize(("directory", "want"), [
+    ("/dev/shm/duopool-kv", ""),
+    ("/mnt/huge/duopool-kv", "huge=within_size"),
+    ("/mnt/huge", "huge=within_size"),
+    ("/mnt/hugepages/kv", ""),  # a prefix of the name is not the mount
+    ("/mnt/never/kv", ""),
+    ("/mnt/my dir/kv", "huge=always"),
+    ("/var/tmp/kv", ""),  # not a tmpfs
+])
+def test_huge_page_tmpfs_is_recognised(directory, want):
+    import pathlib
+
+    from duopool.kv.segment import huge_pages
+
+    assert huge_pages(pathlib.Path(directory), MOUNTS) == want
