@@ -102,7 +102,7 @@ def render_compose(topo: Topology | None = None) -> str:
         "services:",
         "  redis:",
         '    image: "redis:7-alpine"',
-        '    command: ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec"]',
+        '    command: ["redis-server", "--appendonly", "yes", "--appendfsync", "always"]',
         "    volumes:",
         '      - "redis-data:/data"',
         "    healthcheck:",

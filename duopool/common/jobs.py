@@ -71,6 +71,7 @@ return 1
 """
 
 _REQUEUE = """
+if #redis.call('XRANGE', KEYS[3], ARGV[4], ARGV[4]) == 0 then return 0 end
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then
   redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1], 'index', ARGV[2], 'prompt', ARGV[9],
              'generated', ARGV[5], 'text', ARGV[6], 'preemptions', ARGV[7])

@@ -61,7 +61,9 @@ class RedisServer:
         persistence = ["--appendonly", "no"]
         if self._data_dir is not None:
             self._data_dir.mkdir(parents=True, exist_ok=True)
-            persistence = ["--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self._data_dir)]
+            # fsync every write: an accepted batch job is on disk before SubmitBatch answers (a crash loses
+            # nothing accepted); the write rate here is a few commands per request and per heartbeat.
+            persistence = ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self._data_dir)]
         self._proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
              "--protected-mode", "yes"],
@@ -89,6 +91,12 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: no shutdown, no final flush); ``start()`` brings it back on the same port."""
+        if self._proc and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
 
     def __enter__(self) -> RedisServer:
         return self.start()

@@ -15,6 +15,7 @@ import logging
 import uuid
 
 import grpc
+from redis.exceptions import RedisError
 
 from duopool.common.jobs import JobStore, QueueEntry
 from duopool.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -22,6 +23,7 @@ from duopool.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 log = logging.getLogger("duopool.dispatcher")
 
 REQUEUE_BACKOFF_S = 0.2
+STORE_RETRY_S = 120.0  # how long a finished request's queue update is retried while Redis is unreachable
 
 
 class OfflineDispatcher:
@@ -86,7 +88,8 @@ class OfflineDispatcher:
             await self._run_request(entry, rid, prefill_w, decode_w)
         except Exception:  # noqa: BLE001
             log.exception("offline request %s/%d failed unexpectedly; re-queued", entry.job_id, entry.index)
-            await self.store.requeue(entry, entry.prompt, entry.generated, entry.text, preempted=False)
+            await self._durably("requeue", entry, lambda: self.store.requeue(
+                entry, entry.prompt, entry.generated, entry.text, preempted=False))
         finally:
             self.service.release(rid)
             self.running.pop(entry.entry_id, None)
@@ -139,8 +142,8 @@ class OfflineDispatcher:
                     return
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                await self.store.complete(entry, {"custom_id": item["custom_id"], "error": exc.details()}, 0,
-                                          failed=True)
+                error = {"custom_id": item["custom_id"], "error": exc.details()}
+                await self._durably("complete", entry, lambda: self.store.complete(entry, error, 0, failed=True))
                 return
             preempted = exc.code() == grpc.StatusCode.ABORTED
             if not preempted:
@@ -150,15 +153,38 @@ class OfflineDispatcher:
             await self._requeue(entry, prompt, generated, text, preempted=preempted)
             return
         self.completed += 1
-        await self.store.complete(entry, {
+        result = {
             "custom_id": item["custom_id"], "text": text, "token_ids": generated, "finish_reason": finish,
             "prefill_worker": prefill_w.worker_id, "decode_worker": decode_w.worker_id,
             "preemptions": entry.preemptions,
-        }, output_tokens=len(generated), failed=False)
+        }
+        await self._durably("complete", entry, lambda: self.store.complete(
+            entry, result, output_tokens=len(generated), failed=False))
 
     async def _requeue(self, entry, prompt, generated, text, preempted: bool) -> None:
         self.requeued += 1
-        await self.store.requeue(entry, prompt if generated else entry.prompt, generated, text, preempted)
+        await self._durably("requeue", entry, lambda: self.store.requeue(
+            entry, prompt if generated else entry.prompt, generated, text, preempted))
+
+    async def _durably(self, what: str, entry: QueueEntry, op) -> None:
+        """Runs a queue update (one Lua script, idempotent: a complete records a result once, a requeue of an
+        entry already replaced is a no-op) until Redis takes it, so a Redis restart mid-request neither loses
+        the work done nor runs the request again. After ``STORE_RETRY_S`` it gives up: the entry stays
+        pending at this consumer and runs again after a restart or a stale claim."""
+        delay, deadline = 0.1, asyncio.get_running_loop().time() + STORE_RETRY_S
+        while True:
+            try:
+                await op()
+                return
+            except (RedisError, OSError) as exc:
+                if asyncio.get_running_loop().time() >= deadline:
+                    log.error("offline request %s/%d: %s not recorded (%s); left pending", entry.job_id,
+                              entry.index, what, exc)
+                    return
+                log.warning("offline request %s/%d: %s failed (%s); retrying", entry.job_id, entry.index, what,
+                            exc)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
 
     async def _abandon(self, prefill_w, rid: str, kv) -> None:
         """Frees the KV a prefill exported for a decode that will not happen (else its lease frees it)."""
