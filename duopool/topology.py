@@ -42,6 +42,11 @@ class Topology:
     max_model_len: int = 2048
     kv_cache_gib: float = 1.0
     policy: str = "least-loaded"
+    pressure_scope: str = ""  # "" = host for vllm engines (CPU engines of one machine share its cores), else worker
+
+    @property
+    def scope(self) -> str:
+        return self.pressure_scope or ("host" if self.engine == "vllm" else "worker")
 
 
 def services(topo: Topology, bind: dict[str, str], port: dict[str, int], addr: dict[str, str],
@@ -51,7 +56,7 @@ def services(topo: Topology, bind: dict[str, str], port: dict[str, int], addr: d
     specs = [
         ServiceSpec("scheduler", "scheduler", {
             "host": bind["scheduler"], "port": str(port["scheduler"]), "redis-url": redis_url,
-            "policy": topo.policy}),
+            "policy": topo.policy, "pressure-scope": topo.scope}),
         ServiceSpec("kvtransfer", "kvtransfer", {
             "host": bind["kvtransfer"], "port": str(port["kvtransfer"]), "kv-dir": kv_dir}),
     ]
@@ -121,6 +126,8 @@ def render_compose(topo: Topology | None = None) -> str:
             '      OTEL_EXPORTER_OTLP_ENDPOINT: "http://otel-collector:4317"',
             f'      OTEL_SERVICE_NAME: "duopool-{spec.name}"',
         ]
+        if spec.service in ("worker", "kvtransfer"):  # one KV host: they share the kv-shm volume
+            lines.append('      DUOPOOL_HOST_ID: "compose-host"')
         if spec.service == "worker":
             lines += ["    volumes:", '      - "kv-shm:/dev/shm/duopool-kv"', '      - "model-cache:/root/.cache/duopool"']
         if spec.service == "kvtransfer":

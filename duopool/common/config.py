@@ -67,6 +67,10 @@ class SchedulerConfig(ServiceConfig):
                                "when offline work is preempted: slo = a worker's online latency nears its SLO "
                                "or online requests queue up there; online = any online request landing on it "
                                "(docs/colocation.md)", ("slo", "online"))
+    pressure_scope: str = opt("worker", "DUOPOOL_PRESSURE_SCOPE",
+                              "what shares online load and SLO pressure for co-location: worker (each worker has "
+                              "its own accelerator) or host (the engines of a host share its CPU cores; "
+                              "duopool up sets it for vllm engines)", ("worker", "host"))
     slo_low: float = opt(0.5, "DUOPOOL_SLO_LOW",
                          "slo trigger: below this SLO pressure (observed latency / SLO) offline work is still "
                          "added next to online work")

@@ -110,9 +110,20 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             for w in workers
         ]
 
+    def _domain(self, worker_id: str) -> list[str]:
+        """The workers whose load counts together for co-location: the worker itself, or with
+        ``--pressure-scope host`` every worker on its host (engines sharing a host's CPU cores slow each
+        other: offline decode on one worker stretches online prefill on its neighbour)."""
+        if self.config.pressure_scope != "host":
+            return [worker_id]
+        host = next((w.host for w in self._workers if w.worker_id == worker_id), None)
+        same = [w.worker_id for w in self._workers if w.host == host] if host is not None else []
+        return same or [worker_id]
+
     def load(self, worker_id: str) -> WorkerLoad:
-        return WorkerLoad(worker_id, self.online[worker_id], self.offline[worker_id],
-                          self.pressure.get(worker_id, 0.0))
+        domain = self._domain(worker_id)
+        return WorkerLoad(worker_id, sum(self.online[w] for w in domain), self.offline[worker_id],
+                          max((self.pressure.get(w, 0.0) for w in domain), default=0.0))
 
     # -- placement ---------------------------------------------------------------------------------------
     def _record(self, rid: str, offline: bool, worker_ids: tuple[str, ...]) -> None:
@@ -157,7 +168,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         return True
 
     def _preempt_for_online(self, worker_ids: tuple[str, ...], by_id: dict[str, registry.WorkerRecord]) -> None:
-        loads = {wid: self.load(wid) for wid in dict.fromkeys(worker_ids)}
+        ids = dict.fromkeys(d for wid in worker_ids for d in self._domain(wid) if d in by_id)
+        loads = {wid: self.load(wid) for wid in ids}
         for wid, count in preemptions(loads, self.limits).items():
             if wid not in self._preempting:
                 self._preempting.add(wid)
