@@ -204,6 +204,8 @@ async def _replay(args, cluster, online, offline) -> dict:
         "goodput_requests_per_s": len(met) / window_s if window_s else 0.0,
         "preemptions": stats.preemptions,
         "preemption_ms": pct(samples) | {"samples": len(samples)},
+        "preempt_trigger": stats.preempt_trigger,
+        "slo_pressure_at_end": {k: round(v, 3) for k, v in sorted(stats.slo_pressure.items())},
     }
 
 
