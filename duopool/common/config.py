@@ -82,6 +82,9 @@ class SchedulerConfig(ServiceConfig):
                                 "seconds between role-balance ticks that move a worker from decode to prefill or "
                                 "back when one side's SLO pressure is high and the other's low; 0 = off, "
                                 "-1 = 5 s with the dopd and ooco+dopd policies, else off")
+    preempt_hold_s: float = opt(5.0, "DUOPOOL_PREEMPT_HOLD_S",
+                                "slo trigger: after a preemption on a worker, no new offline work goes next to "
+                                "online work there for this long (keeps preempt/re-dispatch from thrashing)")
     ttft_slo_ms: float = opt(1000.0, "DUOPOOL_TTFT_SLO_MS", "TTFT SLO for online requests that carry none, ms")
     tpot_slo_ms: float = opt(100.0, "DUOPOOL_TPOT_SLO_MS", "TPOT SLO for online requests that carry none, ms")
 
@@ -111,6 +114,8 @@ class SchedulerConfig(ServiceConfig):
             raise ConfigError("slo_low", "must be in (0, slo_high]")
         if self.online_queue < 0:
             raise ConfigError("online_queue", "must be >= 0")
+        if self.preempt_hold_s < 0:
+            raise ConfigError("preempt_hold_s", "must be >= 0")
         if self.role_balance_s < 0 and self.role_balance_s != -1:
             raise ConfigError("role_balance_s", "must be >= 0, or -1 for the policy's default")
         if not (self.ttft_slo_ms > 0 and self.tpot_slo_ms > 0):

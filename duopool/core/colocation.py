@@ -11,7 +11,9 @@ Two triggers (``ColocationLimits.trigger``):
 ``slo`` (default) — offline work is ballast that stays while online SLOs hold (the papers' point: every
     spare cycle goes to offline work). A worker with online work in flight keeps taking offline requests
     up to ``offline_per_worker`` while its pressure is below ``slo_low``; between ``slo_low`` and
-    ``slo_high`` it takes no new offline work (``offline_with_online``); at ``slo_high`` or above — or when
+    ``slo_high`` — or for ``hold_s`` after a preemption there, so that offline work does not come straight
+    back while the pressure average still remembers the calm before the spike, only to be preempted again
+    — it takes no new offline work (``offline_with_online``); at ``slo_high`` or above — or when
     ``online_queue`` online requests are in flight on it at once (a spike seen before any latency is) —
     offline work beyond ``offline_with_online`` is preempted at once (HyGen's latency-budget first phase,
     OOCO's fast preemption). The band between the two marks is the hysteresis that keeps it from
@@ -40,6 +42,7 @@ class ColocationLimits:
     slo_low: float = 0.5  # pressure below which offline work is still added next to online work
     slo_high: float = 0.8  # pressure at which offline work beyond offline_with_online is preempted
     online_queue: int = 4  # online requests in flight on one worker that preempt regardless of pressure (0: off)
+    hold_s: float = 5.0  # after a preemption, no new offline work next to online work there for this long
 
     def __post_init__(self) -> None:
         if self.offline_per_worker < 0:
@@ -52,6 +55,8 @@ class ColocationLimits:
             raise ValueError("slo_low: must be in (0, slo_high]")
         if self.online_queue < 0:
             raise ValueError("online_queue: must be >= 0")
+        if self.hold_s < 0:
+            raise ValueError("hold_s: must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class WorkerLoad:
     online: int  # online requests in flight on it (placed by this scheduler)
     offline: int  # offline requests in flight on it
     pressure: float = 0.0  # recent observed latency / SLO of its online requests (1.0 = at the SLO)
+    since_preempt_s: float = float("inf")  # time since offline work was last preempted there
 
 
 def _spiking(load: WorkerLoad, limits: ColocationLimits) -> bool:
@@ -75,7 +81,8 @@ def allowed_offline(load: WorkerLoad, limits: ColocationLimits) -> int:
     """How many offline requests this worker may hold now."""
     if load.online <= 0:
         return limits.offline_per_worker
-    if limits.trigger == "slo" and not _spiking(load, limits) and load.pressure < limits.slo_low:
+    if limits.trigger == "slo" and not _spiking(load, limits) and load.pressure < limits.slo_low \
+            and load.since_preempt_s >= limits.hold_s:
         return limits.offline_per_worker
     return limits.offline_with_online
 

@@ -74,8 +74,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.policy = get_placement_policy(config.policy)
         self.limits = ColocationLimits(config.offline_per_worker, config.offline_with_online,
                                        trigger=config.preempt_trigger, slo_low=config.slo_low,
-                                       slo_high=config.slo_high, online_queue=config.online_queue)
+                                       slo_high=config.slo_high, online_queue=config.online_queue,
+                                       hold_s=config.preempt_hold_s)
         self.pressure: dict[str, float] = {}  # worker id -> recent online latency / SLO (moving average)
+        self.preempted_at: dict[str, float] = {}  # worker id -> time.monotonic() of its last preemption
         self.balancer = RoleBalancer(RoleBalanceConfig(high=config.slo_high, low=config.slo_low)) \
             if config.role_balance_interval_s > 0 else None
         self.role_moves = 0
@@ -122,8 +124,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     def load(self, worker_id: str) -> WorkerLoad:
         domain = self._domain(worker_id)
+        last = max((self.preempted_at.get(w, float("-inf")) for w in domain), default=float("-inf"))
         return WorkerLoad(worker_id, sum(self.online[w] for w in domain), self.offline[worker_id],
-                          max((self.pressure.get(w, 0.0) for w in domain), default=0.0))
+                          max((self.pressure.get(w, 0.0) for w in domain), default=0.0),
+                          since_preempt_s=time.monotonic() - last)
 
     # -- placement ---------------------------------------------------------------------------------------
     def _record(self, rid: str, offline: bool, worker_ids: tuple[str, ...]) -> None:
@@ -164,6 +168,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         landed there meanwhile). Counted as a preemption; no latency sample (nothing had to stop)."""
         if not must_yield(self.load(worker_id), self.limits):
             return False
+        self.preempted_at[worker_id] = time.monotonic()
         self.preempted += 1
         return True
 
@@ -182,6 +187,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             resp = await stub.Preempt(worker_pb2.PreemptRequest(
                 request_class=common_pb2.OFFLINE, max_requests=count, reason="online request placed"), timeout=30)
             if resp.request_ids:
+                self.preempted_at[w.worker_id] = time.monotonic()
                 self.preempted += len(resp.request_ids)
                 self.preemption_ms.append((time.perf_counter() - t0) * 1e3)
         except grpc.aio.AioRpcError as exc:

@@ -35,6 +35,15 @@ def test_slo_trigger_keeps_offline_work_while_slos_have_headroom():
     assert not must_yield(calm, SLO)
 
 
+def test_slo_trigger_holds_offline_work_back_for_a_while_after_a_preemption():
+    recent = WorkerLoad("w", online=1, offline=0, pressure=0.1, since_preempt_s=2.0)
+    assert offline_capacity(recent, SLO) == 1  # offline_with_online only
+    later = WorkerLoad("w", online=1, offline=0, pressure=0.1, since_preempt_s=6.0)
+    assert offline_capacity(later, SLO) == 4
+    idle = WorkerLoad("w", online=0, offline=0, pressure=0.1, since_preempt_s=0.5)
+    assert offline_capacity(idle, SLO) == 4  # no online work there: the hold does not apply
+
+
 def test_slo_trigger_hysteresis_band_stops_new_offline_work_without_preempting():
     band = WorkerLoad("w", online=1, offline=3, pressure=0.6)
     assert offline_capacity(band, SLO) == 0
@@ -71,7 +80,7 @@ def test_pressure_is_a_moving_average_of_latency_over_slo():
 
 @pytest.mark.parametrize("kw", [{"offline_per_worker": -1}, {"offline_per_worker": 2, "offline_with_online": 3},
                                 {"trigger": "sometimes"}, {"slo_low": 0.9, "slo_high": 0.8}, {"slo_low": 0},
-                                {"online_queue": -1}])
+                                {"online_queue": -1}, {"hold_s": -1}])
 def test_limits_are_validated(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         ColocationLimits(**kw)
