@@ -19,7 +19,12 @@ profiles with :func:`fit_efficiency`.
 
 Pure: no torch, no clock. ``PerfModel.load(hardware="H100-SXM", model="llama-3.1-8b", tp=1)`` is the
 entry point; ``step_time_s(prefill_lens, decode_contexts)`` the general call, and ``step_time_parts`` /
-``decode_run_times`` the aggregate forms the simulator uses on its hot path.
+``decode_run_times`` / ``decode_run_cumtimes`` the aggregate forms the simulator uses on its hot path.
+
+Memoised per instance (a ``PerfModel`` is frozen, so a cached figure never goes stale): the terms that
+depend only on a token or sequence count, the decode-run constants per batch size, decode-only step times
+per (batch, Σ context) and the decode context budget. A memoised call returns exactly the number the
+computation would.
 """
 
 from __future__ import annotations
@@ -192,7 +197,8 @@ class PerfModel:
         # (in, out) per GPU of the four linear layers of one transformer layer
         lin = [(h, (m.q_dim + 2 * m.kv_dim) / tp), (m.q_dim / tp, h), (h, 2 * i / tp), (i / tp, h)]
         object.__setattr__(self, "_linears", tuple(lin))
-        object.__setattr__(self, "_cache", {})
+        object.__setattr__(self, "_cache", {})  # count-keyed terms (bounded by the batch sizes seen)
+        object.__setattr__(self, "_step_cache", {})  # decode-only step time per (n, Σ context), cleared when full
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -251,11 +257,18 @@ class PerfModel:
     def lm_head_time(self, seqs: int) -> float:
         if seqs <= 0:
             return 0.0
-        m, e = self.model, self.eff
-        n_out = m.vocab_size / self.tp
-        h = m.hidden_size
-        return self._op(2 * h * n_out * seqs, m.dtype_bytes * (seqs * h + h * n_out + seqs * n_out),
-                        e.gemm_compute, e.gemm_bw)
+        c = self._cache
+        key = ("lm", seqs)
+        v = c.get(key)
+        if v is None:
+            m, e = self.model, self.eff
+            n_out = m.vocab_size / self.tp
+            h = m.hidden_size
+            v = self._op(2 * h * n_out * seqs, m.dtype_bytes * (seqs * h + h * n_out + seqs * n_out),
+                         e.gemm_compute, e.gemm_bw)
+            if len(c) < 200_000:
+                c[key] = v
+        return v
 
     def attention_time(self, q_kv_sum: float, q_sum: float, kv_sum: float) -> float:
         """One attention kernel over all layers. ``q_kv_sum`` = Σ q_len·kv_len, ``q_sum`` = Σ q_len,
@@ -306,11 +319,23 @@ class PerfModel:
                                float(sum(decode_contexts))).total
 
     def chunked_step_time_s(self, chunks: Sequence[tuple[int, int]], decode_n: int, decode_ctx_sum: float) -> float:
-        return self.step_parts(chunks, decode_n, decode_ctx_sum).total
+        if chunks:
+            return self.step_parts(chunks, decode_n, decode_ctx_sum).total
+        # decode-only: the policies ask for the same (n, Σ context) several times per step
+        c = self._step_cache
+        key = (decode_n, decode_ctx_sum)
+        v = c.get(key)
+        if v is None:
+            v = self.step_parts((), decode_n, decode_ctx_sum).total
+            if len(c) >= 65_536:
+                c.clear()
+            c[key] = v
+        return v
 
     def decode_run_times(self, n: int, ctx_sum: float, k: int) -> np.ndarray:
         """Durations of ``k`` consecutive decode-only steps of ``n`` sequences starting at Σ context
-        ``ctx_sum`` (each step adds one token per sequence). Vectorised: the simulator's hot path."""
+        ``ctx_sum`` (each step adds one token per sequence), vectorised. The simulator uses the running sums,
+        :meth:`decode_run_cumtimes`."""
         if n <= 0 or k <= 0:
             return np.zeros(max(k, 0))
         fixed = self.linear_time(n) + self.allreduce_time(n) + self.lm_head_time(n) + self.eff.step_overhead_s
@@ -322,12 +347,45 @@ class PerfModel:
         bytes_t = m.dtype_bytes * (2 * n * hq + 2 * ctx * hkv) / (hw.mem_bw * e.attn_bw)
         return fixed + np.maximum(flops_t, bytes_t) * m.num_hidden_layers
 
+    def decode_run_cumtimes(self, n: int, ctx_sum: float, k: int) -> list[float]:
+        """End of each of the ``k`` steps of :meth:`decode_run_times`, relative to the run's start: exactly
+        ``np.cumsum(decode_run_times(n, ctx_sum, k))`` (the same float operations in the same order, one
+        step at a time), as a list. Cheaper for the short runs the simulator mostly makes (most end at
+        the next sequence's completion, a few steps ahead)."""
+        if n <= 0 or k <= 0:
+            return [0.0] * max(k, 0)
+        key = ("run", n)
+        consts = self._cache.get(key)
+        if consts is None:
+            m, e, hw = self.model, self.eff, self.hardware
+            hq = m.q_dim / self.tp
+            hkv = max(1, m.num_key_value_heads // self.tp) * m.head_dim
+            fixed = self.linear_time(n) + self.allreduce_time(n) + self.lm_head_time(n) + e.step_overhead_s
+            consts = (fixed, 4 * hq, hw.peak_flops * e.attn_compute, m.dtype_bytes, 2 * n * hq, hkv,
+                      hw.mem_bw * e.attn_bw, m.num_hidden_layers)
+            if len(self._cache) < 200_000:
+                self._cache[key] = consts
+        fixed, flops_per_ctx, flops_rate, dt, q_bytes, hkv, bw_rate, layers = consts
+        out = []
+        total = 0.0
+        for i in range(k):
+            ctx = ctx_sum + n * float(i)
+            flops_t = flops_per_ctx * ctx / flops_rate
+            bytes_t = dt * (q_bytes + 2 * ctx * hkv) / bw_rate
+            total += fixed + (flops_t if flops_t >= bytes_t else bytes_t) * layers
+            out.append(total)
+        return out
+
     def decode_ctx_budget(self, n: int, budget_s: float, pad_to: int = 0) -> float:
         """Largest Σ context a decode-only step of ``n`` sequences may have and still take at most
         ``budget_s`` (linear layers at ``max(n, pad_to)`` tokens). Closed form of the roofline; -1 if even
         an empty context exceeds the budget."""
         if n <= 0:
             return math.inf
+        key = ("budget", n, budget_s, pad_to)
+        v = self._cache.get(key)
+        if v is not None:
+            return v
         m, e, hw = self.model, self.eff, self.hardware
         fixed = (self.linear_time(max(n, pad_to)) + self.allreduce_time(max(n, pad_to)) + self.lm_head_time(n)
                  + e.step_overhead_s)
@@ -337,10 +395,19 @@ class PerfModel:
         c_flops = left * hw.peak_flops * e.attn_compute / (4 * hq)
         c_bytes = (left * hw.mem_bw * e.attn_bw / m.dtype_bytes - 2 * n * hq) / (2 * hkv)
         c = min(c_flops, c_bytes)
-        return c if c >= 0 else -1.0
+        v = c if c >= 0 else -1.0
+        if len(self._cache) < 200_000:
+            self._cache[key] = v
+        return v
 
     def prefill_time_s(self, length: int) -> float:
-        return self.step_time_s([length], [])
+        key = ("prefill", length)
+        v = self._cache.get(key)
+        if v is None:
+            v = self.step_time_s([length], [])
+            if len(self._cache) < 200_000:
+                self._cache[key] = v
+        return v
 
     def saturation_batch(self) -> int:
         """Smallest token batch at which the linear layers turn compute-bound (OOCO's linear saturation)."""

@@ -4,7 +4,7 @@ Main loop: pop the next event (receive), let the policy plan the instance's next
 its duration from the roofline model (execute), apply the outcome at the step's end (update).
 
 Events: online arrival, step end, KV arrival (transfer done), periodic policy tick, idle poll. A decode-only
-plan runs as one event for up to ``max_run_steps`` iterations (durations vectorised); anything delivered to
+plan runs as one event for up to ``max_run_steps`` iterations (durations from one roofline call); anything delivered to
 the instance meanwhile truncates the run at the next iteration boundary, so decisions still happen at
 every step where something changed. Deterministic for a seed (the seed orders the offline backlog).
 """
@@ -12,14 +12,14 @@ every step where something changed. Deterministic for a seed (the seed orders th
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import random
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from duopool.core.perfmodel import Efficiency, PerfModel
 from duopool.core.placement import Role
@@ -52,12 +52,12 @@ class SimConfig:
             raise ValueError("sim config field 'max_run_steps' must be >= 1")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Run:
     plan: StepPlan
     k: int
     start: float
-    cum: np.ndarray | None  # cumulative durations of a decode run
+    cum: list[float] | None  # cumulative durations of a decode run
     dur: float
     aborted: bool = False
 
@@ -92,10 +92,11 @@ class Simulator:
             inst = Instance(i, role, pool, cap, offline_only=off_only)
             inst.cur = None  # type: ignore[attr-defined]
             inst.token = 0  # type: ignore[attr-defined]
+            inst.inbox_online = 0  # type: ignore[attr-defined]  # online requests in inst.inbox
             insts.append(inst)
         self.cluster = Cluster(insts)
         self.events: list = []
-        self._seq = 0
+        self._seq = itertools.count(1)  # FIFO among events at the same time
         self.now = 0.0
         self.n_events = 0
         self.n_steps = 0
@@ -116,11 +117,16 @@ class Simulator:
             self._arr, self._inp, self._out = [], [], []
             self.horizon = cfg.max_time_s or 0.0
         self._arr_i = 0
+        self._off_inp: list[int] = []  # the offline trace as plain lists: indexing numpy per request is slow
+        self._off_out: list[int] = []
+        if offline is not None and len(offline):
+            self._off_inp = [int(x) for x in offline.input_tokens.tolist()]
+            self._off_out = [int(x) for x in offline.output_tokens.tolist()]
+        self._off_done_i = 0  # offline_reqs[:i] are all done (a finished request stays finished)
 
     # ================================================================ events
     def _push(self, t: float, kind: int, a=None, b=None) -> None:
-        self._seq += 1
-        heapq.heappush(self.events, (t, self._seq, kind, a, b))
+        heapq.heappush(self.events, (t, next(self._seq), kind, a, b))
 
     def run(self) -> SimResult:
         wall0 = time.perf_counter()
@@ -132,34 +138,41 @@ class Simulator:
         for inst in self.cluster.instances:
             self._push(0.0, _WAKE, inst)
         stop_at = self.cfg.max_time_s if self.cfg.max_time_s is not None else math.inf
+        # stop conditions that cannot change during the run, evaluated once
+        stop_when_online_done = self.online_trace is not None and len(self.online_trace) > 0
+        n_arrivals = len(self._arr)
+        stop_when_offline_done = self.cfg.offline_limit is not None and not self._arr
+        progress = self.progress if self.progress and self.horizon > 0 else None
         next_report = 0.0
         ev = self.events
+        heappop = heapq.heappop
+        cluster = self.cluster
+        finish_step, start_step = self._finish_step, self._start_step
         while ev:
-            t, _, kind, a, b = heapq.heappop(ev)
+            t, _, kind, a, b = heappop(ev)
             if t > stop_at:
                 self.now = stop_at
                 break
-            self.now = self.cluster.now = t
+            self.now = cluster.now = t
             self.n_events += 1
             if kind == _STEP:
                 if a.token == b:
-                    self._finish_step(a)
+                    finish_step(a)
             elif kind == _ARRIVE:
                 self._arrive()
             elif kind == _KV:
                 self._kv_arrived(a, b)
             elif kind == _WAKE:
                 if not a.busy:
-                    self._start_step(a)
+                    start_step(a)
             elif kind == _TICK:
                 self._tick()
-            if self.online_trace is not None and len(self.online_trace) and self.online_left == 0 \
-                    and self._arr_i >= len(self._arr):
+            if stop_when_online_done and self.online_left == 0 and self._arr_i >= n_arrivals:
                 break
-            if self.cfg.offline_limit is not None and not self._arr and self._offline_all_done():
+            if stop_when_offline_done and self._offline_all_done():
                 break
-            if self.progress and self.horizon > 0 and t >= next_report:
-                self.progress(min(1.0, t / self.horizon))
+            if progress is not None and t >= next_report:
+                progress(min(1.0, t / self.horizon))
                 next_report = t + self.horizon / 200
         if self.progress:
             self.progress(1.0)
@@ -178,19 +191,27 @@ class Simulator:
             return
         batch = []
         n = 4096 if limit is None else min(4096, limit - self._offline_made)
+        randrange, size, now = self._rng.randrange, len(tr), self.now
+        inp, out, prefixes = self._off_inp, self._off_out, tr.prefix_hashes
+        rid = self._next_rid
         for _ in range(n):
-            j = self._rng.randrange(len(tr))
-            pre = tr.prefix_hashes[j] if tr.prefix_hashes is not None else None
-            r = Req(self._next_rid, OFFLINE, self.now, int(tr.input_tokens[j]), int(tr.output_tokens[j]), pre)
-            r.queued_t = self.now
-            self._next_rid += 1
-            batch.append(r)
+            j = randrange(size)
+            batch.append(Req(rid, OFFLINE, now, inp[j], out[j], prefixes[j] if prefixes is not None else None,
+                             queued_t=now))
+            rid += 1
+        self._next_rid = rid
         self._offline_made += n
         self.offline_reqs.extend(batch)
         bl.extend(self.policy.order_backlog(batch))
 
     def _offline_all_done(self) -> bool:
-        return not self.cluster.backlog and all(r.phase == Phase.DONE for r in self.offline_reqs)
+        if self.cluster.backlog:
+            return False
+        reqs, i = self.offline_reqs, self._off_done_i
+        while i < len(reqs) and reqs[i].phase == Phase.DONE:
+            i += 1
+        self._off_done_i = i
+        return i == len(reqs)
 
     def _arrive(self) -> None:
         i = self._arr_i
@@ -233,20 +254,22 @@ class Simulator:
             self._push(end, _STEP, inst, inst.token)
             return
         if run.k > 1 and run.cum is not None:
-            j = int(np.searchsorted(run.cum, now - run.start, side="left"))
-            j = min(j, run.k - 1)
+            j = min(bisect_left(run.cum, now - run.start), run.k - 1)
             if j + 1 < run.k:
                 run.k = j + 1
                 inst.token += 1
-                self._push(run.start + float(run.cum[j]), _STEP, inst, inst.token)
+                self._push(run.start + run.cum[j], _STEP, inst, inst.token)
 
     def _start_step(self, inst: Instance) -> None:
         now = self.now
         if inst.pending_role is not None:
             self._apply_role(inst)
-        self._release_pending(inst)
-        self._join_inbox(inst)
-        self._refill_backlog()
+        if inst.pending_out:
+            self._release_pending(inst)
+        if inst.inbox:
+            self._join_inbox(inst)
+        if len(self.cluster.backlog) < 2048:
+            self._refill_backlog()
         plan = self.policy.plan(inst, self.cluster, now)
         for r in plan.evict:
             if r.phase == Phase.DECODING and r.inst == inst.idx:
@@ -258,10 +281,15 @@ class Simulator:
                 self._admit_offline(inst, r)
         n = inst.n_decoding if plan.decode else 0
         if plan.chunks:
-            chunks = [(c, r.prefilled + c) for r, c in plan.chunks]
+            chunks = []
+            all_offline = True
+            for r, c in plan.chunks:
+                chunks.append((c, r.prefilled + c))
+                if r.cls == ONLINE:
+                    all_offline = False
             dur = self.pm.chunked_step_time_s(chunks, n, inst.ctx_sum() if n else 0)
             run = _Run(plan, 1, now, None, dur)
-            inst.running_offline_prefill = not any(r.cls == ONLINE for r, _ in plan.chunks)
+            inst.running_offline_prefill = all_offline
         elif n:
             if not self._ensure_memory(inst):
                 n = inst.n_decoding
@@ -273,8 +301,8 @@ class Simulator:
                 k = min(k, max(1, nf - inst.steps))
             free = inst.kv_free()
             k = max(1, min(k, free // n if n else k))
-            cum = np.cumsum(self.pm.decode_run_times(n, inst.ctx_sum(), k))
-            dur = float(cum[-1])
+            cum = self.pm.decode_run_cumtimes(n, inst.ctx_sum(), k)
+            dur = cum[-1]
             run = _Run(plan, k, now, cum, dur)
             inst.running_offline_prefill = False
         else:
@@ -348,7 +376,7 @@ class Simulator:
         if dst == inst.idx:
             r.kv_res = r.prompt + inst.block_size
             inst.kv_reserved += r.kv_res
-            inst.inbox.append(r)
+            self._to_inbox(inst, r)
         else:
             self._transfer(r, self.cluster.instances[dst], r.prompt + 1)
 
@@ -364,39 +392,58 @@ class Simulator:
         dst.incoming -= 1
         dst.kv_reserved -= r.kv_res  # waiting to join, its KV sits in the transfer buffer
         r.kv_res = 0
-        dst.inbox.append(r)
+        self._to_inbox(dst, r)
         self._poke(dst)
 
+    def _to_inbox(self, inst: Instance, r: Req) -> None:
+        inst.inbox.append(r)
+        if r.cls == ONLINE:
+            inst.inbox_online += 1
+
     def _join_inbox(self, inst: Instance) -> None:
-        if not inst.inbox:
-            return
         box = inst.inbox
-        if any(r.cls == ONLINE for r in box) and box[0].cls != ONLINE:
+        if not box:
+            return
+        online_left = inst.inbox_online  # online requests in ``box`` not looked at yet
+        if online_left and box[0].cls != ONLINE:
             box = deque(sorted(box, key=lambda r: r.cls))  # online first, FIFO within a class
-        inst.inbox = deque()
+        inst.inbox = waiting = deque()
+        waiting_online = 0
         max_seqs = self.pcfg.max_num_seqs
         blocked = [False, False]  # per class: FIFO, so once one waits the rest of its class waits too
         victims = inst.newest_offline_decodes()
         no_victims = False
-        for r in box:
+        items = iter(box)
+        for r in items:
+            online = r.cls == ONLINE
+            if online:
+                online_left -= 1
             if blocked[r.cls]:
-                inst.inbox.append(r)
-                continue
-            need = r.prompt + r.output + inst.block_size
-            if r.cls == ONLINE and not no_victims:
-                while inst.n_decoding >= max_seqs or inst.kv_free() + r.kv_res < need:
-                    v = next(victims, None)
-                    if v is None:
-                        no_victims = True
-                        break
-                    self._evict(inst, v)
-            if inst.n_decoding >= max_seqs or inst.kv_free() + r.kv_res < min(need, r.prompt + r.generated + 64):
-                inst.inbox.append(r)  # waits for room, keeping its reservation
-                blocked[r.cls] = True
-                continue
-            inst.kv_reserved -= r.kv_res
-            r.kv_res = 0
-            inst.add_decode(r, self._tpot)
+                waiting.append(r)
+                waiting_online += online
+            else:
+                need = r.prompt + r.output + inst.block_size
+                if online and not no_victims:
+                    while inst.n_decoding >= max_seqs or inst.kv_free() + r.kv_res < need:
+                        v = next(victims, None)
+                        if v is None:
+                            no_victims = True
+                            break
+                        self._evict(inst, v)
+                if inst.n_decoding >= max_seqs or inst.kv_free() + r.kv_res < min(need, r.prompt + r.generated + 64):
+                    waiting.append(r)  # waits for room, keeping its reservation
+                    waiting_online += online
+                    blocked[r.cls] = True
+                else:
+                    inst.kv_reserved -= r.kv_res
+                    r.kv_res = 0
+                    inst.add_decode(r, self._tpot)
+            if blocked[OFFLINE] and (blocked[ONLINE] or not online_left):
+                # everything behind waits as well (the per-request loop would only re-queue it): keep it as is
+                waiting.extend(items)
+                waiting_online += online_left
+                break
+        inst.inbox_online = waiting_online
 
     def _ensure_memory(self, inst: Instance) -> bool:
         """Engine-level preemption when the next decode step would overflow KV: offline first."""
