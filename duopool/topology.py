@@ -43,10 +43,15 @@ class Topology:
     kv_cache_gib: float = 1.0
     policy: str = "least-loaded"
     pressure_scope: str = ""  # "" = host for vllm engines (CPU engines of one machine share its cores), else worker
+    preempt_trigger: str = ""  # "" = online for vllm engines on shared CPU cores, else slo (docs/colocation.md)
 
     @property
     def scope(self) -> str:
         return self.pressure_scope or ("host" if self.engine == "vllm" else "worker")
+
+    @property
+    def trigger(self) -> str:
+        return self.preempt_trigger or ("online" if self.engine == "vllm" else "slo")
 
 
 def services(topo: Topology, bind: dict[str, str], port: dict[str, int], addr: dict[str, str],
@@ -56,7 +61,7 @@ def services(topo: Topology, bind: dict[str, str], port: dict[str, int], addr: d
     specs = [
         ServiceSpec("scheduler", "scheduler", {
             "host": bind["scheduler"], "port": str(port["scheduler"]), "redis-url": redis_url,
-            "policy": topo.policy, "pressure-scope": topo.scope}),
+            "policy": topo.policy, "pressure-scope": topo.scope, "preempt-trigger": topo.trigger}),
         ServiceSpec("kvtransfer", "kvtransfer", {
             "host": bind["kvtransfer"], "port": str(port["kvtransfer"]), "kv-dir": kv_dir}),
     ]

@@ -44,9 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-output", type=int, default=256, help="clip output lengths [256]")
     p.add_argument("--policy", default="least-loaded", help="scheduler placement policy [least-loaded]")
     p.add_argument("--no-preemption", action="store_true", help="never preempt offline work for online")
-    p.add_argument("--preempt-trigger", choices=("slo", "online"), default="slo",
+    p.add_argument("--preempt-trigger", choices=("slo", "online"), default=None,
                    help="slo: preempt when a worker's online latency nears the SLO or online work queues there; "
-                        "online: on any online arrival (docs/colocation.md) [slo]")
+                        "online: on any online arrival (docs/colocation.md) [online for vllm, slo for sim]")
     p.add_argument("--offline-per-worker", type=int, default=4, help="offline requests per idle worker [4]")
     p.add_argument("--drain-timeout", type=float, default=120.0,
                    help="after the window, wait this long for the offline job to finish (lost/duplicated check)")
@@ -185,7 +185,7 @@ async def _replay(args, cluster, online, offline) -> dict:
     samples = list(stats.preemption_ms)
     return {
         "policy": f"live:{args.policy}+colocation("
-                  f"{'no-preemption' if args.no_preemption else 'preempt:' + args.preempt_trigger})",
+                  f"{'no-preemption' if args.no_preemption else 'preempt:' + stats.preempt_trigger})",
         "engine": args.engine + (" (SIMULATED)" if args.engine == "sim" else ""),
         "workers": {"prefill": args.prefill, "decode": args.decode},
         "window_s": window_s, "rate_scale": args.rate_scale,
@@ -220,16 +220,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"replay: {len(online)} online requests over {args.duration:.0f}s (x{args.rate_scale} rate), "
           f"{len(offline)} offline; {args.prefill}P+{args.decode}D {args.engine} workers"
           f"{' (SIMULATED)' if args.engine == 'sim' else ''}; preemption "
-          f"{'off' if args.no_preemption else 'on (trigger ' + args.preempt_trigger + ')'}",
+          f"{'off' if args.no_preemption else 'on (trigger ' + (args.preempt_trigger or 'topology default') + ')'}",
           file=sys.stderr)
     env = {"DUOPOOL_OFFLINE_PER_WORKER": str(args.offline_per_worker),
            "DUOPOOL_OFFLINE_WITH_ONLINE": str(args.offline_per_worker if args.no_preemption else 0),
            "DUOPOOL_SIM_SPEEDUP": str(args.sim_speedup), "DUOPOOL_SCHEDULER_ID": "replay",
-           "DUOPOOL_PREEMPT_TRIGGER": args.preempt_trigger, "DUOPOOL_TTFT_SLO_MS": str(args.ttft_slo_ms),
+           "DUOPOOL_TTFT_SLO_MS": str(args.ttft_slo_ms),
            "DUOPOOL_TPOT_SLO_MS": str(args.tpot_slo_ms)}
     args.out.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(Topology(engine=args.engine, model=args.model, prefill_workers=args.prefill,
-                                    policy=args.policy,
+                                    policy=args.policy, preempt_trigger=args.preempt_trigger or "",
                                     decode_workers=args.decode, max_model_len=max(2048, args.max_prompt + args.max_output + 8)),
                            args.out / "run", router_port=0, extra_env=env)
     cluster.log = lambda m: print(m, file=sys.stderr, flush=True)

@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="least-loaded", help="placement policy [least-loaded]")
     p.add_argument("--run-dir", type=pathlib.Path, default=None,
                    help="where service logs go [~/.cache/duopool/runs/<time>]")
+    p.add_argument("--preempt-trigger", choices=("slo", "online"), default=None,
+                   help="when offline work is preempted (docs/colocation.md) [online for vllm engines, which share "
+                        "this machine's cores; slo for sim]")
     p.add_argument("--kv-root", type=pathlib.Path, default=pathlib.Path(os.environ.get("DUOPOOL_KV_ROOT", "/dev/shm")),
                    help="tmpfs under which the cluster keeps its KV segments; one mounted with huge=within_size "
                         "makes same-host KV copies ~1.7x faster (docs/kv-transfer.md) [DUOPOOL_KV_ROOT or /dev/shm]")
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     topo = Topology(engine=args.engine, model=args.model, prefill_workers=args.prefill,
                     decode_workers=args.decode, threads=args.threads, max_model_len=args.max_model_len,
-                    policy=args.policy)
+                    policy=args.policy, preempt_trigger=args.preempt_trigger or "")
     run_dir = args.run_dir or cache_dir() / "runs" / time.strftime("%Y%m%d-%H%M%S")
     cluster = LocalCluster(topo, run_dir, redis_url=args.redis_url, router_port=args.port, kv_root=args.kv_root)
     cluster.log = lambda m: print(m, file=sys.stderr, flush=True)

@@ -40,9 +40,10 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, redis_server, otlp_sink):
-    c = LocalCluster(Topology(engine="vllm", model="tiny", max_model_len=2048), tmp_path_factory.mktemp("run"),
+    topo = Topology(engine="vllm", model="tiny", max_model_len=2048, preempt_trigger="online")
+    c = LocalCluster(topo, tmp_path_factory.mktemp("run"),
                      redis_url=redis_server.url.replace("/0", "/2"), router_port=0,
-                     extra_env={**otel_env(otlp_sink), "DUOPOOL_PREEMPT_TRIGGER": "online"})
+                     extra_env=otel_env(otlp_sink))
     c.log = lambda m: print(m, flush=True)
     c.start(timeout=600)
     yield c

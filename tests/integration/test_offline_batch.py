@@ -40,11 +40,10 @@ def prompt(i: int) -> str:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, redis_server):
     # speedup 0.25: simulated steps 4x slower than an H100, so offline requests are still running when the
-    # online burst arrives.
-    c = LocalCluster(Topology(engine="sim", prefill_workers=2, decode_workers=2), tmp_path_factory.mktemp("run"),
-                     redis_url=redis_server.url.replace("/0", "/3"), router_port=0,
-                     extra_env={"DUOPOOL_SIM_SPEEDUP": "0.25", "DUOPOOL_SCHEDULER_ID": "sched-test",
-                                "DUOPOOL_PREEMPT_TRIGGER": "online"})  # the SLO trigger: test_slo_preemption
+    # online burst arrives. The online trigger preempts on any arrival (the SLO trigger: test_slo_preemption).
+    topo = Topology(engine="sim", prefill_workers=2, decode_workers=2, preempt_trigger="online")
+    c = LocalCluster(topo, tmp_path_factory.mktemp("run"), redis_url=redis_server.url.replace("/0", "/3"),
+                     router_port=0, extra_env={"DUOPOOL_SIM_SPEEDUP": "0.25", "DUOPOOL_SCHEDULER_ID": "sched-test"})
     c.log = lambda m: None
     c.start(timeout=120)
     yield c

@@ -35,10 +35,9 @@ def expected(text: str, max_tokens: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, redis_server):
-    c = LocalCluster(Topology(engine="sim", prefill_workers=1, decode_workers=1), tmp_path_factory.mktemp("run"),
-                     redis_url=redis_server.url.replace("/0", "/5"), router_port=0,
-                     extra_env={"DUOPOOL_SIM_SPEEDUP": "0.1", "DUOPOOL_PREEMPT_TRIGGER": "slo",
-                                "OTEL_TRACES_EXPORTER": "none"})
+    topo = Topology(engine="sim", prefill_workers=1, decode_workers=1, preempt_trigger="slo")
+    c = LocalCluster(topo, tmp_path_factory.mktemp("run"), redis_url=redis_server.url.replace("/0", "/5"),
+                     router_port=0, extra_env={"DUOPOOL_SIM_SPEEDUP": "0.1", "OTEL_TRACES_EXPORTER": "none"})
     c.log = lambda m: None
     c.start(timeout=120)
     yield c
