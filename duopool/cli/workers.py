@@ -1,4 +1,5 @@
-"""`duopool workers` (list the cluster's workers) and `duopool health ADDR` (gRPC health check)."""
+"""`duopool workers` (list the cluster's workers), `duopool set-role`, `duopool stats` (the scheduler's
+co-location state) and `duopool health ADDR` (gRPC health check)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     sr.add_argument("--scheduler", default="127.0.0.1:50052",
                     help="scheduler address (an internal service) [127.0.0.1:50052]")
     sr.set_defaults(func=run_set_role)
+    st = sub.add_parser("stats", help="the scheduler's co-location state: in-flight work, preemptions and their "
+                                      "latency, SLO pressure per worker, role moves")
+    st.add_argument("--scheduler", default="127.0.0.1:50052",
+                    help="scheduler address (an internal service) [127.0.0.1:50052]")
+    st.add_argument("--json", action="store_true", help="print JSON instead of text")
+    st.set_defaults(func=run_stats)
     h = sub.add_parser("health", help="check a service's gRPC health (exit 0 when SERVING)")
     h.add_argument("address", help="host:port")
     h.add_argument("--timeout", type=float, default=3.0)
@@ -76,4 +83,33 @@ def run_set_role(args: argparse.Namespace) -> int:
             return 1
     print(f"{info.worker_id}: role {common_pb2.WorkerRole.Name(info.role).lower()}, "
           f"pool {common_pb2.Pool.Name(info.pool).lower()}")
+    return 0
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    import json
+
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from duopool.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    with grpc.insecure_channel(args.scheduler) as ch:
+        try:
+            st = scheduler_pb2_grpc.SchedulerStub(ch).Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    if args.json:
+        d = MessageToDict(st, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        d.pop("preemption_ms", None)
+        print(json.dumps(d, indent=2, sort_keys=True))
+        return 0
+    print(f"policy {st.policy}, preemption trigger {st.preempt_trigger}")
+    print(f"in flight: {st.online_inflight} online, {st.offline_inflight} offline (per worker placement)")
+    print(f"offline: {st.offline_completed} completed, {st.offline_requeued} re-queued; "
+          f"preemptions {st.preemptions} (latency p50/p99 {st.preemption_ms_p50:.1f}/{st.preemption_ms_p99:.1f} ms); "
+          f"role moves {st.role_moves}")
+    for wid, p in sorted(st.slo_pressure.items()):
+        print(f"  {wid:<16} SLO pressure {p:5.2f}")
     return 0

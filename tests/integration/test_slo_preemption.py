@@ -8,6 +8,10 @@ with exactly the uninterrupted tokens, each answered once.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import grpc
 import pytest
 
@@ -81,6 +85,13 @@ def test_offline_work_stays_while_slos_hold_and_is_preempted_once_they_do_not(cl
         st = stats()
         assert min(st.slo_pressure.values()) >= 0.8
         assert st.preemptions >= 1, "SLO pressure above the high mark preempted nothing"
+        # The operator's view of the same state.
+        out = subprocess.run([sys.executable, "-m", "duopool.cli.main", "stats", "--scheduler",
+                              cluster.address("scheduler"), "--json"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        shown = json.loads(out.stdout)
+        assert shown["preempt_trigger"] == "slo" and int(shown["preemptions"]) >= st.preemptions
+        assert set(shown["slo_pressure"]) == {"prefill-0", "decode-0"}
 
         def done():
             b = router.GetBatch(router_pb2.GetBatchRequest(job_id="slo-job"), timeout=5)
