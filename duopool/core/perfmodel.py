@@ -294,6 +294,11 @@ class PerfModel:
                    logits_seqs: int | None = None) -> StepParts:
         """``prefill``: (q_len, kv_len) per prefilling sequence (a chunk: q_len new tokens, kv_len = tokens
         already cached + q_len); decode: count and Σ context."""
+        return StepParts(*self._step_terms(prefill, decode_n, decode_ctx_sum, logits_seqs))
+
+    def _step_terms(self, prefill: Iterable[tuple[int, int]], decode_n: int, decode_ctx_sum: float,
+                    logits_seqs: int | None = None) -> tuple[float, float, float, float, float, float]:
+        """The fields of :meth:`step_parts`, in order (a plain tuple: the hot path needs only their sum)."""
         qkv = q = kv = 0.0
         n_p = 0
         for ql, kl in prefill:
@@ -303,15 +308,13 @@ class PerfModel:
             n_p += 1
         tokens = int(q) + decode_n
         if tokens == 0:
-            return StepParts(0, 0, 0, 0, 0, 0)
-        return StepParts(
-            linear=self.linear_time(tokens),
-            attn_prefill=self.attention_time(qkv, q, kv),
-            attn_decode=self.attention_time(decode_ctx_sum, decode_n, decode_ctx_sum),
-            allreduce=self.allreduce_time(tokens),
-            lm_head=self.lm_head_time(n_p + decode_n if logits_seqs is None else logits_seqs),
-            overhead=self.eff.step_overhead_s,
-        )
+            return (0, 0, 0, 0, 0, 0)
+        return (self.linear_time(tokens),
+                self.attention_time(qkv, q, kv),
+                self.attention_time(decode_ctx_sum, decode_n, decode_ctx_sum),
+                self.allreduce_time(tokens),
+                self.lm_head_time(n_p + decode_n if logits_seqs is None else logits_seqs),
+                self.eff.step_overhead_s)
 
     def step_time_s(self, prefill_lens: Sequence[int] = (), decode_contexts: Sequence[int] = ()) -> float:
         """Step time of a batch of whole prefills (prompt lengths) and decodes (context lengths)."""
@@ -320,13 +323,15 @@ class PerfModel:
 
     def chunked_step_time_s(self, chunks: Sequence[tuple[int, int]], decode_n: int, decode_ctx_sum: float) -> float:
         if chunks:
-            return self.step_parts(chunks, decode_n, decode_ctx_sum).total
+            lin, attn_p, attn_d, ar, head, over = self._step_terms(chunks, decode_n, decode_ctx_sum)
+            return lin + attn_p + attn_d + ar + head + over  # StepParts.total, in the same order
         # decode-only: the policies ask for the same (n, Σ context) several times per step
         c = self._step_cache
         key = (decode_n, decode_ctx_sum)
         v = c.get(key)
         if v is None:
-            v = self.step_parts((), decode_n, decode_ctx_sum).total
+            lin, attn_p, attn_d, ar, head, over = self._step_terms((), decode_n, decode_ctx_sum)
+            v = lin + attn_p + attn_d + ar + head + over
             if len(c) >= 65_536:
                 c.clear()
             c[key] = v

@@ -17,6 +17,7 @@ import heapq
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 
 from duopool.core.placement import PoolName, Role
 
@@ -87,6 +88,10 @@ class Instance:
     running_offline_prefill: bool = False  # current step is an all-offline step with prefill chunks
     step_start: float = 0.0
     step_end: float = 0.0
+    # bumps whenever the decode batch changes (a sequence joins or leaves) or one of its sequences starts or
+    # stops moving: callers may cache what they derive from the batch's membership and order (contexts move
+    # together: ``ctx_of(r) - steps`` is fixed while ``r`` stays)
+    version: int = 0
 
     # ---------------------------------------------------------------- decode batch
     def gen_of(self, r: Req) -> int:
@@ -110,6 +115,7 @@ class Instance:
         r.join_step = self.steps
         r.gen_join = r.generated
         self.decoding[r.rid] = r
+        self.version += 1
         self.n_dec[r.cls] += 1
         self.ctx_base[r.cls] += r.prompt + r.generated - self.steps
         heapq.heappush(self.finish_heap, (self.steps + r.output - r.generated, r.rid, r.epoch, r))
@@ -122,6 +128,7 @@ class Instance:
         """Take ``r`` out of the batch, fixing its generated count; the caller decides where it goes."""
         r.generated = self.gen_of(r)
         del self.decoding[r.rid]
+        self.version += 1
         self.n_dec[r.cls] -= 1
         self.ctx_base[r.cls] -= r.prompt + r.gen_join - r.join_step
         r.epoch += 1
@@ -135,21 +142,27 @@ class Instance:
     def pop_finished(self) -> list[Req]:
         out = []
         h = self.finish_heap
-        while h:
-            fs, _, ep, r = h[0]
-            if ep != r.epoch or r.phase != Phase.DECODING:
-                heapq.heappop(h)
-                continue
-            if fs > self.steps:
-                break
-            heapq.heappop(h)
-            out.append(r)
+        steps = self.steps
+        while h and h[0][0] <= steps:
+            _, _, ep, r = heapq.heappop(h)
+            if ep == r.epoch and r.phase == Phase.DECODING:
+                out.append(r)
         return out
 
     def newest_offline_decodes(self):
         """Offline decodes from the back of the running queue (newest first)."""
-        for r, ep in reversed(list(self.join_order)):  # a snapshot: callers add and remove while iterating
-            if ep == r.epoch and r.phase == Phase.DECODING and r.cls == OFFLINE and r.inst == self.idx and not r.moving:
+        # The queue as of the first ``next``: callers add and remove decodes while iterating, and additions
+        # only append to ``join_order`` (compaction replaces it), so its first ``n`` entries stay put. The
+        # newest few are read in place (callers mostly stop there), the rest from a copy.
+        order, idx = self.join_order, self.idx
+        n = len(order)
+        k = min(n, 16)
+        for i in range(n - 1, n - 1 - k, -1):
+            r, ep = order[i]
+            if ep == r.epoch and r.phase == Phase.DECODING and r.cls == OFFLINE and r.inst == idx and not r.moving:
+                yield r
+        for r, ep in reversed(list(islice(order, n - k))):
+            if ep == r.epoch and r.phase == Phase.DECODING and r.cls == OFFLINE and r.inst == idx and not r.moving:
                 yield r
 
     def compact_join_order(self) -> None:
@@ -168,7 +181,8 @@ class Instance:
     # ---------------------------------------------------------------- memory
     def kv_used(self) -> int:
         """Tokens of KV held: decoding contexts rounded up by a block each, plus reservations."""
-        return self.ctx_sum() + self.n_decoding * self.block_size + self.kv_reserved
+        n = self.n_dec[0] + self.n_dec[1]
+        return self.ctx_base[0] + self.ctx_base[1] + n * self.steps + n * self.block_size + self.kv_reserved
 
     def kv_free(self) -> int:
         return self.kv_capacity - self.kv_used()
@@ -223,6 +237,7 @@ class StepPlan:
 
 
 IDLE = StepPlan(decode=False)
+DECODE = StepPlan()  # decode the running batch, nothing else
 
 
 @dataclass(frozen=True, slots=True)

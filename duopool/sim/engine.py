@@ -490,7 +490,7 @@ class Simulator:
         if r.phase != Phase.DECODING or r.moving or r.inst == dst.idx:
             return
         src = self.cluster.instances[r.inst]
-        r.moving = True
+        self._set_moving(r, True)
         dst.incoming += 1
         src.pending_out.append((r, dst))
         if src.busy:
@@ -498,12 +498,17 @@ class Simulator:
         else:
             self._release_pending(src)
 
+    def _set_moving(self, r: Req, moving: bool) -> None:
+        r.moving = moving
+        if r.phase == Phase.DECODING:  # its instance's batch changed (see Instance.version)
+            self.cluster.instances[r.inst].version += 1
+
     def _release_pending(self, inst: Instance) -> None:
         if not inst.pending_out:
             return
         for r, dst in inst.pending_out:
             dst.incoming -= 1
-            r.moving = False
+            self._set_moving(r, False)
             if r.phase != Phase.DECODING or r.inst != inst.idx:
                 continue
             inst.remove_decode(r)

@@ -14,11 +14,16 @@
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_right
+from itertools import islice
+from operator import itemgetter
 
 from duopool.core.placement import PoolName, Role
 from duopool.core.policies.base import SchedulingPolicy, candidates, least_decoding, register_policy
-from duopool.core.state import IDLE, OFFLINE, Cluster, Instance, Req, StepPlan
+from duopool.core.state import DECODE, IDLE, OFFLINE, Cluster, Instance, Req, StepPlan
+
+Candidates = list[tuple[int, int, Req]]  # (context − the instance's step count, rid, request), sorted
+_base = itemgetter(0)
 
 
 @register_policy("ooco")
@@ -30,6 +35,7 @@ class Ooco(SchedulingPolicy):
     def __init__(self, perf, cfg=None) -> None:
         super().__init__(perf, cfg)
         self._no_pull_until: dict[int, float] = {}
+        self._cands: dict[int, tuple[Instance, int, Candidates]] = {}  # idx -> (instance, version, list)
 
     def route(self, r: Req, cluster: Cluster, now: float) -> int:
         relaxed = candidates(cluster, Role.PREFILL)
@@ -62,50 +68,79 @@ class Ooco(SchedulingPolicy):
         cmax = self.pm.decode_ctx_budget(inst.n_decoding + n + 1, self.step_target(), pad_to=self.sat_batch)
         return max(0, int(cmax - inst.ctx_sum() - ctx))
 
-    def pull_candidates(self, cluster: Cluster) -> list[tuple[int, int, Req]]:
-        """(context, rid, request) of offline decodes that may move: swapped ones, then up to
-        ``scan_per_instance`` of
-        each relaxed instance's running batch; sorted by context."""
-        out = [(r.prompt + r.generated, r.rid, r) for r in cluster.resume if not r.moving]
-        for src in cluster.instances:
-            if src.pool != PoolName.RELAXED or not src.n_dec[OFFLINE]:
-                continue
-            k = 0
-            steps = src.steps
-            for r in src.decoding.values():
-                if r.cls != OFFLINE or r.moving:
-                    continue
-                out.append((r.prompt + r.gen_join + steps - r.join_step, r.rid, r))
-                k += 1
-                if k >= self.scan_per_instance:
-                    break
+    def relaxed_candidates(self, src: Instance) -> Candidates:
+        """(context − ``src.steps``, rid, request) of the first ``scan_per_instance`` offline decodes of
+        relaxed instance ``src``'s running batch that may move, sorted. The contexts of one batch advance
+        together, so the list is kept per instance and rebuilt only when ``src.version`` moves."""
+        hit = self._cands.get(src.idx)
+        if hit is not None and hit[0] is src and hit[1] == src.version:
+            return hit[2]
+        cap = self.scan_per_instance
+        out = [(r.prompt + r.gen_join - r.join_step, r.rid, r)
+               for r in islice(src.decoding.values(), cap) if r.cls == OFFLINE and not r.moving]
+        if len(out) < cap < len(src.decoding):  # some of the first ones may not move: scan further
+            for r in islice(src.decoding.values(), cap, None):
+                if r.cls == OFFLINE and not r.moving:
+                    out.append((r.prompt + r.gen_join - r.join_step, r.rid, r))
+                    if len(out) >= cap:
+                        break
         out.sort()
+        self._cands[src.idx] = (src, src.version, out)
         return out
+
+    def pick_pull(self, cluster: Cluster, sources: list[tuple[int, Candidates]], want: int, free: int,
+                  taken: set[int]) -> tuple[int, Req] | None:
+        """(context, request) of the offline decode to pull: among the swapped ones and the ``sources``
+        (step count and :meth:`relaxed_candidates` of each relaxed instance) not in ``taken`` (rids) whose
+        context + output fits ``free``, the longest context not above ``want`` (ties: the larger rid)."""
+        best_c, best_rid, best = -1, -1, None
+        for r in cluster.resume:
+            if r.moving or r.rid in taken:
+                continue
+            c = r.prompt + r.generated
+            if c <= want and c + r.output <= free and (c > best_c or (c == best_c and r.rid > best_rid)):
+                best_c, best_rid, best = c, r.rid, r
+        for steps, cands in sources:
+            j = bisect_right(cands, want - steps, key=_base) - 1  # longest context not above ``want``
+            while j >= 0:
+                base, rid, r = cands[j]
+                c = base + steps
+                if c < best_c or (c == best_c and rid < best_rid):
+                    break  # the rest of this list cannot beat the best so far
+                if c + r.output <= free and rid not in taken:
+                    best_c, best_rid, best = c, rid, r
+                    break
+                j -= 1
+        return None if best is None else (best_c, best)
 
     def plan_strict(self, inst: Instance, cluster: Cluster, now: float) -> StepPlan:
         target = self.step_target()
-        evict = self.evict_for_budget(inst, target)
-        if not evict and inst.kv_usage() > 0.98:
+        step = self.decode_time(inst)
+        evict = self.evict_for_budget(inst, target) if step > target else ()
+        usage = inst.kv_usage()
+        if not evict and usage > 0.98:
             evict = tuple(list(inst.newest_offline_decodes())[:4])
         chunks = tuple(self.online_prefill_chunks(inst)) if inst.waiting else ()  # leftovers after a role change
         pull: list[Req] = []
         if not evict and not chunks and now >= self._no_pull_until.get(inst.idx, 0.0) \
-                and inst.kv_usage() < self.cfg.kv_watermark and self.decode_time(inst) < target:
+                and usage < self.cfg.kv_watermark and step < target:
             n_add, ctx_add = inst.incoming, inst.incoming * 2048
             free = inst.kv_free() - ctx_add
-            cands = None
+            taken: set[int] = set()
+            sources: list[tuple[int, Candidates]] | None = None
             for _ in range(self.cfg.pull_per_step):
                 want = self.preferred_length(inst, n_add, ctx_add)
                 if want <= 0:
                     break
-                if cands is None:
-                    cands = self.pull_candidates(cluster)
-                j = bisect.bisect_right(cands, (want, 1 << 62)) - 1  # closest length not above the target
-                while j >= 0 and cands[j][0] + cands[j][2].output > free:
-                    j -= 1
-                if j < 0:
+                if sources is None:
+                    relaxed = PoolName.RELAXED
+                    sources = [(src.steps, self.relaxed_candidates(src)) for src in cluster.instances
+                               if src.pool == relaxed and src.n_dec[OFFLINE]]
+                pick = self.pick_pull(cluster, sources, want, free, taken)
+                if pick is None:
                     break
-                c, _rid, r = cands.pop(j)
+                c, r = pick
+                taken.add(r.rid)
                 pull.append(r)
                 n_add += 1
                 ctx_add += c
@@ -114,6 +149,8 @@ class Ooco(SchedulingPolicy):
                 self._no_pull_until[inst.idx] = now + self.pull_backoff_s
         if not inst.n_decoding and not chunks:
             return StepPlan(decode=False, pull=tuple(pull)) if pull else IDLE
+        if not chunks and not evict and not pull:
+            return DECODE
         return StepPlan(chunks=chunks, decode=inst.n_decoding > 0, evict=evict, pull=tuple(pull))
 
     def plan(self, inst: Instance, cluster: Cluster, now: float) -> StepPlan:
