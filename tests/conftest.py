@@ -23,6 +23,18 @@ def otlp_sink():
     sink.stop()
 
 
+def sim_expected_tokens(prompt_ids: list[int], max_tokens: int, seed: int | None = None) -> list[int]:
+    """The tokens the SIMULATED engine produces greedily after ``prompt_ids`` (a known function of the
+    sequence), so live results — preempted and resumed or not — can be checked exactly."""
+    from duopool.worker.engines.sim import sim_token
+
+    out, last = [], prompt_ids[-1]
+    for i in range(max_tokens):
+        last = sim_token(last, len(prompt_ids) + i, seed)
+        out.append(last)
+    return out
+
+
 def otel_env(sink: OtlpSink) -> dict[str, str]:
     return {
         "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,

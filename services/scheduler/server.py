@@ -243,8 +243,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             self.pressure[prefill] = update_pressure(self.pressure.get(prefill), request.ttft_ms, ttft_slo)
         if request.tpot_ms > 0:
             self.pressure[decode] = update_pressure(self.pressure.get(decode), request.tpot_ms, tpot_slo)
-        by_id = {w.worker_id: w for w in self._workers}
-        self._preempt_for_online(tuple(w for w in dict.fromkeys(worker_ids) if w in by_id), by_id)
+        self._preempt_for_online(worker_ids, {w.worker_id: w for w in self._workers})
 
     async def ListWorkers(self, request, context):
         try:
@@ -303,12 +302,17 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         w = workers.get(request.worker_id)
         if w is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"worker_id: {request.worker_id!r} is not registered")
-        role = PB_ROLE.get(request.role, w.role)
-        pool = PB_POOL.get(request.pool, w.pool)
-        await registry.set_desired(self.redis, w.worker_id, role, pool, request.reason or "operator", self.clock())
-        info = await self._apply_role(w, role, pool)
+        info = await self._set_role(w, PB_ROLE.get(request.role, w.role), PB_POOL.get(request.pool, w.pool),
+                                    request.reason or "operator")
         if info is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {w.worker_id} unreachable; desired state kept")
+        return info
+
+    async def _set_role(self, w: registry.WorkerRecord, role: str, pool: str, reason: str):
+        """Records the desired role/pool in Redis first (so it survives the worker restarting), then applies
+        it; returns the worker's new info, or None if it was unreachable (``reconcile_roles`` retries)."""
+        await registry.set_desired(self.redis, w.worker_id, role, pool, reason, self.clock())
+        info = await self._apply_role(w, role, pool)
         self._refreshed = 0.0  # the next placement sees the change
         return info
 
@@ -345,12 +349,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if move is None:
             return False
         w = next(w for w in workers if w.worker_id == move.worker_id)
-        await registry.set_desired(self.redis, w.worker_id, move.role, w.pool, move.reason, self.clock())
         log.info("%s -> %s (%s)", w.worker_id, move.role, move.reason)
         self.pressure.pop(w.worker_id, None)  # it said how the old role went; the new one starts unobserved
         self.role_moves += 1
-        await self._apply_role(w, move.role, w.pool)  # unreachable: reconcile_roles applies it later
-        self._refreshed = 0.0
+        await self._set_role(w, move.role, w.pool, move.reason)
         return True
 
     async def Stats(self, request, context):

@@ -296,8 +296,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         """Exported KV that will never be decoded: ended at the broker (RELEASED) and its segment freed here
         even if the broker is unreachable."""
         try:
-            await self.kv.Release(kvtransfer_pb2.ReleaseTransferRequest(transfer_id=transfer_id),
-                                  timeout=self.config.kv_rpc_timeout_s)
+            await self._kv_call("Release", kvtransfer_pb2.ReleaseTransferRequest(transfer_id=transfer_id))
         except grpc.aio.AioRpcError as exc:  # NOT_FOUND: already ended; otherwise the lease ends it
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 log.warning("Release %s failed: %s", transfer_id, exc.code().name)

@@ -19,18 +19,10 @@ import pytest
 from duopool.launcher import LocalCluster
 from duopool.topology import Topology
 from duopool.v1 import common_pb2, router_pb2, scheduler_pb2, scheduler_pb2_grpc
-from duopool.worker.engines.sim import sim_token, sim_tokenize
-from tests.conftest import wait_for
+from duopool.worker.engines.sim import sim_tokenize
+from tests.conftest import sim_expected_tokens, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def expected_tokens(prompt_ids: list[int], max_tokens: int, seed: int | None = None) -> list[int]:
-    out, last = [], prompt_ids[-1]
-    for i in range(max_tokens):
-        last = sim_token(last, len(prompt_ids) + i, seed)
-        out.append(last)
-    return out
 
 
 def prompt(i: int) -> str:
@@ -67,7 +59,7 @@ def check_results(router, job_id: str, n: int, max_tokens: int) -> list:
     for r in results:
         i = int(r.custom_id[1:])
         assert not r.error
-        assert list(r.token_ids) == expected_tokens(sim_tokenize(prompt(i)), max_tokens), f"{r.custom_id} differs"
+        assert list(r.token_ids) == sim_expected_tokens(sim_tokenize(prompt(i)), max_tokens), f"{r.custom_id} differs"
         assert r.text.split() == [f"sim{t}" for t in r.token_ids]
     return results
 
@@ -162,7 +154,7 @@ def test_cli_batch_submit_status_results(cluster, tmp_path):
                          capture_output=True, text=True, timeout=60)
     lines = [json.loads(ln) for ln in res.stdout.splitlines()]
     assert [ln["custom_id"] for ln in lines] == ["r0", "r1", "r2"]
-    assert lines[1]["token_ids"] == expected_tokens(sim_tokenize(prompt(1)), 5)
+    assert lines[1]["token_ids"] == sim_expected_tokens(sim_tokenize(prompt(1)), 5)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"max_tokens": 3}\n')
     out = subprocess.run([sys.executable, "-m", "duopool.cli.main", "batch", "submit", str(bad), *env_router],

@@ -12,23 +12,14 @@ import pytest
 from duopool.launcher import LocalCluster
 from duopool.topology import Topology
 from duopool.v1 import router_pb2, router_pb2_grpc
-from duopool.worker.engines.sim import sim_token, sim_tokenize
-from tests.conftest import wait_for
+from duopool.worker.engines.sim import sim_tokenize
+from tests.conftest import sim_expected_tokens, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def prompt(job: str, i: int) -> str:
     return " ".join(f"{job}{i}w{j}" for j in range(16 + i % 5))
-
-
-def expected(text: str, max_tokens: int) -> list[int]:
-    ids = sim_tokenize(text)
-    out, last = [], ids[-1]
-    for i in range(max_tokens):
-        last = sim_token(last, len(ids) + i, None)
-        out.append(last)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -77,4 +68,4 @@ def test_batch_jobs_survive_a_redis_crash(cluster):
             results = list(router.GetBatchResults(router_pb2.GetBatchRequest(job_id=job), timeout=30))
             assert [r.index for r in results] == list(range(n)), f"job {job}: a request lost or answered twice"
             for r in results:
-                assert list(r.token_ids) == expected(prompt(job, r.index), max_tokens), f"{r.custom_id} differs"
+                assert list(r.token_ids) == sim_expected_tokens(sim_tokenize(prompt(job, r.index)), max_tokens), f"{r.custom_id} differs"

@@ -18,23 +18,14 @@ import pytest
 from duopool.launcher import LocalCluster
 from duopool.topology import Topology
 from duopool.v1 import common_pb2, router_pb2, router_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from duopool.worker.engines.sim import sim_token, sim_tokenize
-from tests.conftest import wait_for
+from duopool.worker.engines.sim import sim_tokenize
+from tests.conftest import sim_expected_tokens, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def prompt(i: int) -> str:
     return " ".join(f"slo{i}w{j}" for j in range(24))
-
-
-def expected(text: str, max_tokens: int) -> list[int]:
-    ids = sim_tokenize(text)
-    out, last = [], ids[-1]
-    for i in range(max_tokens):
-        last = sim_token(last, len(ids) + i, None)
-        out.append(last)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -102,4 +93,4 @@ def test_offline_work_stays_while_slos_hold_and_is_preempted_once_they_do_not(cl
     assert (b.done, b.failed) == (n, 0) and b.preemptions >= 1
     assert [r.index for r in results] == list(range(n)), "a request was lost or answered twice"
     for r in results:
-        assert list(r.token_ids) == expected(prompt(r.index), max_tokens), f"{r.custom_id} differs"
+        assert list(r.token_ids) == sim_expected_tokens(sim_tokenize(prompt(r.index)), max_tokens), f"{r.custom_id} differs"
