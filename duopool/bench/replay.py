@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import pathlib
 import sys
 import time
 
 import numpy as np
+
+from duopool.traces import load_trace
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,45 +56,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_online(path: pathlib.Path, duration: float, rate_scale: float) -> list[tuple[float, int, int]]:
-    """(arrival s from start, prompt tokens, output tokens) within ``duration`` after time-scaling."""
-    rows: list[tuple[float, int, int]] = []
-    if path.suffix == ".jsonl":
-        with open(path) as f:
-            for line in f:
-                d = json.loads(line)
-                rows.append((d["timestamp"] / 1000.0, int(d["input_length"]), int(d["output_length"])))
-    else:
-        from datetime import datetime
-
-        with open(path) as f:
-            for r in csv.DictReader(f):
-                ts = datetime.fromisoformat(r["TIMESTAMP"].strip()[:26]).timestamp()
-                rows.append((ts, int(r["ContextTokens"]), int(r["GeneratedTokens"])))
-    t0 = rows[0][0]
-    out = []
-    for ts, p, o in rows:
-        t = (ts - t0) / rate_scale
-        if t > duration:
-            break
-        out.append((t, max(1, p), max(1, o)))
-    return out
+def load_online(path: pathlib.Path, duration: float, rate_scale: float, max_prompt: int,
+                max_output: int) -> list[tuple[float, int, int]]:
+    """(arrival s from start, prompt tokens, output tokens) of the requests arriving within ``duration``
+    after time-scaling, lengths clipped (``duopool.traces`` reads the file)."""
+    t = load_trace(path).scaled(rate_scale).window(0.0, duration).clipped(max_prompt, max_output)
+    return list(zip(t.arrival_s.tolist(), t.input_tokens.tolist(), t.output_tokens.tolist(), strict=True))
 
 
-def load_offline(path: pathlib.Path | None, n: int) -> list[tuple[int, int]]:
+def load_offline(path: pathlib.Path | None, n: int, max_prompt: int, max_output: int) -> list[tuple[int, int]]:
+    """(prompt tokens, output tokens) of the first ``n`` requests of a backlog (arXiv or any trace), clipped."""
     if path is None:
         return []
-    with open(path) as f:
-        reader = csv.DictReader(f)
-        out = []
-        for r in reader:
-            if "num_prefill_tokens" in r:
-                out.append((int(r["num_prefill_tokens"]), int(r["num_decode_tokens"])))
-            else:
-                out.append((int(r["ContextTokens"]), int(r["GeneratedTokens"])))
-            if len(out) >= n:
-                break
-    return out
+    t = load_trace(path).head(n).clipped(max_prompt, max_output)
+    return list(zip(t.input_tokens.tolist(), t.output_tokens.tolist(), strict=True))
 
 
 def token_ids(seed: int, n: int) -> list[int]:
@@ -213,10 +189,8 @@ def run(args: argparse.Namespace) -> int:
     from duopool.launcher import LocalCluster
     from duopool.topology import Topology
 
-    online = load_online(args.online, args.duration, args.rate_scale)
-    online = [(t, min(p, args.max_prompt), min(o, args.max_output)) for t, p, o in online]
-    offline = [(min(p, args.max_prompt), min(o, args.max_output))
-               for p, o in load_offline(args.offline, args.offline_requests)]
+    online = load_online(args.online, args.duration, args.rate_scale, args.max_prompt, args.max_output)
+    offline = load_offline(args.offline, args.offline_requests, args.max_prompt, args.max_output)
     print(f"replay: {len(online)} online requests over {args.duration:.0f}s (x{args.rate_scale} rate), "
           f"{len(offline)} offline; {args.prefill}P+{args.decode}D {args.engine} workers"
           f"{' (SIMULATED)' if args.engine == 'sim' else ''}; preemption "
