@@ -228,8 +228,10 @@ class PerfModel:
         return int(free // self.kv_bytes_per_token)
 
     def kv_transfer_s(self, tokens: int) -> float:
-        """Time to move a request's KV between instances (all tp GPUs send in parallel)."""
-        return tokens * self.kv_bytes_per_token / self.hardware.kv_link_bw
+        """Time to move a request's KV between instances over an idle link (all tp GPUs send in parallel),
+        at the network efficiency ``eff.net`` of the NIC's line rate. Contention between transfers is the
+        caller's (the simulator queues transfers per NIC)."""
+        return tokens * self.kv_bytes_per_token / (self.hardware.kv_link_bw * self.eff.net)
 
     # ------------------------------------------------------------------ operators
     def _op(self, flops: float, nbytes: float, e_c: float, e_b: float) -> float:

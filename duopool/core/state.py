@@ -30,6 +30,7 @@ class Phase:
     DECODING = "decoding"
     SWAPPED = "swapped"  # evicted offline decode, KV parked in host memory
     DONE = "done"
+    REJECTED = "rejected"  # can never fit (prompt larger than an instance's KV memory): a counted failure
 
 
 @dataclass(eq=False, slots=True)
@@ -53,7 +54,9 @@ class Req:
     preemptions: int = 0
     queued_t: float = 0.0  # when it (re)entered a queue: freshness / starvation
     moving: bool = False  # a pull is pending at its instance's next step boundary
-    kv_res: int = 0  # KV tokens reserved for it on ``inst`` while prefilling / arriving
+    kv_res: int = 0  # KV tokens reserved for it on ``inst`` while prefilling / arriving / waiting to join
+    src: int = -1  # while its KV moves: the instance still holding the source copy (-1: host memory)
+    src_res: int = 0  # ... and the tokens held there until the transfer completes
 
     @property
     def online(self) -> bool:
@@ -81,7 +84,14 @@ class Instance:
     slack_heap: list = field(default_factory=list)  # (slack_base, rid, epoch, Req) online decodes
     queued_prefill_tokens: int = 0  # online prompt tokens still to prefill here
     incoming: int = 0  # sequences whose KV is on its way here (transfer or pull)
-    inbox: deque = field(default_factory=deque)  # arrived KV waiting to join the decode batch
+    inbox: deque = field(default_factory=deque)  # arrived KV waiting to join the decode batch (KV reserved)
+    # KV transfers to this instance waiting for memory to be allocated here: (Req, tokens). Their KV stays
+    # on the source (an instance's reservation, or host memory) until they are admitted and have moved.
+    xfer_wait: deque = field(default_factory=deque)
+    kv_growth: int = 0  # tokens the running step's decodes add by its end (reserved when it starts)
+    kv_peak: int = 0  # highest kv_used() seen (tokens)
+    nic_tx_free: float = 0.0  # the instance's NIC is busy sending until then (transfers queue FIFO)
+    nic_rx_free: float = 0.0  # ... and receiving
     pending_out: list = field(default_factory=list)  # (Req, dst) pulls to release at the next boundary
     pending_role: tuple | None = None  # (Role, PoolName) to take at the next boundary
     busy: bool = False
@@ -180,9 +190,11 @@ class Instance:
 
     # ---------------------------------------------------------------- memory
     def kv_used(self) -> int:
-        """Tokens of KV held: decoding contexts rounded up by a block each, plus reservations."""
+        """Tokens of KV held: decoding contexts rounded up by a block each, reservations (prefills, KV
+        arriving or waiting to join, source copies still moving out), and what the running step adds."""
         n = self.n_dec[0] + self.n_dec[1]
-        return self.ctx_base[0] + self.ctx_base[1] + n * self.steps + n * self.block_size + self.kv_reserved
+        return (self.ctx_base[0] + self.ctx_base[1] + n * self.steps + n * self.block_size + self.kv_reserved
+                + self.kv_growth)
 
     def kv_free(self) -> int:
         return self.kv_capacity - self.kv_used()

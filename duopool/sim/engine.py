@@ -7,6 +7,16 @@ Events: online arrival, step end, KV arrival (transfer done), periodic policy ti
 plan runs as one event for up to ``max_run_steps`` iterations (durations from one roofline call); anything delivered to
 the instance meanwhile truncates the run at the next iteration boundary, so decisions still happen at
 every step where something changed. Deterministic for a seed (the seed orders the offline backlog).
+
+KV memory is physical: every allocation is checked against the instance's capacity, as an engine does.
+An online prompt is allocated when its first chunk is scheduled (preempting this instance's offline work
+first: offline decodes swap to host memory, offline prefills in progress go back to the backlog and are
+recomputed), else it waits in its queue; a transfer is admitted by its destination only when the KV fits
+there (online transfers preempt offline decodes), and until it has arrived the source keeps its copy; a
+decode run reserves the tokens it will add. ``kv.peak_fraction`` in the summary is the highest use seen.
+Transfers take ``tokens × KV bytes / (NIC rate × eff.net)`` and queue FIFO on the sender's and the
+receiver's NIC. A watchdog raises :class:`SimulationStalled` when simulated time advances
+``watchdog_s`` with work queued and nothing running anywhere.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from duopool.core.perfmodel import Efficiency, PerfModel
 from duopool.core.placement import Role
@@ -44,12 +54,17 @@ class SimConfig:
     idle_poll_s: float = 0.05
     offline_limit: int | None = None  # None: endless backlog sampled from the offline trace
     max_time_s: float | None = None  # stop here at the latest (default: when online traffic is done)
+    watchdog_s: float = 120.0  # simulated seconds with work queued and nothing running before failing loudly
 
     def __post_init__(self) -> None:
         if self.instances < 1:
             raise ValueError("sim config field 'instances' must be >= 1")
         if self.max_run_steps < 1:
             raise ValueError("sim config field 'max_run_steps' must be >= 1")
+
+
+class SimulationStalled(RuntimeError):
+    """Simulated time advanced with work queued and no instance running or transferring anything."""
 
 
 @dataclass(slots=True)
@@ -60,6 +75,7 @@ class _Run:
     cum: list[float] | None  # cumulative durations of a decode run
     dur: float
     aborted: bool = False
+    n: int = 0  # decodes in the run (each adds one token per iteration)
 
 
 @dataclass
@@ -73,6 +89,7 @@ class SimResult:
     steps: int
     role_history: list = field(default_factory=list)
     offline_tokens: int = 0
+    kv: dict = field(default_factory=dict)  # memory and transfer figures (summary.json ``kv``)
 
 
 class Simulator:
@@ -123,6 +140,9 @@ class Simulator:
             self._off_inp = [int(x) for x in offline.input_tokens.tolist()]
             self._off_out = [int(x) for x in offline.output_tokens.tolist()]
         self._off_done_i = 0  # offline_reqs[:i] are all done (a finished request stays finished)
+        self._last_progress = 0.0  # last time a step or a transfer started (watchdog)
+        self._kv_stats = {"transfers": 0, "transfer_s": 0.0, "nic_wait_s": 0.0, "transfer_mem_waits": 0,
+                          "online_mem_waits": 0, "offline_preempted_for_memory": 0, "rejected_online": 0}
 
     # ================================================================ events
     def _push(self, t: float, kind: int, a=None, b=None) -> None:
@@ -165,6 +185,8 @@ class Simulator:
             elif kind == _WAKE:
                 if not a.busy:
                     start_step(a)
+                    if t - self._last_progress > self.cfg.watchdog_s and not a.busy:
+                        self._watchdog()
             elif kind == _TICK:
                 self._tick()
             if stop_when_online_done and self.online_left == 0 and self._arr_i >= n_arrivals:
@@ -178,7 +200,37 @@ class Simulator:
             self.progress(1.0)
         offline_tokens = self._offline_tokens()
         return SimResult(self.cfg, self.online_reqs, self.offline_reqs, self.now, time.perf_counter() - wall0,
-                         self.n_events, self.n_steps, self.role_history, offline_tokens)
+                         self.n_events, self.n_steps, self.role_history, offline_tokens, self._kv_summary())
+
+    def _kv_summary(self) -> dict:
+        insts = self.cluster.instances
+        cap = max(i.kv_capacity for i in insts)
+        st = dict(self._kv_stats)
+        n = st["transfers"]
+        tsum, wsum = st.pop("transfer_s"), st.pop("nic_wait_s")
+        st["transfer_s_mean"] = tsum / n if n else 0.0
+        st["nic_wait_s_mean"] = wsum / n if n else 0.0
+        return {"capacity_tokens": cap, "peak_tokens": max(i.kv_peak for i in insts),
+                "peak_fraction": max(i.kv_peak / i.kv_capacity for i in insts),
+                "peak_fraction_per_instance": [round(i.kv_peak / i.kv_capacity, 4) for i in insts], **st}
+
+    # ================================================================ watchdog
+    def _work_queued(self) -> bool:
+        c = self.cluster
+        return bool(c.resume) or any(i.waiting or i.waiting_off or i.inbox or i.xfer_wait or i.busy
+                                     for i in c.instances)
+
+    def _watchdog(self) -> None:
+        c = self.cluster
+        if any(i.busy for i in c.instances) or not self._work_queued():
+            return
+        lines = [f"simulated time {self.now:.1f} s: nothing ran for {self.now - self._last_progress:.1f} s "
+                 f"with work queued ({self.cfg.policy}); resume queue {len(c.resume)}, backlog {len(c.backlog)}"]
+        for i in c.instances:
+            lines.append(f"  instance {i.idx} {i.role}/{i.pool}: waiting {len(i.waiting)} online, "
+                         f"{len(i.waiting_off)} offline; inbox {len(i.inbox)}; transfers waiting for memory "
+                         f"{len(i.xfer_wait)}; decoding {i.n_decoding}; KV {i.kv_used()}/{i.kv_capacity} tokens")
+        raise SimulationStalled("\n".join(lines))
 
     # ================================================================ workload
     def _refill_backlog(self) -> None:
@@ -224,14 +276,19 @@ class Simulator:
         self.cluster.arrived_requests += 1
         if self._arr_i < len(self._arr):
             self._push(self._arr[self._arr_i], _ARRIVE)
+        if r.prompt + 1 + 2 * self.cluster.instances[0].block_size > self.cluster.instances[0].kv_capacity:
+            r.phase = Phase.REJECTED  # no instance can ever hold it: a counted failure, not a stall
+            self.online_left -= 1
+            self._kv_stats["rejected_online"] += 1
+            return
         inst = self.cluster.instances[self.policy.route(r, self.cluster, self.now)]
         self._enqueue_online(inst, r)
 
     def _enqueue_online(self, inst: Instance, r: Req) -> None:
+        """Queue an online prompt; its KV is allocated when its first chunk is scheduled."""
         r.inst = inst.idx
         r.phase = Phase.QUEUED
-        r.kv_res = r.prompt + inst.block_size
-        inst.kv_reserved += r.kv_res
+        r.kv_res = 0
         inst.waiting.append(r)
         inst.queued_prefill_tokens += r.prompt - r.prefilled
         self._poke(inst, online=True)
@@ -257,6 +314,7 @@ class Simulator:
             j = min(bisect_left(run.cum, now - run.start), run.k - 1)
             if j + 1 < run.k:
                 run.k = j + 1
+                inst.kv_growth = run.n * run.k
                 inst.token += 1
                 self._push(run.start + run.cum[j], _STEP, inst, inst.token)
 
@@ -266,6 +324,8 @@ class Simulator:
             self._apply_role(inst)
         if inst.pending_out:
             self._release_pending(inst)
+        if inst.xfer_wait:
+            self._admit_transfers(inst, may_evict=True)
         if inst.inbox:
             self._join_inbox(inst)
         if len(self.cluster.backlog) < 2048:
@@ -276,11 +336,12 @@ class Simulator:
                 self._evict(inst, r)
         for r in plan.pull:
             self._pull(r, inst)
-        for r, _c in plan.chunks:
-            if r.inst != inst.idx:
-                self._admit_offline(inst, r)
+        if plan.chunks:
+            plan = self._allocate_chunks(inst, plan)
         n = inst.n_decoding if plan.decode else 0
         if plan.chunks:
+            if n and inst.kv_free() < n and not self._ensure_memory(inst):
+                n = inst.n_decoding
             chunks = []
             all_offline = True
             for r, c in plan.chunks:
@@ -288,7 +349,7 @@ class Simulator:
                 if r.cls == ONLINE:
                     all_offline = False
             dur = self.pm.chunked_step_time_s(chunks, n, inst.ctx_sum() if n else 0)
-            run = _Run(plan, 1, now, None, dur)
+            run = _Run(plan, 1, now, None, dur, n=n)
             inst.running_offline_prefill = all_offline
         elif n:
             if not self._ensure_memory(inst):
@@ -303,10 +364,15 @@ class Simulator:
             k = max(1, min(k, free // n if n else k))
             cum = self.pm.decode_run_cumtimes(n, inst.ctx_sum(), k)
             dur = cum[-1]
-            run = _Run(plan, k, now, cum, dur)
+            run = _Run(plan, k, now, cum, dur, n=n)
             inst.running_offline_prefill = False
         else:
             return self._go_idle(inst, plan.wake_at)
+        inst.kv_growth = run.n * run.k
+        u = inst.kv_used()
+        if u > inst.kv_peak:
+            inst.kv_peak = u
+        self._last_progress = now
         inst.cur = run
         inst.busy = True
         inst.step_start, inst.step_end = now, now + dur
@@ -325,6 +391,7 @@ class Simulator:
         run: _Run = inst.cur
         inst.busy = False
         inst.cur = None
+        inst.kv_growth = 0
         if not run.aborted:
             if run.plan.decode and inst.n_decoding:
                 inst.steps += run.k
@@ -373,25 +440,98 @@ class Simulator:
                 self.online_left -= 1
             return
         dst = self.policy.decode_target(r, inst, self.cluster, now)
+        r.kv_res = r.prompt + 1 + inst.block_size  # prompt + first token: exactly what joining the batch takes
+        inst.kv_reserved += r.kv_res
         if dst == inst.idx:
-            r.kv_res = r.prompt + inst.block_size
-            inst.kv_reserved += r.kv_res
             self._to_inbox(inst, r)
         else:
-            self._transfer(r, self.cluster.instances[dst], r.prompt + 1)
+            self._hold_source(inst, r)
+            self._transfer(r, self.cluster.instances[dst], r.prompt + 1, inst)
 
-    def _transfer(self, r: Req, dst: Instance, tokens: int) -> None:
+    def _hold_source(self, inst: Instance, r: Req) -> None:
+        """``r``'s KV on ``inst`` (its reservation) stays allocated until the copy has arrived elsewhere."""
+        r.src, r.src_res = inst.idx, r.kv_res
+        r.kv_res = 0
+
+    def _move_out(self, inst: Instance, r: Req, dst: Instance) -> None:
+        """A running decode leaves ``inst`` for ``dst``; its blocks stay allocated here until they have moved."""
+        inst.remove_decode(r)
+        tokens = r.prompt + r.generated
+        r.kv_res = tokens + inst.block_size
+        inst.kv_reserved += r.kv_res
+        self._hold_source(inst, r)
+        self._transfer(r, dst, tokens, inst)
+
+    def _transfer(self, r: Req, dst: Instance, tokens: int, src: Instance | None = None,
+                  admit: bool = True) -> None:
+        """Queue ``r``'s KV (``tokens``) for ``dst``, from ``src`` (None: host memory). It starts once ``dst``
+        can allocate it (not before ``dst``'s next step boundary when ``admit`` is False)."""
         r.phase = Phase.TRANSFER
         r.inst = dst.idx
-        r.kv_res = tokens + dst.block_size
-        dst.kv_reserved += r.kv_res
+        r.kv_res = 0
+        if src is None:
+            r.src, r.src_res = -1, 0
         dst.incoming += 1
-        self._push(self.now + self.pm.kv_transfer_s(tokens), _KV, r, dst)
+        dst.xfer_wait.append((r, tokens))
+        if admit and (len(dst.xfer_wait) == 1 or r.cls == ONLINE):
+            self._admit_transfers(dst, may_evict=not dst.busy)
+        if r.kv_res == 0:  # still waiting for memory there
+            self._kv_stats["transfer_mem_waits"] += 1
+            if dst.busy and r.cls == ONLINE:
+                self._poke(dst)  # bring its next step boundary forward: online may preempt offline there
+
+    def _admit_transfers(self, inst: Instance, may_evict: bool) -> None:
+        """Allocate KV for waiting transfers, online first, FIFO within a class, and start them. An online
+        transfer preempts offline decodes here (``may_evict``: only at a step boundary)."""
+        q = inst.xfer_wait
+        if len(q) > 1 and any(r.cls == ONLINE for r, _ in q):
+            q = deque(sorted(q, key=lambda e: e[0].cls))
+        keep: deque = deque()
+        blocked = [False, False]
+        bs = inst.block_size
+        for r, tokens in q:
+            if blocked[r.cls]:
+                keep.append((r, tokens))
+                continue
+            need = tokens + bs
+            if inst.kv_free() < need and r.cls == ONLINE and may_evict:
+                for v in inst.newest_offline_decodes():
+                    self._evict(inst, v)
+                    self._kv_stats["offline_preempted_for_memory"] += 1
+                    if inst.kv_free() >= need:
+                        break
+            if inst.kv_free() < need:
+                blocked[r.cls] = True
+                keep.append((r, tokens))
+                continue
+            r.kv_res = need
+            inst.kv_reserved += need
+            u = inst.kv_used()
+            if u > inst.kv_peak:
+                inst.kv_peak = u
+            src = self.cluster.instances[r.src] if r.src >= 0 else None
+            now = self.now
+            start = max(now, inst.nic_rx_free, src.nic_tx_free if src is not None and src is not inst else now)
+            dur = self.pm.kv_transfer_s(tokens)
+            end = start + dur
+            inst.nic_rx_free = end
+            if src is not None and src is not inst:
+                src.nic_tx_free = end
+            st = self._kv_stats
+            st["transfers"] += 1
+            st["transfer_s"] += dur
+            st["nic_wait_s"] += start - now
+            self._last_progress = now
+            self._push(end, _KV, r, inst)
+        inst.xfer_wait = keep
 
     def _kv_arrived(self, r: Req, dst: Instance) -> None:
-        dst.incoming -= 1
-        dst.kv_reserved -= r.kv_res  # waiting to join, its KV sits in the transfer buffer
-        r.kv_res = 0
+        dst.incoming -= 1  # its KV now sits in dst's memory (r.kv_res) until it joins the batch
+        if r.src >= 0:
+            src = self.cluster.instances[r.src]
+            src.kv_reserved -= r.src_res
+            r.src, r.src_res = -1, 0
+        self._last_progress = self.now
         self._to_inbox(dst, r)
         self._poke(dst)
 
@@ -454,9 +594,9 @@ class Simulator:
             if v is None:
                 # only online left: swap out the newest online sequence and bring it back later
                 v = next(r for r, ep in reversed(inst.join_order) if ep == r.epoch and r.phase == Phase.DECODING)
-                inst.remove_decode(v)
+                inst.remove_decode(v)  # swapped out to host memory, back in when it fits
                 v.preemptions += 1
-                self._transfer(v, inst, v.prompt + v.generated)
+                self._transfer(v, inst, v.prompt + v.generated, admit=False)
                 continue
             self._evict(inst, v)
         return ok
@@ -469,7 +609,59 @@ class Simulator:
         r.queued_t = self.now
         self.cluster.resume.append(r)
 
-    def _admit_offline(self, inst: Instance, r: Req) -> None:
+    def _allocate_chunks(self, inst: Instance, plan: StepPlan) -> StepPlan:
+        """Allocate KV for the plan's chunks as the engine would; drop the ones that do not fit. A new online
+        prompt first preempts this instance's offline work (decodes swap to host, prefills in progress go
+        back to the backlog), then waits in its queue (FIFO: the ones behind it wait too)."""
+        kept = []
+        online_blocked = False
+        dropped: set[int] = set()
+        for r, c in plan.chunks:
+            if r.rid in dropped:
+                continue
+            if r.inst != inst.idx:  # offline work admitted by this step
+                if r.phase != Phase.QUEUED or not self._admit_offline(inst, r):
+                    continue
+            elif r.cls == ONLINE and r.kv_res == 0:
+                if online_blocked:
+                    continue
+                need = r.prompt + 1 + inst.block_size  # the prompt and its first token
+                if inst.kv_free() < need:
+                    self._free_for_online(inst, need, dropped)
+                if inst.kv_free() < need:
+                    online_blocked = True
+                    self._kv_stats["online_mem_waits"] += 1
+                    continue
+                r.kv_res = need
+                inst.kv_reserved += need
+            kept.append((r, c))
+        if dropped:
+            kept = [(r, c) for r, c in kept if r.rid not in dropped]
+        if len(kept) != len(plan.chunks):
+            plan = replace(plan, chunks=tuple(kept))
+        return plan
+
+    def _free_for_online(self, inst: Instance, need: int, dropped: set[int]) -> None:
+        for v in inst.newest_offline_decodes():
+            self._evict(inst, v)
+            self._kv_stats["offline_preempted_for_memory"] += 1
+            if inst.kv_free() >= need:
+                return
+        while inst.waiting_off and inst.kv_free() < need:
+            v = inst.waiting_off.pop()
+            inst.kv_reserved -= v.kv_res
+            v.kv_res = 0
+            v.prefilled = 0  # recomputed when it is admitted again
+            v.phase = Phase.QUEUED
+            v.inst = -1
+            v.preemptions += 1
+            self.cluster.backlog.appendleft(v)
+            dropped.add(v.rid)
+            self._kv_stats["offline_preempted_for_memory"] += 1
+
+    def _admit_offline(self, inst: Instance, r: Req) -> bool:
+        if inst.kv_free() < r.prompt + 1 + inst.block_size:
+            return False
         bl = self.cluster.backlog
         if bl and bl[0] is r:
             bl.popleft()
@@ -478,9 +670,10 @@ class Simulator:
         r.inst = inst.idx
         r.phase = Phase.QUEUED
         r.queued_t = self.now
-        r.kv_res = r.prompt + inst.block_size
+        r.kv_res = r.prompt + 1 + inst.block_size
         inst.kv_reserved += r.kv_res
         inst.waiting_off.append(r)
+        return True
 
     def _pull(self, r: Req, dst: Instance) -> None:
         if r.phase == Phase.SWAPPED:
@@ -511,8 +704,7 @@ class Simulator:
             self._set_moving(r, False)
             if r.phase != Phase.DECODING or r.inst != inst.idx:
                 continue
-            inst.remove_decode(r)
-            self._transfer(r, dst, r.prompt + r.generated)
+            self._move_out(inst, r, dst)
         inst.pending_out.clear()
 
     # ================================================================ control
@@ -558,10 +750,11 @@ class Simulator:
                 self.cluster.backlog.appendleft(r)
         else:
             for r in list(inst.decoding.values()):
+                if r.moving:
+                    continue  # already leaving (a pull released at this boundary)
                 dst = self.policy.decode_target(r, inst, self.cluster, now)
                 if dst != inst.idx:
-                    inst.remove_decode(r)
-                    self._transfer(r, self.cluster.instances[dst], r.prompt + r.generated)
+                    self._move_out(inst, r, self.cluster.instances[dst])
 
     def _offline_tokens(self) -> int:
         total = 0

@@ -67,6 +67,7 @@ def summarize(res: SimResult) -> dict:
         "online": {
             "requests": n,
             "completed": int(done.sum()),
+            "rejected": sum(1 for r in res.online if r.phase == Phase.REJECTED),
             "slo_attainment": float(ok.mean()) if n else None,
             "ttft_attainment": float(ok_ttft.mean()) if n else None,
             "tpot_attainment": float((ok_tpot & done).mean()) if n else None,
@@ -83,6 +84,8 @@ def summarize(res: SimResult) -> dict:
             "preemptions": int(sum(pre)),
         },
         "goodput_requests_per_s": float(ok.sum()) / dur if n and dur == dur else 0.0,
+        # peak KV use (÷ capacity, the highest instance), transfers and the memory waits behind them
+        "kv": dict(res.kv),
         "sim": {"wall_s": res.wall_s, "events": res.events, "steps": res.steps,
                 "role_changes": max(0, len(res.role_history) - 1)},
     }

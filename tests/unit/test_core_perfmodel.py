@@ -128,7 +128,7 @@ def test_kv_capacity_and_transfer():
     pm = PerfModel.load("H100-SXM", "llama-3.1-8b")
     cap = pm.kv_capacity_tokens()
     assert cap == int((80e9 * 0.9 - pm.weight_bytes_per_gpu - 2e9) // 131072)
-    assert pm.kv_transfer_s(1000) == pytest.approx(1000 * 131072 / 50e9)
+    assert pm.kv_transfer_s(1000) == pytest.approx(1000 * 131072 / (50e9 * pm.eff.net))
     with pytest.raises(ValueError, match="does not fit"):
         PerfModel.load("L40S", "llama-2-70b", tp=1).kv_capacity_tokens()
 

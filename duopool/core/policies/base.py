@@ -41,7 +41,10 @@ class PolicyConfig:
     ttft_slo_s: float = 1.0
     tpot_slo_s: float = 0.1
     prefill_fraction: float = 0.5  # P/D layouts: share of (online) instances that prefill
-    offline_share: float = 0.25  # pd-static: instances reserved for offline work
+    offline_share: float = 0.25  # pd-static: instances reserved for offline work (when static_split is None)
+    # pd-static: explicit (prefill, decode, offline-only) instance counts; overrides the two fractions.
+    # ``duopool sim`` sizes it from the workload by a stated rule (duopool/sim/sizing.py) unless told.
+    static_split: tuple[int, int, int] | None = None
     max_num_seqs: int = 256  # vLLM default
     max_batched_tokens: int = 8192  # tokens per prefill step (vLLM chunked-prefill budget)
     offline_chunk_tokens: int = 2048  # offline prefill chunk on a co-located instance
@@ -69,6 +72,15 @@ class PolicyConfig:
                   "dopd_target_util"):
             if not 0 < getattr(self, f) <= 1:
                 raise ValueError(f"policy config field {f!r} must be in (0, 1]")
+        if self.static_split is not None:
+            sp = tuple(self.static_split)
+            if len(sp) != 3 or any(int(x) != x or x < 0 for x in sp) or sum(sp) < 1:
+                raise ValueError("policy config field 'static_split' must be three counts >= 0 "
+                                 "(prefill, decode, offline-only) with at least one instance")
+            if (sp[0] == 0) != (sp[1] == 0):
+                raise ValueError("policy config field 'static_split' needs both a prefill and a decode "
+                                 "instance for online work, or neither (offline only)")
+            object.__setattr__(self, "static_split", tuple(int(x) for x in sp))
 
 
 class SchedulingPolicy:
