@@ -66,6 +66,41 @@ class Trace:
         out = self.output_tokens if max_output is None else np.minimum(self.output_tokens, max_output)
         return Trace(self.name, self.arrival_s, inp, out, self.prefix_hashes)
 
+    def with_outputs(self, lo: int, hi: int, seed: int = 0) -> Trace:
+        """The same arrivals and prompts with output lengths re-sampled uniformly in ``[lo, hi]`` (inclusive,
+        from a ``numpy`` Generator seeded with ``seed``): a workload variant, e.g. ``5..20`` tokens for a
+        code-completion-like stream of short answers. Deterministic for a seed."""
+        for name, v in (("lo", lo), ("hi", hi), ("seed", seed)):
+            if int(v) != v:
+                raise ValueError(f"with_outputs: {name!r} must be an integer, got {v!r}")
+        if lo < 1:
+            raise ValueError(f"with_outputs: 'lo' must be >= 1, got {lo}")
+        if hi < lo:
+            raise ValueError(f"with_outputs: 'hi' must be >= 'lo' ({lo}), got {hi}")
+        if seed < 0:
+            raise ValueError(f"with_outputs: 'seed' must be >= 0, got {seed}")
+        out = np.random.default_rng(int(seed)).integers(int(lo), int(hi) + 1, len(self), dtype=np.int64)
+        return Trace(f"{self.name}+out{int(lo)}-{int(hi)}", self.arrival_s, self.input_tokens, out,
+                     self.prefix_hashes)
+
+    def bursty(self, period_s: float, on_s: float) -> Trace:
+        """Bursty arrivals: within each period ``[k·P, (k+1)·P)`` the arrivals are compressed linearly into
+        its first ``on_s`` seconds (``t → k·P + (t − k·P)·on_s/P``), keeping their order. The mean rate over
+        whole periods is unchanged; within a burst it is ``P / on_s`` times higher, and the rest of each
+        period is silent. ``on_s == period_s`` is the identity."""
+        if not period_s > 0:
+            raise ValueError(f"bursty: 'period_s' must be > 0, got {period_s}")
+        if not 0 < on_s <= period_s:
+            raise ValueError(f"bursty: 'on_s' must be in (0, period_s={period_s:g}], got {on_s}")
+        a = self.arrival_s
+        k = np.floor(a / period_s)
+        phase = np.clip(a - k * period_s, 0.0, period_s)
+        new = k * period_s + phase * (on_s / period_s)
+        if len(new):
+            new = np.maximum.accumulate(new)  # guard against float rounding at period boundaries
+        return Trace(f"{self.name}+burst{period_s:g}/{on_s:g}", new, self.input_tokens, self.output_tokens,
+                     self.prefix_hashes)
+
     def _take(self, idx: np.ndarray, rebase: float) -> Trace:
         hashes = None if self.prefix_hashes is None else tuple(self.prefix_hashes[i] for i in idx)
         return Trace(self.name, self.arrival_s[idx] - rebase, self.input_tokens[idx], self.output_tokens[idx], hashes)

@@ -23,9 +23,29 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration-s", type=float, default=None, help="use only this much of the online trace")
     p.add_argument("--max-input", type=int, default=None, help="clip online prompts to this many tokens")
     p.add_argument("--offline-limit", type=int, default=None, help="finite offline backlog of N requests")
+    p.add_argument("--output-range", metavar="LO:HI", default=None,
+                   help="workload variant: re-sample online output lengths uniformly in [LO, HI] tokens (seeded by "
+                        "--workload-seed), e.g. 5:20 for short code-completion-like answers; applied after the "
+                        "window and --max-input, before --rate-scale")
+    p.add_argument("--bursts", metavar="PERIOD_S:ON_S", default=None,
+                   help="workload variant: within each PERIOD_S of the online trace, compress its arrivals into the "
+                        "first ON_S seconds (order kept; same mean rate, PERIOD_S/ON_S times the rate within a "
+                        "burst); applied before --rate-scale, which therefore also divides the period")
+    p.add_argument("--workload-seed", type=int, default=0, help="seed of the workload variants (--output-range)")
     p.add_argument("--prefill-fraction", type=float, default=0.5, help="P/D layouts: share of prefill instances")
-    p.add_argument("--offline-share", type=float, default=0.25, help="pd-static: share of offline-only instances")
+    p.add_argument("--offline-share", type=float, default=0.25,
+                   help="pd-static with --static-split fractions: share of offline-only instances")
+    p.add_argument("--static-split", default="auto", metavar="auto|P:D:O|fractions",
+                   help="pd-static layout: 'auto' (default) sizes prefill/decode/offline-only instance counts by the "
+                        "rule in duopool/sim/sizing.py from the first --sizing-window-s of the online trace after "
+                        "--rate-scale (all instances offline-only without an online trace); 'P:D:O' gives the "
+                        "counts (they must add up to --instances); 'fractions' uses --offline-share and "
+                        "--prefill-fraction (the earlier behaviour)")
+    p.add_argument("--sizing-window-s", type=float, default=300.0,
+                   help="--static-split auto: seconds of the online trace (from its start) the rule looks at")
     p.add_argument("--hygen-budget-frac", type=float, default=0.8, help="hygen: latency budget / TPOT SLO")
+    p.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any policy constant (a PolicyConfig field, e.g. step_margin=0.8); repeatable")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -33,7 +53,7 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser("sim", help="simulate a scheduling policy on real traces (simulated cluster)",
                               description=__doc__)
-    p.add_argument("--policy", default="ooco", help="pd-static | online-priority | hygen | tropical | ooco | dopd | ooco+dopd")
+    p.add_argument("--policy", default="hygen", help="hygen (default) | pd-static | online-priority | tropical | ooco | dopd | ooco+dopd")
     add_workload_args(p)
     p.add_argument("--rate-scale", type=float, default=1.0, help="multiply the online arrival rate (2 = twice)")
     p.add_argument("--out", required=True, help="output directory (summary.json, latencies.json)")
@@ -51,8 +71,86 @@ def load_workload(args):
             online = online.window(args.start_s, args.duration_s)
         if args.max_input:
             online = online.clipped(max_input=args.max_input)
+        online = apply_variants(online, args)
     offline = load_trace(args.offline) if args.offline else None
     return online, offline
+
+
+def apply_variants(online, args):
+    """The workload variants of ``--output-range`` and ``--bursts`` (in that order), before rate scaling."""
+    rng = _parse_pair(getattr(args, "output_range", None), "--output-range", int)
+    if rng is not None:
+        try:
+            online = online.with_outputs(rng[0], rng[1], getattr(args, "workload_seed", 0))
+        except ValueError as exc:
+            raise ValueError(f"--output-range {args.output_range}: {exc}") from None
+    bursts = _parse_pair(getattr(args, "bursts", None), "--bursts", float)
+    if bursts is not None:
+        try:
+            online = online.bursty(bursts[0], bursts[1])
+        except ValueError as exc:
+            raise ValueError(f"--bursts {args.bursts}: {exc}") from None
+    return online
+
+
+def _parse_pair(spec: str | None, flag: str, kind):
+    if spec is None:
+        return None
+    parts = str(spec).split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return kind(parts[0]), kind(parts[1])
+    except ValueError:
+        what = "LO:HI (integers)" if kind is int else "PERIOD_S:ON_S (seconds)"
+        raise ValueError(f"{flag} must be {what}, got {spec!r}") from None
+
+
+def workload_info(args) -> dict:
+    """``summary["workload"]``: the traces and the variant settings (``sim`` and ``compare`` write it)."""
+    return {"online": list(args.online), "offline": args.offline,
+            "start_s": args.start_s, "duration_s": args.duration_s, "max_input": args.max_input,
+            "output_range": list(_parse_pair(getattr(args, "output_range", None), "--output-range", int) or ())
+            or None,
+            "bursts": list(_parse_pair(getattr(args, "bursts", None), "--bursts", float) or ()) or None,
+            "workload_seed": getattr(args, "workload_seed", 0)}
+
+
+def static_split_for(args, online, pm=None):
+    """(split, sizing) for ``PolicyConfig.static_split`` from ``--static-split``: ``auto`` → the sizing rule
+    on the (rate-scaled) ``online`` trace (sizing = its :class:`~duopool.sim.sizing.SplitSizing`), ``0:0:N``
+    without an online trace; ``P:D:O`` → as given; ``fractions`` → ``None`` (pd-static's two fractions)."""
+    mode = str(getattr(args, "static_split", "auto") or "auto").strip()
+    n = args.instances
+    if mode == "fractions":
+        return None, None
+    if mode == "auto":
+        if online is None or not len(online):
+            return (0, 0, n), None
+        if n < 2:
+            return None, None  # no P/D split fits; pd-static falls back to its fractions
+        window = getattr(args, "sizing_window_s", 300.0)
+        if not window > 0:
+            raise ValueError(f"--sizing-window-s must be > 0, got {window}")
+        from duopool.core.perfmodel import PerfModel
+        from duopool.sim.sizing import rule_static_split
+
+        pm = pm or PerfModel.load(args.hardware, args.model, tp=args.tp)
+        sz = rule_static_split(online, pm, n, args.ttft_slo_ms / 1e3, args.tpot_slo_ms / 1e3, window_s=window)
+        return sz.split, sz
+    try:
+        split = tuple(int(x) for x in mode.split(":"))
+        if len(split) != 3 or min(split) < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--static-split must be auto, fractions or P:D:O (three counts >= 0), got {mode!r}") from None
+    if sum(split) != n:
+        raise ValueError(f"--static-split {mode} adds up to {sum(split)}, not --instances {n}")
+    if (split[0] == 0) != (split[1] == 0):
+        raise ValueError(f"--static-split {mode}: give both prefill and decode instances, or neither")
+    if split[0] == 0 and online is not None and len(online):
+        raise ValueError(f"--static-split {mode} leaves no instance for the online trace")
+    return split, None
 
 
 def _load_segment(spec: str):
@@ -65,15 +163,57 @@ def _load_segment(spec: str):
     return load_trace(spec)
 
 
-def make_config(args, policy: str):
+_RESOLVE = object()
+
+
+def policy_opts(items: list[str]) -> dict:
+    """``--policy-opt KEY=VALUE`` pairs as PolicyConfig fields (numbers parsed; unknown keys rejected)."""
+    from dataclasses import fields
+
+    from duopool.core.policies import PolicyConfig
+
+    known = {f.name: f for f in fields(PolicyConfig)}
+    out = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in known or key in ("static_split", "ttft_slo_s", "tpot_slo_s"):
+            raise ValueError(f"--policy-opt {item!r}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join(k for k in sorted(known) if k not in ('static_split', 'ttft_slo_s', 'tpot_slo_s'))}")
+        try:
+            num = float(val)
+        except ValueError:
+            raise ValueError(f"--policy-opt {item!r}: VALUE must be a number") from None
+        out[key] = int(num) if known[key].type in ("int", int) else num
+    return out
+
+
+def make_config(args, policy: str, online=None, split=_RESOLVE):
+    """The :class:`SimConfig` of one run. ``online`` is the (rate-scaled) online trace the ``auto`` static
+    split is sized from; ``split`` overrides ``--static-split`` (``compare --best-static``)."""
     from duopool.core.policies import PolicyConfig
     from duopool.sim import SimConfig
 
+    if split is _RESOLVE:
+        split, _ = static_split_for(args, online)
     pc = PolicyConfig(ttft_slo_s=args.ttft_slo_ms / 1e3, tpot_slo_s=args.tpot_slo_ms / 1e3,
                       prefill_fraction=args.prefill_fraction, offline_share=args.offline_share,
-                      hygen_budget_frac=args.hygen_budget_frac)
+                      static_split=split, hygen_budget_frac=args.hygen_budget_frac,
+                      **policy_opts(getattr(args, "policy_opt", None) or []))
     return SimConfig(policy=policy, hardware=args.hardware, model=args.model, tp=args.tp,
                      instances=args.instances, seed=args.seed, policy_cfg=pc, offline_limit=args.offline_limit)
+
+
+def _split_str(split) -> str:
+    return ":".join(str(x) for x in split) if split else "-"
+
+
+def split_info(args, split, sizing) -> dict:
+    """``summary["static_split"]``: the mode, the counts and (auto) the figures the rule measured."""
+    from dataclasses import asdict
+
+    return {"mode": str(getattr(args, "static_split", "auto")), "split": list(split) if split else None,
+            "sizing": asdict(sizing) if sizing is not None else None}
 
 
 class ProgressBar:
@@ -109,7 +249,11 @@ def write_outputs(out: Path, res, summary: dict) -> None:
 def main(args) -> int:
     from duopool.sim import run_sim
 
-    online, offline = load_workload(args)
+    try:
+        online, offline = load_workload(args)
+    except ValueError as exc:
+        print(f"duopool sim: {exc}", file=sys.stderr)
+        return 2
     if online is None and offline is None:
         print("duopool sim: give --online and/or --offline", file=sys.stderr)
         return 2
@@ -124,14 +268,24 @@ def main(args) -> int:
         print(f"duopool sim: unknown policy {args.policy!r}; known: {', '.join(policy_names())}", file=sys.stderr)
         return 2
     try:
-        cfg = make_config(args, args.policy)
+        split, sizing = static_split_for(args, online)
+        cfg = make_config(args, args.policy, online, split=split)
     except ValueError as exc:
         print(f"duopool sim: {exc}", file=sys.stderr)
         return 2
+    if args.policy == "pd-static":
+        if sizing is not None:
+            print(f"pd-static split: {sizing.explain()}")
+        elif split is not None:
+            print(f"pd-static split: {_split_str(split)} (P:D:O, --static-split {args.static_split})")
+        else:
+            print(f"pd-static split: from --offline-share {args.offline_share:g} / --prefill-fraction "
+                  f"{args.prefill_fraction:g}")
     bar = ProgressBar(f"sim {args.policy}", enabled=not args.quiet)
     res, summary = run_sim(cfg, online, offline, progress=bar)
     summary["rate_scale"] = args.rate_scale
-    summary["workload"] = {"online": list(args.online), "offline": args.offline}
+    summary["workload"] = workload_info(args)
+    summary["static_split"] = split_info(args, split, sizing)
     write_outputs(Path(args.out), res, summary)
     o = summary["online"]
     print(f"{args.policy}: online {o['requests']} req, SLO attainment {o['slo_attainment'] if o['slo_attainment'] is not None else float('nan'):.4f}, "

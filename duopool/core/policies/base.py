@@ -54,6 +54,7 @@ class PolicyConfig:
     pull_per_step: int = 8
     # HyGen
     hygen_budget_frac: float = 0.80  # latency budget = this × TPOT SLO (the SLO-aware profiler's output)
+    hygen_decode_share: float = 1.0  # admit new offline work only while the decode part < this × budget
     starvation_s: float = 60.0  # an offline request queued longer than this goes first
     # Tropical
     short_prompt: int = 256  # prompts this short always multiplex onto decode instances
@@ -69,7 +70,7 @@ class PolicyConfig:
             if not getattr(self, f) > 0:
                 raise ValueError(f"policy config field {f!r} must be > 0")
         for f in ("prefill_fraction", "offline_share", "kv_watermark", "step_margin", "hygen_budget_frac",
-                  "dopd_target_util"):
+                  "hygen_decode_share", "dopd_target_util"):
             if not 0 < getattr(self, f) <= 1:
                 raise ValueError(f"policy config field {f!r} must be in (0, 1]")
         if self.static_split is not None:
