@@ -75,6 +75,7 @@ class Instance:
     waiting: deque = field(default_factory=deque)  # online prefill queue (Req, prefilled < prompt)
     waiting_off: deque = field(default_factory=deque)  # offline requests admitted here, prefill in progress
     decoding: dict = field(default_factory=dict)  # rid -> Req
+    online_decoding: dict = field(default_factory=dict)  # rid -> Req, the online part of ``decoding``
     n_dec: list = field(default_factory=lambda: [0, 0])
     ctx_base: list = field(default_factory=lambda: [0, 0])
     steps: int = 0
@@ -90,8 +91,10 @@ class Instance:
     xfer_wait: deque = field(default_factory=deque)
     kv_growth: int = 0  # tokens the running step's decodes add by its end (reserved when it starts)
     kv_peak: int = 0  # highest kv_used() seen (tokens)
-    nic_tx_free: float = 0.0  # the instance's NIC is busy sending until then (transfers queue FIFO)
-    nic_rx_free: float = 0.0  # ... and receiving
+    # The NIC's send / receive queues: [tail of online transfers, tail of all transfers]. Online transfers queue
+    # only behind online ones and push the offline queue back by their duration (online has priority).
+    nic_tx: list = field(default_factory=lambda: [0.0, 0.0])
+    nic_rx: list = field(default_factory=lambda: [0.0, 0.0])
     pending_out: list = field(default_factory=list)  # (Req, dst) pulls to release at the next boundary
     pending_role: tuple | None = None  # (Role, PoolName) to take at the next boundary
     busy: bool = False
@@ -125,6 +128,8 @@ class Instance:
         r.join_step = self.steps
         r.gen_join = r.generated
         self.decoding[r.rid] = r
+        if r.cls == ONLINE:
+            self.online_decoding[r.rid] = r
         self.version += 1
         self.n_dec[r.cls] += 1
         self.ctx_base[r.cls] += r.prompt + r.generated - self.steps
@@ -138,6 +143,8 @@ class Instance:
         """Take ``r`` out of the batch, fixing its generated count; the caller decides where it goes."""
         r.generated = self.gen_of(r)
         del self.decoding[r.rid]
+        if r.cls == ONLINE:
+            del self.online_decoding[r.rid]
         self.version += 1
         self.n_dec[r.cls] -= 1
         self.ctx_base[r.cls] -= r.prompt + r.gen_join - r.join_step

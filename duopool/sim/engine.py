@@ -14,8 +14,8 @@ first: offline decodes swap to host memory, offline prefills in progress go back
 recomputed), else it waits in its queue; a transfer is admitted by its destination only when the KV fits
 there (online transfers preempt offline decodes), and until it has arrived the source keeps its copy; a
 decode run reserves the tokens it will add. ``kv.peak_fraction`` in the summary is the highest use seen.
-Transfers take ``tokens × KV bytes / (NIC rate × eff.net)`` and queue FIFO on the sender's and the
-receiver's NIC. A watchdog raises :class:`SimulationStalled` when simulated time advances
+Transfers take ``tokens × KV bytes / (NIC rate × eff.net)`` and queue on the sender's and the receiver's NIC,
+FIFO within a class, online ahead of offline (an online transfer delays the queued offline ones). A watchdog raises :class:`SimulationStalled` when simulated time advances
 ``watchdog_s`` with work queued and nothing running anywhere.
 """
 
@@ -141,7 +141,8 @@ class Simulator:
             self._off_out = [int(x) for x in offline.output_tokens.tolist()]
         self._off_done_i = 0  # offline_reqs[:i] are all done (a finished request stays finished)
         self._last_progress = 0.0  # last time a step or a transfer started (watchdog)
-        self._kv_stats = {"transfers": 0, "transfer_s": 0.0, "nic_wait_s": 0.0, "transfer_mem_waits": 0,
+        self._kv_stats = {"transfers": 0, "transfer_s": 0.0, "nic_wait_s": 0.0, "online_transfers": 0,
+                          "online_nic_wait_s": 0.0, "transfer_mem_waits": 0,
                           "online_mem_waits": 0, "offline_preempted_for_memory": 0, "rejected_online": 0}
 
     # ================================================================ events
@@ -210,6 +211,8 @@ class Simulator:
         tsum, wsum = st.pop("transfer_s"), st.pop("nic_wait_s")
         st["transfer_s_mean"] = tsum / n if n else 0.0
         st["nic_wait_s_mean"] = wsum / n if n else 0.0
+        on, owsum = st.pop("online_transfers"), st.pop("online_nic_wait_s")
+        st["online_nic_wait_s_mean"] = owsum / on if on else 0.0
         return {"capacity_tokens": cap, "peak_tokens": max(i.kv_peak for i in insts),
                 "peak_fraction": max(i.kv_peak / i.kv_capacity for i in insts),
                 "peak_fraction_per_instance": [round(i.kv_peak / i.kv_capacity, 4) for i in insts], **st}
@@ -511,19 +514,38 @@ class Simulator:
                 inst.kv_peak = u
             src = self.cluster.instances[r.src] if r.src >= 0 else None
             now = self.now
-            start = max(now, inst.nic_rx_free, src.nic_tx_free if src is not None and src is not inst else now)
             dur = self.pm.kv_transfer_s(tokens)
-            end = start + dur
-            inst.nic_rx_free = end
-            if src is not None and src is not inst:
-                src.nic_tx_free = end
+            start, end = self._nic_slot(r.cls == ONLINE, src.nic_tx if src is not None and src is not inst else None,
+                                        inst.nic_rx, dur)
             st = self._kv_stats
             st["transfers"] += 1
             st["transfer_s"] += dur
             st["nic_wait_s"] += start - now
+            if r.cls == ONLINE:
+                st["online_transfers"] += 1
+                st["online_nic_wait_s"] += start - now
             self._last_progress = now
             self._push(end, _KV, r, inst)
         inst.xfer_wait = keep
+
+    def _nic_slot(self, online: bool, tx: list | None, rx: list, dur: float) -> tuple[float, float]:
+        """(start, end) of a transfer of ``dur`` seconds through a sender's and a receiver's NIC queues (``tx``
+        None: from host memory). Each queue is [online tail, all tail]: transfers are FIFO within a class, an
+        online one waits only for online ones and pushes the queued offline traffic back by its duration."""
+        queues = (rx,) if tx is None else (rx, tx)
+        now = self.now
+        if online:
+            start = max(now, *(q[0] for q in queues))
+            end = start + dur
+            for q in queues:
+                q[0] = end
+                q[1] = max(q[1], start) + dur
+        else:
+            start = max(now, *(q[1] for q in queues))
+            end = start + dur
+            for q in queues:
+                q[1] = end
+        return start, end
 
     def _kv_arrived(self, r: Req, dst: Instance) -> None:
         dst.incoming -= 1  # its KV now sits in dst's memory (r.kv_res) until it joins the batch

@@ -143,3 +143,16 @@ def test_watchdog_fails_loudly_when_nothing_runs():
     with pytest.raises(SimulationStalled, match="nothing ran for"):
         sim.run()
     assert 5.0 < sim.now < 7.0  # failed soon after the watchdog period, not at the end of time
+
+
+def test_online_transfers_do_not_queue_behind_offline_ones():
+    """The NIC queues are FIFO within a class; an online transfer goes ahead of queued offline traffic and
+    pushes it back by its own duration."""
+    s = Simulator(SimConfig(policy="hygen", instances=2), None, None)
+    tx, rx = [0.0, 0.0], [0.0, 0.0]
+    assert s._nic_slot(False, tx, rx, 1.0) == (0.0, 1.0)  # offline: NIC busy until 1.0
+    assert s._nic_slot(False, tx, rx, 1.0) == (1.0, 2.0)  # the next offline one queues behind it
+    assert s._nic_slot(True, tx, rx, 0.5) == (0.0, 0.5)  # online starts at once
+    assert rx[1] == tx[1] == 2.5  # ... and delays the offline queue by its duration
+    assert s._nic_slot(True, None, rx, 0.5) == (0.5, 1.0)  # online behind online (from host: receiver only)
+    assert s._nic_slot(False, tx, rx, 1.0) == (3.0, 4.0)

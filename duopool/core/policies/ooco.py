@@ -10,6 +10,20 @@
   the largest context that keeps the batch — padded to the saturation batch size — within the target, and
   the relaxed pool hands over the offline decode closest to that length (its KV moves with it). When the
   step or memory runs over, offline decodes are evicted from the back of the running queue.
+
+What the online requests need sets the margins (ours, beyond the paper):
+
+* the step target is ``step_margin`` × TPOT, lowered to what the tightest online request decoding on the
+  instance can afford: (its deadline − now) / its tokens still to generate, where the deadline is
+  ``deadline_margin`` × TPOT × (max tokens − 1) after its first token — so the KV transfer and the wait to
+  join the batch, which land in a short request's TPOT, are paid for by shorter steps (offline decodes
+  are evicted to get there, and pulled again once the short requests are gone);
+* a request whose KV transfer would take more than ``local_decode_frac`` of its whole TPOT budget
+  (long prompt, few output tokens) decodes where it was prefilled; a relaxed instance with online decodes
+  runs all-online steps (its offline decodes evicted to meet the same deadline-based target).
+
+The simulator's traces give each request's output length, which stands in for the ``max_tokens`` a live
+request carries; a request that stops early is protected only by ``step_margin``.
 """
 
 from __future__ import annotations
@@ -31,6 +45,8 @@ class Ooco(SchedulingPolicy):
     fast_preemption = True
     scan_per_instance = 32
     pull_backoff_s = 0.05  # after a pull finds nothing, the instance waits this long before asking again
+    deadline_margin = 0.95  # plan each online request to finish within this share of its TPOT budget
+    local_decode_frac = 0.25  # decode in place when the KV transfer would take more of the TPOT budget
 
     def __init__(self, perf, cfg=None) -> None:
         super().__init__(perf, cfg)
@@ -44,10 +60,34 @@ class Ooco(SchedulingPolicy):
     def decode_target(self, r: Req, inst: Instance, cluster: Cluster, now: float) -> int:
         if not r.online or inst.role != Role.PREFILL:
             return inst.idx  # offline decodes start in the relaxed pool, where their KV is
+        if self.transfer_breaks_tpot(r):
+            return inst.idx
         return least_decoding(candidates(cluster, Role.DECODE)).idx
+
+    def transfer_breaks_tpot(self, r: Req) -> bool:
+        """The KV transfer alone would take more than ``local_decode_frac`` of the request's TPOT budget."""
+        return self.pm.kv_transfer_s(r.prompt + 1) > \
+            self.local_decode_frac * self.cfg.tpot_slo_s * max(1, r.output - 1)
+
+    def online_step_target(self, inst: Instance, now: float) -> float:
+        """``step_margin`` × TPOT, or less when an online request decoding here needs it: each one's time
+        to its deadline divided by the tokens it has still to generate."""
+        tpot = self.cfg.tpot_slo_s
+        target = self.cfg.step_margin * tpot
+        dm = self.deadline_margin * tpot
+        steps = inst.steps
+        for r in inst.online_decoding.values():
+            left = r.output - (r.gen_join + steps - r.join_step)
+            if left > 0:
+                allow = (r.first_token_t + dm * (r.output - 1) - now) / left
+                if allow < target:
+                    target = allow
+        return target
 
     # ---------------------------------------------------------------- relaxed pool
     def plan_relaxed(self, inst: Instance, cluster: Cluster, now: float) -> StepPlan:
+        if inst.online_decoding:
+            return self.plan_relaxed_online_decode(inst, cluster, now)
         if inst.waiting:  # all-online batch
             return StepPlan(chunks=tuple(self.online_prefill_chunks(inst)), decode=False)
         admit = inst.n_dec[OFFLINE] + len(inst.waiting_off) < self.sat_batch
@@ -57,15 +97,36 @@ class Ooco(SchedulingPolicy):
             return IDLE
         return StepPlan(chunks=tuple(chunks), decode=inst.n_decoding > 0, fast_preemptible=True)
 
+    def plan_relaxed_online_decode(self, inst: Instance, cluster: Cluster, now: float) -> StepPlan:
+        """Online requests decode here (their KV was too costly to move): all-online steps within the
+        deadline-based target; offline decodes step aside (evicted, pulled later by the strict pool)."""
+        target = self.online_step_target(inst, now)
+        evict = tuple(inst.newest_offline_decodes())
+        chunks: list = []
+        if inst.waiting:
+            n = inst.n_dec[0]
+            ctx = inst.ctx_sum(0)
+            first = inst.waiting[0]
+            lo, hi = 0, min(self.cfg.max_batched_tokens, sum(r.prompt - r.prefilled for r in inst.waiting))
+            while lo < hi:  # most prompt tokens that keep the step within the target (at least a small chunk)
+                mid = (lo + hi + 1) // 2
+                if self.pm.chunked_step_time_s([(mid, first.prefilled + mid)], n, ctx) <= target:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            chunks = self.online_prefill_chunks(inst, max(lo, min(256, hi)))
+        return StepPlan(chunks=tuple(chunks), decode=True, evict=evict)
+
     # ---------------------------------------------------------------- strict pool
     def step_target(self) -> float:
         return self.cfg.step_margin * self.cfg.tpot_slo_s
 
-    def preferred_length(self, inst: Instance, n: int = 0, ctx: int = 0) -> int:
+    def preferred_length(self, inst: Instance, n: int = 0, ctx: int = 0, target: float | None = None) -> int:
         """Largest context of one more offline decode keeping the batch — its linear layers padded to the
         saturation batch size — within the step target (OOCO's binary search, here in closed form on the
         same roofline, which is monotone and piecewise linear in the context)."""
-        cmax = self.pm.decode_ctx_budget(inst.n_decoding + n + 1, self.step_target(), pad_to=self.sat_batch)
+        cmax = self.pm.decode_ctx_budget(inst.n_decoding + n + 1, target or self.step_target(),
+                                         pad_to=self.sat_batch)
         return max(0, int(cmax - inst.ctx_sum() - ctx))
 
     def relaxed_candidates(self, src: Instance) -> Candidates:
@@ -114,7 +175,7 @@ class Ooco(SchedulingPolicy):
         return None if best is None else (best_c, best)
 
     def plan_strict(self, inst: Instance, cluster: Cluster, now: float) -> StepPlan:
-        target = self.step_target()
+        target = self.online_step_target(inst, now)
         step = self.decode_time(inst)
         evict = self.evict_for_budget(inst, target) if step > target else ()
         usage = inst.kv_usage()
@@ -129,7 +190,7 @@ class Ooco(SchedulingPolicy):
             taken: set[int] = set()
             sources: list[tuple[int, Candidates]] | None = None
             for _ in range(self.cfg.pull_per_step):
-                want = self.preferred_length(inst, n_add, ctx_add)
+                want = self.preferred_length(inst, n_add, ctx_add, target)
                 if want <= 0:
                     break
                 if sources is None:
