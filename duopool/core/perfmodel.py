@@ -6,7 +6,9 @@ Every operator costs ``max(FLOPs / (peak · e_compute), bytes / (bandwidth · e_
 * four linear layers (QKV, O, gate+up, down): ``2·in·out·T`` FLOPs and ``dtype·(T·in + in·out + T·out)`` bytes,
   ``T`` = tokens in the batch; tensor parallelism splits ``out`` (column-parallel QKV, gate+up) or ``in``
   (row-parallel O, down) by ``tp``;
-* attention, prefill and decode as two kernels: ``4·hidden/tp·q_len·kv_len`` FLOPs; bytes = Q and O
+* attention, prefill and decode as two kernels: ``4·hidden/tp·Σ(query, key) pairs`` FLOPs, causal (a chunk of
+  ``q_len`` new tokens after ``kv_len − q_len`` cached ones has ``q_len·(kv_len − q_len) + q_len·(q_len + 1)/2``
+  pairs, so a prompt costs the same attention however it is chunked); bytes = Q and O
   (``2·dtype·q_len·hidden/tp``) plus the K and V read (``2·dtype·kv_len·n_kv_heads/tp·head_dim``), with
   GQA entering only through the KV bytes; decode is ``q_len = 1``;
 * with ``tp > 1``, two ring all-reduces of ``2·(tp−1)/tp·T·hidden·dtype`` bytes over the tensor-parallel link;
@@ -273,7 +275,8 @@ class PerfModel:
         return v
 
     def attention_time(self, q_kv_sum: float, q_sum: float, kv_sum: float) -> float:
-        """One attention kernel over all layers. ``q_kv_sum`` = Σ q_len·kv_len, ``q_sum`` = Σ q_len,
+        """One attention kernel over all layers. ``q_kv_sum`` = Σ attended (query, key) pairs (q_len·kv_len for
+        a decode, causal for a prefill chunk), ``q_sum`` = Σ q_len,
         ``kv_sum`` = Σ kv_len over the sequences of the kernel."""
         if q_sum <= 0:
             return 0.0
@@ -304,7 +307,7 @@ class PerfModel:
         qkv = q = kv = 0.0
         n_p = 0
         for ql, kl in prefill:
-            qkv += ql * kl
+            qkv += ql * (kl - ql) + ql * (ql + 1) / 2  # causal: token i sees the cache and i tokens of its chunk
             q += ql
             kv += kl
             n_p += 1

@@ -186,8 +186,9 @@ class Simulator:
             elif kind == _WAKE:
                 if not a.busy:
                     start_step(a)
-                    if t - self._last_progress > self.cfg.watchdog_s and not a.busy:
-                        self._watchdog()
+                    if not a.busy and (t - self._last_progress > self.cfg.watchdog_s
+                                       or t - a.step_start > self.cfg.watchdog_s):
+                        self._watchdog(a)
             elif kind == _TICK:
                 self._tick()
             if stop_when_online_done and self.online_left == 0 and self._arr_i >= n_arrivals:
@@ -223,12 +224,22 @@ class Simulator:
         return bool(c.resume) or any(i.waiting or i.waiting_off or i.inbox or i.xfer_wait or i.busy
                                      for i in c.instances)
 
-    def _watchdog(self) -> None:
+    def _watchdog(self, inst: Instance) -> None:
+        """Fail loudly when nothing runs anywhere while work is queued, or when an idle instance has work
+        queued on it (prompts, KV waiting to join or to arrive) and neither ran a step nor received KV for
+        ``watchdog_s``: a stuck simulation must not pass for a slow one."""
         c = self.cluster
-        if any(i.busy for i in c.instances) or not self._work_queued():
+        now = self.now
+        stuck_here = (inst.waiting or inst.inbox or inst.xfer_wait or inst.waiting_off) \
+            and now - inst.step_start > self.cfg.watchdog_s
+        if stuck_here:
+            what = f"instance {inst.idx} ran no step and received no KV for {now - inst.step_start:.1f} s"
+        elif not any(i.busy for i in c.instances) and self._work_queued():
+            what = f"nothing ran for {now - self._last_progress:.1f} s"
+        else:
             return
-        lines = [f"simulated time {self.now:.1f} s: nothing ran for {self.now - self._last_progress:.1f} s "
-                 f"with work queued ({self.cfg.policy}); resume queue {len(c.resume)}, backlog {len(c.backlog)}"]
+        lines = [f"simulated time {now:.1f} s: {what} with work queued ({self.cfg.policy}); "
+                 f"resume queue {len(c.resume)}, backlog {len(c.backlog)}"]
         for i in c.instances:
             lines.append(f"  instance {i.idx} {i.role}/{i.pool}: waiting {len(i.waiting)} online, "
                          f"{len(i.waiting_off)} offline; inbox {len(i.inbox)}; transfers waiting for memory "
@@ -279,7 +290,8 @@ class Simulator:
         self.cluster.arrived_requests += 1
         if self._arr_i < len(self._arr):
             self._push(self._arr[self._arr_i], _ARRIVE)
-        if r.prompt + 1 + 2 * self.cluster.instances[0].block_size > self.cluster.instances[0].kv_capacity:
+        i0 = self.cluster.instances[0]
+        if r.prompt + 1 + i0.block_size + self._watermark(i0) > i0.kv_capacity:
             r.phase = Phase.REJECTED  # no instance can ever hold it: a counted failure, not a stall
             self.online_left -= 1
             self._kv_stats["rejected_online"] += 1
@@ -496,7 +508,7 @@ class Simulator:
             if blocked[r.cls]:
                 keep.append((r, tokens))
                 continue
-            need = tokens + bs
+            need = tokens + bs + self._watermark(inst)  # and room left for the running batch to grow
             if inst.kv_free() < need and r.cls == ONLINE and may_evict:
                 for v in inst.newest_offline_decodes():
                     self._evict(inst, v)
@@ -507,8 +519,8 @@ class Simulator:
                 blocked[r.cls] = True
                 keep.append((r, tokens))
                 continue
-            r.kv_res = need
-            inst.kv_reserved += need
+            r.kv_res = tokens + bs
+            inst.kv_reserved += r.kv_res
             u = inst.kv_used()
             if u > inst.kv_peak:
                 inst.kv_peak = u
@@ -554,6 +566,8 @@ class Simulator:
             src.kv_reserved -= r.src_res
             r.src, r.src_res = -1, 0
         self._last_progress = self.now
+        if not dst.busy:
+            dst.step_start = self.now  # (idle) activity for the watchdog
         self._to_inbox(dst, r)
         self._poke(dst)
 
@@ -592,7 +606,10 @@ class Simulator:
                             no_victims = True
                             break
                         self._evict(inst, v)
-                if inst.n_decoding >= max_seqs or inst.kv_free() + r.kv_res < min(need, r.prompt + r.generated + 64):
+                # room to grow a little; with nothing decoding here (nothing will free memory), its own KV is
+                # enough: decode growth then preempts the newest online sequence (swap) as an engine does
+                room = min(need, r.prompt + r.generated + 64) if inst.n_decoding else r.kv_res + inst.block_size
+                if inst.n_decoding >= max_seqs or inst.kv_free() + r.kv_res < room:
                     waiting.append(r)  # waits for room, keeping its reservation
                     waiting_online += online
                     blocked[r.cls] = True
@@ -631,6 +648,13 @@ class Simulator:
         r.queued_t = self.now
         self.cluster.resume.append(r)
 
+    @staticmethod
+    def _watermark(inst: Instance) -> int:
+        """Free KV kept back when admitting new work (prompts, incoming KV): a block per running sequence,
+        at least 1% of memory (vLLM keeps a watermark too), so running sequences can grow and admitted work
+        cannot fill memory so tightly that sequences swap each other out in turn."""
+        return max(inst.block_size * (inst.n_decoding + 1), inst.kv_capacity // 100)
+
     def _allocate_chunks(self, inst: Instance, plan: StepPlan) -> StepPlan:
         """Allocate KV for the plan's chunks as the engine would; drop the ones that do not fit. A new online
         prompt first preempts this instance's offline work (decodes swap to host, prefills in progress go
@@ -648,9 +672,9 @@ class Simulator:
                 if online_blocked:
                     continue
                 need = r.prompt + 1 + inst.block_size  # the prompt and its first token
-                if inst.kv_free() < need:
-                    self._free_for_online(inst, need, dropped)
-                if inst.kv_free() < need:
+                if inst.kv_free() < need + self._watermark(inst):
+                    self._free_for_online(inst, need + self._watermark(inst), dropped)
+                if inst.kv_free() < need + self._watermark(inst):
                     online_blocked = True
                     self._kv_stats["online_mem_waits"] += 1
                     continue
@@ -682,7 +706,7 @@ class Simulator:
             self._kv_stats["offline_preempted_for_memory"] += 1
 
     def _admit_offline(self, inst: Instance, r: Req) -> bool:
-        if inst.kv_free() < r.prompt + 1 + inst.block_size:
+        if inst.kv_free() < r.prompt + 1 + inst.block_size + self._watermark(inst):
             return False
         bl = self.cluster.backlog
         if bl and bl[0] is r:

@@ -71,10 +71,28 @@ def test_prefill_attention_hand_computed():
     nbytes = 2 * (2 * L * 64 + 2 * L * 32)
     want = max(flops / 1e12, nbytes / 1e11) * 2
     assert pm.attention_time(L * L, L, L) == pytest.approx(want)
+    # a whole prompt is causal: L·(L + 1)/2 (query, key) pairs
+    pairs = L * (L + 1) / 2
+    want_causal = max(4 * 64 * pairs / 1e12, nbytes / 1e11) * 2
     parts = pm.step_parts([(L, L)], 0, 0)
-    assert parts.attn_prefill == pytest.approx(want)
+    assert parts.attn_prefill == pytest.approx(want_causal)
     assert parts.attn_decode == 0
     assert parts.total == pytest.approx(pm.step_time_s([L], []))
+
+
+def test_prefill_attention_flops_do_not_depend_on_chunking():
+    """Causal pairs add up the same whether a prompt runs whole or in chunks (the bytes differ: each chunk
+    reads the cache again)."""
+    pm = PerfModel.load("H100-SXM", "llama-3.1-8b")
+    L = 16000
+    m = pm.model
+    whole = [(L, L)]
+    chunks = [(1000, k + 1000) for k in range(0, L, 1000)]
+    pairs = [sum(q * (kv - q) + q * (q + 1) / 2 for q, kv in c) for c in (whole, chunks)]
+    assert pairs[0] == pytest.approx(pairs[1]) == pytest.approx(L * (L + 1) / 2)
+    flops_s = [4 * m.q_dim * p * m.num_hidden_layers / (pm.hardware.peak_flops * pm.eff.attn_compute) for p in pairs]
+    assert pm.step_parts(whole, 0, 0).attn_prefill == pytest.approx(flops_s[0])  # compute-bound
+    assert pm.step_parts(chunks, 0, 0).attn_prefill >= flops_s[1] - 1e-12
 
 
 def test_gqa_reduces_decode_attention_bytes():

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from duopool.core.perfmodel import PerfModel
+from duopool.core.placement import PoolName, Role
 from duopool.core.policies import PolicyConfig, SchedulingPolicy
-from duopool.core.state import IDLE, Phase
+from duopool.core.state import IDLE, Phase, StepPlan
 from duopool.sim import SimConfig, Simulator
 from duopool.sim.engine import SimulationStalled
 from duopool.sim.metrics import summarize
@@ -140,9 +141,39 @@ def test_watchdog_fails_loudly_when_nothing_runs():
     cfg = SimConfig(policy="pd-static", instances=2, watchdog_s=5.0,
                     policy_cfg=PolicyConfig(ttft_slo_s=1.0, tpot_slo_s=0.05))
     sim = Simulator(cfg, on, None, perf=pm, policy=_NeverRunsOnline(pm, cfg.policy_cfg))
-    with pytest.raises(SimulationStalled, match="nothing ran for"):
+    with pytest.raises(SimulationStalled, match="with work queued"):
         sim.run()
-    assert 5.0 < sim.now < 7.0  # failed soon after the watchdog period, not at the end of time
+    assert 5.0 <= sim.now < 7.0  # failed soon after the watchdog period, not at the end of time
+
+
+class _StarvesOneInstance(SchedulingPolicy):
+    """Broken differently: instance 1 keeps running offline work, instance 0 never runs its online queue."""
+
+    name = "starves"
+
+    def layout(self, n):
+        return [(Role.MIXED, PoolName.RELAXED, False)] * n
+
+    def route(self, r, cluster, now):
+        return 0
+
+    def plan(self, inst, cluster, now):
+        if inst.idx == 0:
+            return IDLE
+        chunks = self.offline_prefill_chunks(inst, cluster, 2048)
+        return StepPlan(chunks=tuple(chunks), decode=inst.n_decoding > 0) if chunks or inst.n_decoding else IDLE
+
+
+def test_watchdog_catches_one_stuck_instance_while_others_run():
+    pm = PerfModel.load("H100-SXM", "llama-3.1-8b")
+    on = trace([0.0, 1.0], [1000, 1000], [10, 10])
+    off = trace(np.zeros(50), [3000] * 50, [200] * 50, "backlog")
+    cfg = SimConfig(policy="hygen", instances=2, watchdog_s=5.0,
+                    policy_cfg=PolicyConfig(ttft_slo_s=1.0, tpot_slo_s=0.05))
+    sim = Simulator(cfg, on, off, perf=pm, policy=_StarvesOneInstance(pm, cfg.policy_cfg))
+    with pytest.raises(SimulationStalled, match="instance 0 ran no step"):
+        sim.run()
+    assert sim.n_steps > 10  # the other instance kept running
 
 
 def test_online_transfers_do_not_queue_behind_offline_ones():
