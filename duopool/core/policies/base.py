@@ -90,6 +90,9 @@ class SchedulingPolicy:
     name: ClassVar[str] = "base"
     tick_s: ClassVar[float] = 0.0
     fast_preemption: ClassVar[bool] = False
+    deadline_margin: ClassVar[float] = 0.95  # plan online requests to finish within this share of their TPOT budget
+    local_decode_frac: ClassVar[float] = 0.25  # decode in place when the KV transfer takes more of the TPOT budget
+    local_decode_share: ClassVar[float] = 0.6  # ... and the decode part of that instance's steps stays under this × target
 
     def __init__(self, perf: PerfModel, cfg: PolicyConfig | None = None) -> None:
         self.pm = perf
@@ -166,6 +169,56 @@ class SchedulingPolicy:
             return (self.pm.linear_time(pad_to) + self.pm.attention_time(ctx, n, ctx)
                     + self.pm.lm_head_time(n) + self.pm.eff.step_overhead_s)
         return self.pm.chunked_step_time_s((), n, ctx)
+
+    def online_step_target(self, inst: Instance, now: float) -> float:
+        """``step_margin`` × TPOT, or less when an online request decoding here needs it: each one's time
+        to its deadline (``deadline_margin`` × TPOT × (max tokens − 1) after its first token) divided by the
+        tokens it has still to generate. The KV transfer and the wait to join the batch, which land in a
+        short request's TPOT, are paid for by shorter steps."""
+        tpot = self.cfg.tpot_slo_s
+        target = self.cfg.step_margin * tpot
+        dm = self.deadline_margin * tpot
+        steps = inst.steps
+        for r in inst.online_decoding.values():
+            left = r.output - (r.gen_join + steps - r.join_step)
+            if left > 0:
+                allow = (r.first_token_t + dm * (r.output - 1) - now) / left
+                if allow < target:
+                    target = allow
+        return target
+
+    def transfer_breaks_tpot(self, r: Req) -> bool:
+        """The KV transfer alone would take more than ``local_decode_frac`` of the request's TPOT budget."""
+        return self.pm.kv_transfer_s(r.prompt + 1) > \
+            self.local_decode_frac * self.cfg.tpot_slo_s * max(1, r.output - 1)
+
+    def route_local_decode(self, insts: Sequence[Instance]) -> Instance:
+        """The prefill instance for a request that will decode where it prefills: the least queued prompt
+        tokens and offline decode work."""
+        return min(insts, key=lambda i: (i.queued_prefill_tokens + 64 * i.n_dec[OFFLINE], i.idx))
+
+    def plan_local_online_decode(self, inst: Instance, cluster: Cluster, now: float) -> StepPlan:
+        """A prefill instance where online requests decode (their KV was too costly to move): steps within
+        the deadline-based target, online prefill chunks beside the decodes (as many tokens as fit), no
+        offline prefill; offline decodes step aside (evicted, pulled again elsewhere) until the decode part is
+        under ``local_decode_share`` of the target."""
+        target = self.online_step_target(inst, now)
+        # offline decodes step aside until the decode part leaves room for online prefill chunks
+        evict = self.evict_for_budget(inst, self.local_decode_share * target)
+        chunks: list = []
+        if inst.waiting:
+            n = inst.n_decoding - len(evict)
+            ctx = inst.ctx_sum() - sum(inst.ctx_of(r) for r in evict)
+            first = inst.waiting[0]
+            lo, hi = 0, min(self.cfg.max_batched_tokens, sum(r.prompt - r.prefilled for r in inst.waiting))
+            while lo < hi:  # most prompt tokens that keep the step within the target (at least a small chunk)
+                mid = (lo + hi + 1) // 2
+                if self.pm.chunked_step_time_s([(mid, first.prefilled + mid)], n, ctx) <= target:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            chunks = self.online_prefill_chunks(inst, max(lo, min(256, hi)))
+        return StepPlan(chunks=tuple(chunks), decode=True, evict=evict)
 
     def resume_pulls(self, inst: Instance, cluster: Cluster, max_n: int, kv_reserve: int = 0) -> tuple:
         """Swapped offline decodes, oldest first (FIFO, so none starves), that fit this instance's

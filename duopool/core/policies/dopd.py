@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 
 from duopool.core.placement import PoolName, Role
-from duopool.core.policies.base import register_policy
+from duopool.core.policies.base import candidates, register_policy
 from duopool.core.policies.online_priority import OnlinePriority
 from duopool.core.policies.ooco import Ooco
-from duopool.core.state import OFFLINE, ONLINE, Cluster, SetRole
+from duopool.core.state import IDLE, OFFLINE, ONLINE, Cluster, Instance, Req, SetRole, StepPlan
 
 
 class RatioController:
@@ -59,7 +59,10 @@ class RatioController:
                 lo = mid
             else:
                 hi = mid - 1
-        return max(1, math.ceil(1.5 * n_on / lo))
+        by_time = math.ceil(1.5 * n_on / lo)
+        # and their KV must fit: the decode contexts, with the same headroom, in 90% of each instance's memory
+        by_memory = math.ceil(1.5 * n_on * ctx / (0.9 * self.p.kv_capacity))
+        return max(1, by_time, by_memory)
 
     def tick(self, cluster: Cluster, now: float) -> list[SetRole]:
         dt = now - self.last_t
@@ -103,7 +106,46 @@ class _RatioControlled:
 
 @register_policy("dopd")
 class Dopd(_RatioControlled, OnlinePriority):
+    """The ratio controller over online-priority co-location, with the decode instances held to the online
+    requests' deadlines: offline decodes are evicted past the deadline-based step target
+    (:meth:`online_step_target`), swapped ones come back and new offline prompts are admitted only while a
+    decode instance has room under it."""
+
     count_offline_decode = True  # offline decodes share the decode instances here
+    admit_frac = 0.8  # offline work joins a decode instance only while its step is under this × target
+
+    def _has_room(self, d: Instance, now: float) -> bool:
+        return d.n_decoding + d.incoming + len(d.inbox) < self.cfg.max_num_seqs \
+            and self.decode_time(d, d.incoming + len(d.inbox), (d.incoming + len(d.inbox)) * 2048) \
+            < self.admit_frac * self.online_step_target(d, now)
+
+    def decode_room(self, cluster: Cluster) -> bool:
+        now = cluster.now
+        return any(d.role == Role.DECODE and not d.offline_only and self._has_room(d, now)
+                   for d in cluster.instances)
+
+    def route(self, r: Req, cluster: Cluster, now: float) -> int:
+        if self.transfer_breaks_tpot(r):
+            return self.route_local_decode(candidates(cluster, Role.PREFILL)).idx
+        return super().route(r, cluster, now)
+
+    def decode_target(self, r: Req, inst: Instance, cluster: Cluster, now: float) -> int:
+        if r.online and inst.role == Role.PREFILL and self.transfer_breaks_tpot(r):
+            return inst.idx  # long prompt, few tokens: decode where the KV is
+        return super().decode_target(r, inst, cluster, now)
+
+    def plan(self, inst: Instance, cluster: Cluster, now: float) -> StepPlan:
+        if inst.role != Role.DECODE:
+            if inst.online_decoding:
+                return self.plan_local_online_decode(inst, cluster, now)
+            return super().plan(inst, cluster, now)
+        target = self.online_step_target(inst, now)
+        evict = self.evict_for_budget(inst, target)
+        chunks = self.online_prefill_chunks(inst) if inst.waiting else []
+        pull = () if evict or not self._has_room(inst, now) else self.resume_pulls(inst, cluster, 4)
+        if not chunks and not inst.n_decoding:
+            return StepPlan(decode=False, pull=pull) if pull else IDLE
+        return StepPlan(chunks=tuple(chunks), decode=inst.n_decoding > 0, evict=evict, pull=pull)
 
 
 @register_policy("ooco+dopd")

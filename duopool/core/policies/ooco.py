@@ -20,7 +20,8 @@ What the online requests need sets the margins (ours, beyond the paper):
   are evicted to get there, and pulled again once the short requests are gone);
 * a request whose KV transfer would take more than ``local_decode_frac`` of its whole TPOT budget
   (long prompt, few output tokens) decodes where it was prefilled; a relaxed instance with online decodes
-  runs all-online steps (its offline decodes evicted to meet the same deadline-based target).
+  keeps its step within the same deadline-based target (offline decodes evicted as far as needed; such
+  requests are routed to the relaxed instance with the least offline decode work).
 
 The simulator's traces give each request's output length, which stands in for the ``max_tokens`` a live
 request carries; a request that stops early is protected only by ``step_margin``.
@@ -45,8 +46,6 @@ class Ooco(SchedulingPolicy):
     fast_preemption = True
     scan_per_instance = 32
     pull_backoff_s = 0.05  # after a pull finds nothing, the instance waits this long before asking again
-    deadline_margin = 0.95  # plan each online request to finish within this share of its TPOT budget
-    local_decode_frac = 0.25  # decode in place when the KV transfer would take more of the TPOT budget
 
     def __init__(self, perf, cfg=None) -> None:
         super().__init__(perf, cfg)
@@ -55,6 +54,8 @@ class Ooco(SchedulingPolicy):
 
     def route(self, r: Req, cluster: Cluster, now: float) -> int:
         relaxed = candidates(cluster, Role.PREFILL)
+        if self.transfer_breaks_tpot(r):  # it will decode where it prefills: pick the least offline decode work
+            return self.route_local_decode(relaxed).idx
         return min(relaxed, key=lambda i: (i.queued_prefill_tokens, i.running_offline_prefill, i.idx)).idx
 
     def decode_target(self, r: Req, inst: Instance, cluster: Cluster, now: float) -> int:
@@ -64,30 +65,10 @@ class Ooco(SchedulingPolicy):
             return inst.idx
         return least_decoding(candidates(cluster, Role.DECODE)).idx
 
-    def transfer_breaks_tpot(self, r: Req) -> bool:
-        """The KV transfer alone would take more than ``local_decode_frac`` of the request's TPOT budget."""
-        return self.pm.kv_transfer_s(r.prompt + 1) > \
-            self.local_decode_frac * self.cfg.tpot_slo_s * max(1, r.output - 1)
-
-    def online_step_target(self, inst: Instance, now: float) -> float:
-        """``step_margin`` × TPOT, or less when an online request decoding here needs it: each one's time
-        to its deadline divided by the tokens it has still to generate."""
-        tpot = self.cfg.tpot_slo_s
-        target = self.cfg.step_margin * tpot
-        dm = self.deadline_margin * tpot
-        steps = inst.steps
-        for r in inst.online_decoding.values():
-            left = r.output - (r.gen_join + steps - r.join_step)
-            if left > 0:
-                allow = (r.first_token_t + dm * (r.output - 1) - now) / left
-                if allow < target:
-                    target = allow
-        return target
-
     # ---------------------------------------------------------------- relaxed pool
     def plan_relaxed(self, inst: Instance, cluster: Cluster, now: float) -> StepPlan:
         if inst.online_decoding:
-            return self.plan_relaxed_online_decode(inst, cluster, now)
+            return self.plan_local_online_decode(inst, cluster, now)
         if inst.waiting:  # all-online batch
             return StepPlan(chunks=tuple(self.online_prefill_chunks(inst)), decode=False)
         admit = inst.n_dec[OFFLINE] + len(inst.waiting_off) < self.sat_batch
@@ -96,26 +77,6 @@ class Ooco(SchedulingPolicy):
         if not chunks and not inst.n_decoding:
             return IDLE
         return StepPlan(chunks=tuple(chunks), decode=inst.n_decoding > 0, fast_preemptible=True)
-
-    def plan_relaxed_online_decode(self, inst: Instance, cluster: Cluster, now: float) -> StepPlan:
-        """Online requests decode here (their KV was too costly to move): all-online steps within the
-        deadline-based target; offline decodes step aside (evicted, pulled later by the strict pool)."""
-        target = self.online_step_target(inst, now)
-        evict = tuple(inst.newest_offline_decodes())
-        chunks: list = []
-        if inst.waiting:
-            n = inst.n_dec[0]
-            ctx = inst.ctx_sum(0)
-            first = inst.waiting[0]
-            lo, hi = 0, min(self.cfg.max_batched_tokens, sum(r.prompt - r.prefilled for r in inst.waiting))
-            while lo < hi:  # most prompt tokens that keep the step within the target (at least a small chunk)
-                mid = (lo + hi + 1) // 2
-                if self.pm.chunked_step_time_s([(mid, first.prefilled + mid)], n, ctx) <= target:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            chunks = self.online_prefill_chunks(inst, max(lo, min(256, hi)))
-        return StepPlan(chunks=tuple(chunks), decode=True, evict=evict)
 
     # ---------------------------------------------------------------- strict pool
     def step_target(self) -> float:
