@@ -128,10 +128,16 @@ async def _replay(args, cluster, online, offline) -> dict:
         results: list[dict] = []
         tasks = [asyncio.create_task(_online_request(stub, i, a, p, o, args, t_start, results))
                  for i, (a, p, o) in enumerate(online)]
-        last_print = 0.0
+        last_print = last_poll = 0.0
+        drain_s = None  # when the whole backlog was done (the offline throughput is capacity only before it)
         while not all(t.done() for t in tasks):
             await asyncio.sleep(0.5)
             now = time.monotonic() - t_start
+            if job_id and drain_s is None and now - last_poll >= 1:
+                last_poll = now
+                st = await stub.GetBatch(router_pb2.GetBatchRequest(job_id=job_id), timeout=5)
+                if st.state == router_pb2.DONE or (st.total and st.done >= st.total):
+                    drain_s = now
             if now - last_print >= 5:
                 last_print = now
                 st = await stub.GetBatch(router_pb2.GetBatchRequest(job_id=job_id), timeout=5) if job_id else None
@@ -151,11 +157,23 @@ async def _replay(args, cluster, online, offline) -> dict:
                 await asyncio.sleep(1.0)
                 st = await stub.GetBatch(router_pb2.GetBatchRequest(job_id=job_id), timeout=5)
             drained = st.state == router_pb2.DONE
+            if drained and drain_s is None:
+                drain_s = time.monotonic() - t_start
+            st_end = st
             indices = [r.index async for r in stub.GetBatchResults(router_pb2.GetBatchRequest(job_id=job_id),
                                                                    timeout=120)]
             duplicated = len(indices) - len(set(indices))
             lost = (len(offline) - len(set(indices))) if drained else 0
             stats = await sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
+    # Offline throughput is a capacity figure only while the backlog lasts: over a window in which it ran
+    # out, tokens / window understates it. ``backlogged_tok_s`` is tokens / time while backlogged.
+    ran_out = drain_s is not None and drain_s < window_s
+    if not job_id:
+        backlogged_tok_s = 0.0
+    elif ran_out:
+        backlogged_tok_s = st_end.output_tokens / drain_s if drain_s else 0.0
+    else:
+        backlogged_tok_s = st_window.output_tokens / window_s if window_s else 0.0
     ok = [r for r in results if r["ok"]]
     met = [r for r in ok if r["ttft_ms"] <= args.ttft_slo_ms and r["tpot_ms"] <= args.tpot_slo_ms]
     samples = list(stats.preemption_ms)
@@ -175,6 +193,9 @@ async def _replay(args, cluster, online, offline) -> dict:
             "requests": len(offline),
             "completed": st_window.done if st_window else 0,
             "output_tokens_per_s": (st_window.output_tokens / window_s) if st_window else 0.0,
+            "backlogged_tok_s": backlogged_tok_s,
+            "backlog_ran_out_in_window": ran_out,
+            "drain_s": drain_s,
             "drained": drained, "lost": lost, "duplicated": duplicated,
         },
         "goodput_requests_per_s": len(met) / window_s if window_s else 0.0,
@@ -214,8 +235,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"online: {on['requests']} requests, SLO attainment {on['slo_attainment']:.1%}, "
           f"TTFT p50/p99 {on['ttft_ms']['p50']:.0f}/{on['ttft_ms']['p99']:.0f} ms, "
           f"TPOT p50/p99 {on['tpot_ms']['p50']:.1f}/{on['tpot_ms']['p99']:.1f} ms")
-    print(f"offline: {off['completed']} completed in the window, {off['output_tokens_per_s']:.1f} tok/s, "
-          f"lost {off['lost']}, duplicated {off['duplicated']} (drained: {off['drained']})")
+    print(f"offline: {off['completed']} completed in the window, {off['backlogged_tok_s']:.1f} tok/s while "
+          f"backlogged, lost {off['lost']}, duplicated {off['duplicated']} (drained: {off['drained']}"
+          + (f", in {off['drain_s']:.1f} s" if off["drain_s"] is not None else "") + ")")
+    if off["backlog_ran_out_in_window"]:
+        print(f"note: the backlog ran out {off['drain_s']:.1f} s into the {summary['window_s']:.0f} s window; "
+              f"tok/s over the window ({off['output_tokens_per_s']:.1f}) would understate capacity: compare "
+              f"backlogged_tok_s or drain_s (a larger --offline-requests keeps it backlogged)")
     print(f"preemptions: {summary['preemptions']}, latency p50/p99 {summary['preemption_ms']['p50']:.1f}/"
           f"{summary['preemption_ms']['p99']:.1f} ms; wrote {args.out / 'summary.json'}")
     return 0

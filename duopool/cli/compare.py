@@ -260,7 +260,7 @@ def markdown_table(results, slo_target: float = 0.99, ceil=None, best=None, rule
     a "no static split holds" row. Notes below the table give the ceiling figures and the rule splits."""
     base, best_tok = _bases(results, best)
     lines = ["| policy | rate × | online req | SLO attain. | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | "
-             "offline tok/s | ceiling frac | vs pd-static | vs best static | offline done | goodput req/s |",
+             "offline tok/s | ceiling frac | vs pd-static | vs best static | peak KV | goodput req/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = [(s, p, sm) for p, s, sm, _ in results]
     rows += [(s, None, None) for s, b in (best or {}).items() if b["result"] is None]
@@ -282,7 +282,7 @@ def markdown_table(results, slo_target: float = 0.99, ceil=None, best=None, rule
             f"{_fmt(tp['p50'], '.1f')} / {_fmt(tp['p90'], '.1f')} / {_fmt(tp['p99'], '.1f')} | "
             f"{off['output_tokens_per_s']:.0f} | {_fmt(r['ceiling_frac'], '.2f')} | "
             f"{_fmt(r['vs_pd_static'], '.2f', '×')} | {_fmt(r['vs_best_static'], '.2f', '×')} | "
-            f"{off['completed']} | {sm['goodput_requests_per_s']:.2f} |")
+            f"{_fmt(sm.get('kv', {}).get('peak_fraction'), '.2f')} | {sm['goodput_requests_per_s']:.2f} |")
     notes = []
     for s in sorted(set(list((ceil or {}).keys()) + list((rule or {}).keys()))):
         c = (ceil or {}).get(s, {})

@@ -191,8 +191,9 @@ class Simulator:
                         self._watchdog(a)
             elif kind == _TICK:
                 self._tick()
-            if stop_when_online_done and self.online_left == 0 and self._arr_i >= n_arrivals:
-                break
+            if stop_when_online_done and self.online_left == 0 and self._arr_i >= n_arrivals \
+                    and (self.cfg.offline_limit is None or self._offline_all_done()):
+                break  # a finite backlog (offline_limit) is drained too: its drain time is the capacity figure
             if stop_when_offline_done and self._offline_all_done():
                 break
             if progress is not None and t >= next_report:
@@ -212,7 +213,7 @@ class Simulator:
         tsum, wsum = st.pop("transfer_s"), st.pop("nic_wait_s")
         st["transfer_s_mean"] = tsum / n if n else 0.0
         st["nic_wait_s_mean"] = wsum / n if n else 0.0
-        on, owsum = st.pop("online_transfers"), st.pop("online_nic_wait_s")
+        on, owsum = st["online_transfers"], st.pop("online_nic_wait_s")
         st["online_nic_wait_s_mean"] = owsum / on if on else 0.0
         return {"capacity_tokens": cap, "peak_tokens": max(i.kv_peak for i in insts),
                 "peak_fraction": max(i.kv_peak / i.kv_capacity for i in insts),

@@ -80,6 +80,11 @@ def summarize(res: SimResult) -> dict:
             "output_tokens": int(res.offline_tokens),
             "output_tokens_per_s": res.offline_tokens / dur if dur == dur else 0.0,
             "completed_per_s": len(off_done) / dur if dur == dur else 0.0,
+            # a finite backlog (--offline-limit): when its last request finished (None while any is left).
+            # Compare capacities by this or by tok/s while backlogged, never by tok/s over a window in which
+            # the backlog ran out.
+            "drain_s": (max(r.finish_t for r in res.offline) if res.offline and len(off_done) == len(res.offline)
+                        else None),
             "preempted_requests": len(pre),
             "preemptions": int(sum(pre)),
         },

@@ -182,3 +182,49 @@ def test_dopd_reassigns_roles_in_the_simulator():
     assert all(r.phase == Phase.DONE for r in res.online)
     for _, roles in res.role_history:
         assert "prefill" in roles and "decode" in roles
+
+
+HOLDING = ["hygen", "ooco", "ooco+dopd", "dopd"]
+
+
+@pytest.mark.parametrize("policy", HOLDING)
+def test_short_outputs_meet_tpot_next_to_offline_work(policy):
+    """Code-completion-like online work (5-8 output tokens, bursts) next to a long offline backlog: the KV
+    transfer and the wait to join a batch land in a short request's TPOT, so the step target must shrink
+    for it (deadline-based) instead of running at 0.9 x TPOT."""
+    rng = np.random.default_rng(3)
+    n = 150
+    arrivals = np.sort(np.concatenate([rng.uniform(k * 10, k * 10 + 2, 25) for k in range(6)]))  # 2 s bursts
+    on = trace(arrivals, rng.integers(200, 3000, n), rng.integers(5, 9, n))
+    res = sim(policy, on, backlog(400, inp=2500, out=300), n=4).run()
+    tpot_slo = 0.05
+    ok = [r.phase == Phase.DONE and (r.finish_t - r.first_token_t) / (r.output - 1) <= tpot_slo for r in res.online]
+    assert sum(ok) / n >= 0.99, f"{policy}: {sum(ok)}/{n} short requests met TPOT"
+    assert res.offline_tokens > 0
+
+
+@pytest.mark.parametrize("policy", ["ooco", "dopd"])
+def test_long_prompt_short_output_decodes_where_it_was_prefilled(policy):
+    """A 16 k prompt's KV takes ~60 ms to move: more than a 3-token answer's whole TPOT budget. It decodes on
+    its prefill instance; a short prompt with a long answer still moves to a decode instance."""
+    on = trace([0.0, 0.5], [16000, 500], [3, 200])
+    s = sim(policy, on, backlog(50), n=4)
+    res = s.run()
+    assert s.policy.transfer_breaks_tpot(res.online[0]) and not s.policy.transfer_breaks_tpot(res.online[1])
+    assert res.kv["online_transfers"] == 1  # only the second request moved
+    long_req = res.online[0]
+    assert (long_req.finish_t - long_req.first_token_t) / 2 <= 0.05
+
+
+def test_online_step_target_follows_the_tightest_deadline():
+    pm = PerfModel.load()
+    pol = get_policy("ooco", pm, PolicyConfig(tpot_slo_s=0.05))
+    s = sim("ooco", trace([0.0], [1000], [300]), None, n=2)
+    inst = s.cluster.instances[1]
+    assert pol.online_step_target(inst, 0.0) == pytest.approx(0.9 * 0.05)  # nothing online: step margin
+    from duopool.core.state import Req
+    r = Req(1, ONLINE, 0.0, 1000, 5)
+    r.first_token_t, r.generated = 0.0, 1
+    inst.add_decode(r, 0.05)
+    # 4 tokens to go by 0.95 x 50 ms x 4 after the first token; 30 ms already spent on transfer and join
+    assert pol.online_step_target(inst, 0.03) == pytest.approx((0.95 * 0.05 * 4 - 0.03) / 4)
