@@ -92,12 +92,14 @@ class SchedulingPolicy:
     fast_preemption: ClassVar[bool] = False
     deadline_margin: ClassVar[float] = 0.95  # plan online requests to finish within this share of their TPOT budget
     local_decode_frac: ClassVar[float] = 0.25  # decode in place when the KV transfer takes more of the TPOT budget
+    overflow_frac: ClassVar[float] = 0.5  # prompts the prefill side reaches later than this × TTFT may overflow
     local_decode_share: ClassVar[float] = 0.6  # ... and the decode part of that instance's steps stays under this × target
 
     def __init__(self, perf: PerfModel, cfg: PolicyConfig | None = None) -> None:
         self.pm = perf
         self.cfg = cfg or PolicyConfig()
         self.kv_capacity = perf.kv_capacity_tokens()
+        self._prefill_per_token_s = perf.prefill_time_s(1024) / 1024
         self.sat_batch = perf.saturation_batch()
 
     # ---------------------------------------------------------------- hooks
@@ -197,11 +199,33 @@ class SchedulingPolicy:
         tokens and offline decode work."""
         return min(insts, key=lambda i: (i.queued_prefill_tokens + 64 * i.n_dec[OFFLINE], i.idx))
 
+    def overflow_prefill(self, r: Req, best: Instance, cluster: Cluster) -> Instance:
+        """When the least-queued prefill instance ``best`` would take more than ``overflow_frac`` of the TTFT
+        SLO to reach this prompt (a burst), a decode instance that would reach it sooner prefills it instead,
+        in chunks inside its step target (:meth:`plan_local_online_decode`), and decodes it there."""
+        per_token = self._prefill_per_token_s
+        if not self.overflow_frac:
+            return best
+        wait = (best.queued_prefill_tokens + r.prompt) * per_token
+        if wait <= self.overflow_frac * self.cfg.ttft_slo_s:
+            return best
+        target = self.cfg.step_margin * self.cfg.tpot_slo_s
+        choice, choice_wait = best, wait
+        for s in cluster.instances:
+            if s.role != Role.DECODE or s.offline_only or not s.accepting:
+                continue
+            share = 1.0 - min(0.9, self.decode_time(s, 0, 0) / target) if s.n_dec[0] else 1.0
+            w = (s.queued_prefill_tokens + r.prompt) * per_token / share
+            if w < choice_wait:
+                choice, choice_wait = s, w
+        return choice
+
     def plan_local_online_decode(self, inst: Instance, cluster: Cluster, now: float) -> StepPlan:
-        """A prefill instance where online requests decode (their KV was too costly to move): steps within
-        the deadline-based target, online prefill chunks beside the decodes (as many tokens as fit), no
-        offline prefill; offline decodes step aside (evicted, pulled again elsewhere) until the decode part is
-        under ``local_decode_share`` of the target."""
+        """An instance that runs online prefill next to online decodes — a prefill instance decoding requests
+        whose KV was too costly to move, or a decode instance prefilling a burst's overflow: steps within the
+        deadline-based target, online prefill chunks beside the decodes (as many tokens as fit), no offline
+        prefill; offline decodes step aside (evicted, pulled again later) until the decode part is under
+        ``local_decode_share`` of the target."""
         target = self.online_step_target(inst, now)
         # offline decodes step aside until the decode part leaves room for online prefill chunks
         evict = self.evict_for_budget(inst, self.local_decode_share * target)

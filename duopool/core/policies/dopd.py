@@ -127,11 +127,11 @@ class Dopd(_RatioControlled, OnlinePriority):
     def route(self, r: Req, cluster: Cluster, now: float) -> int:
         if self.transfer_breaks_tpot(r):
             return self.route_local_decode(candidates(cluster, Role.PREFILL)).idx
-        return super().route(r, cluster, now)
+        return self.overflow_prefill(r, cluster.instances[super().route(r, cluster, now)], cluster).idx
 
     def decode_target(self, r: Req, inst: Instance, cluster: Cluster, now: float) -> int:
-        if r.online and inst.role == Role.PREFILL and self.transfer_breaks_tpot(r):
-            return inst.idx  # long prompt, few tokens: decode where the KV is
+        if r.online and inst.role == Role.PREFILL and (self.transfer_breaks_tpot(r) or r.generated > 1):
+            return inst.idx  # long prompt, few tokens, or already decoding here (a role change): stay
         return super().decode_target(r, inst, cluster, now)
 
     def plan(self, inst: Instance, cluster: Cluster, now: float) -> StepPlan:
@@ -139,9 +139,11 @@ class Dopd(_RatioControlled, OnlinePriority):
             if inst.online_decoding:
                 return self.plan_local_online_decode(inst, cluster, now)
             return super().plan(inst, cluster, now)
+        if inst.waiting:  # a burst's overflow (or leftovers after a role change): chunks inside the target
+            return self.plan_local_online_decode(inst, cluster, now)
         target = self.online_step_target(inst, now)
         evict = self.evict_for_budget(inst, target)
-        chunks = self.online_prefill_chunks(inst) if inst.waiting else []
+        chunks: list = []
         pull = () if evict or not self._has_room(inst, now) else self.resume_pulls(inst, cluster, 4)
         if not chunks and not inst.n_decoding:
             return StepPlan(decode=False, pull=pull) if pull else IDLE

@@ -56,13 +56,14 @@ class Ooco(SchedulingPolicy):
         relaxed = candidates(cluster, Role.PREFILL)
         if self.transfer_breaks_tpot(r):  # it will decode where it prefills: pick the least offline decode work
             return self.route_local_decode(relaxed).idx
-        return min(relaxed, key=lambda i: (i.queued_prefill_tokens, i.running_offline_prefill, i.idx)).idx
+        best = min(relaxed, key=lambda i: (i.queued_prefill_tokens, i.running_offline_prefill, i.idx))
+        return self.overflow_prefill(r, best, cluster).idx
 
     def decode_target(self, r: Req, inst: Instance, cluster: Cluster, now: float) -> int:
         if not r.online or inst.role != Role.PREFILL:
             return inst.idx  # offline decodes start in the relaxed pool, where their KV is
-        if self.transfer_breaks_tpot(r):
-            return inst.idx
+        if self.transfer_breaks_tpot(r) or r.generated > 1:
+            return inst.idx  # KV too costly to move, or already decoding here (a role change): stay
         return least_decoding(candidates(cluster, Role.DECODE)).idx
 
     # ---------------------------------------------------------------- relaxed pool
@@ -137,12 +138,14 @@ class Ooco(SchedulingPolicy):
 
     def plan_strict(self, inst: Instance, cluster: Cluster, now: float) -> StepPlan:
         target = self.online_step_target(inst, now)
+        if inst.waiting:  # overflow prompts (or leftovers after a role change): chunks inside the target
+            return self.plan_local_online_decode(inst, cluster, now)
         step = self.decode_time(inst)
         evict = self.evict_for_budget(inst, target) if step > target else ()
         usage = inst.kv_usage()
         if not evict and usage > 0.98:
             evict = tuple(list(inst.newest_offline_decodes())[:4])
-        chunks = tuple(self.online_prefill_chunks(inst)) if inst.waiting else ()  # leftovers after a role change
+        chunks = ()
         pull: list[Req] = []
         if not evict and not chunks and now >= self._no_pull_until.get(inst.idx, 0.0) \
                 and usage < self.cfg.kv_watermark and step < target:
