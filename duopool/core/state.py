@@ -98,6 +98,7 @@ class Instance:
     pending_out: list = field(default_factory=list)  # (Req, dst) pulls to release at the next boundary
     pending_role: tuple | None = None  # (Role, PoolName) to take at the next boundary
     busy: bool = False
+    starting: bool = False  # the simulator is planning its next step (guards re-entry)
     running_offline_prefill: bool = False  # current step is an all-offline step with prefill chunks
     step_start: float = 0.0
     step_end: float = 0.0

@@ -335,6 +335,15 @@ class Simulator:
                 self._push(run.start + run.cum[j], _STEP, inst, inst.token)
 
     def _start_step(self, inst: Instance) -> None:
+        if inst.starting:
+            return  # already being started further up the stack (a role change re-routing its queue here)
+        inst.starting = True
+        try:
+            self._start_step_now(inst)
+        finally:
+            inst.starting = False
+
+    def _start_step_now(self, inst: Instance) -> None:
         now = self.now
         if inst.pending_role is not None:
             self._apply_role(inst)
