@@ -59,9 +59,9 @@ class RatioController:
                 lo = mid
             else:
                 hi = mid - 1
-        by_time = math.ceil(1.5 * n_on / lo)
+        by_time = math.ceil(self.p.dopd_decode_headroom * n_on / lo)
         # and their KV must fit: the decode contexts, with the same headroom, in 90% of each instance's memory
-        by_memory = math.ceil(1.5 * n_on * ctx / (0.9 * self.p.kv_capacity))
+        by_memory = math.ceil(self.p.dopd_decode_headroom * n_on * ctx / (0.9 * self.p.kv_capacity))
         return max(1, by_time, by_memory)
 
     def tick(self, cluster: Cluster, now: float) -> list[SetRole]:
@@ -78,6 +78,8 @@ class RatioController:
         # instances neither role needs for online traffic go to prefill: the offline backlog is
         # prefill-bound (arXiv: ~9 prompt tokens per output token)
         want_p = max(need_p, n - n_need_d)
+        if need_p + n_need_d > n:  # both sides short: share the instances in proportion to the two needs
+            want_p = round(n * need_p / (need_p + n_need_d))
         want_p = max(1, min(want_p, n - 1))
         pre = [i for i in insts if i.role == Role.PREFILL]
         dec = [i for i in insts if i.role == Role.DECODE]
@@ -94,6 +96,8 @@ class RatioController:
 
 class _RatioControlled:
     """Adds DOPD's P/D-ratio controller (its ``tick``) to a policy."""
+
+    dopd_decode_headroom = 2.0  # decode instances for this × the decode batch the TPOT target allows
 
     def __init__(self, perf, cfg=None) -> None:
         super().__init__(perf, cfg)
