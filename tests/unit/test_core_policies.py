@@ -166,10 +166,26 @@ def test_dopd_ratio_follows_forecast_prefill_demand(policy):
     c.arrived_prefill_s = 0.5  # 0.05 s of prefill work per second: little prefill demand
     acts = pol.tick(c, 10.0)
     assert acts and all(a.role == Role.DECODE for a in acts)  # gives a prefill instance back to decode
-    c.arrived_prefill_s += 60.0  # 6 s of prefill work per second: prefill-bound
-    acts = pol.tick(c, 20.0)
+    c2 = _cluster_with_decodes(10)  # the decode batch drains ...
+    c2.arrived_prefill_s = c.arrived_prefill_s + 60.0  # ... and 6 s of prefill work per second arrive
+    acts = pol.tick(c2, 20.0)
     assert acts and all(a.role == Role.PREFILL for a in acts)
     assert len(acts) <= 2  # at most two role changes per tick
+
+
+@pytest.mark.parametrize("policy", ["dopd", "ooco+dopd"])
+def test_dopd_shares_instances_when_both_sides_are_short(policy):
+    """Prefill demand for ~10 instances and a decode batch for many more on 8: the split follows the two
+    needs in proportion instead of handing everything to prefill (which broke TPOT on long-context work)."""
+    pol = get_policy(policy, PerfModel.load(), PolicyConfig(tpot_slo_s=0.05, dopd_tick_s=10))
+    c = _cluster_with_decodes(200)
+    c.arrived_prefill_s = 60.0
+    need_d = pol.ctrl.decode_instances_needed(c)
+    assert need_d > 4
+    acts = pol.tick(c, 10.0)
+    n_pre = 4 + sum(a.role == Role.PREFILL for a in acts) - sum(a.role == Role.DECODE for a in acts)
+    need_p = 10  # ceil(6 s/s / 0.6)
+    assert n_pre <= max(4, round(8 * need_p / (need_p + need_d)))
 
 
 def test_dopd_reassigns_roles_in_the_simulator():
