@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from duopool.common.redis_server import RedisServer, free_port
+from duopool.common.redis_server import RedisServer, free_ports
 from duopool.topology import DEFAULT_PORTS, ServiceSpec, Topology, instance_names, services
 
 
@@ -46,8 +46,9 @@ class LocalCluster:
     # -- addresses -------------------------------------------------------------------------------------
     def _ports(self) -> dict[str, int]:
         names = instance_names(self.topology)
-        ports = {n: (DEFAULT_PORTS.get(n, 0) if self.fixed_ports else 0) or free_port() for n in names}
-        ports["router"] = self.router_port or free_port()
+        spare = iter(free_ports(len(names) + 1))  # distinct: services never share a port
+        ports = {n: (DEFAULT_PORTS.get(n, 0) if self.fixed_ports else 0) or next(spare) for n in names}
+        ports["router"] = self.router_port or next(spare)
         return ports
 
     @property

@@ -22,6 +22,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports: all are held open together while they are picked, so the kernel
+    cannot hand the same one out twice (picking them one by one can, on a busy machine)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def find_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:
