@@ -204,6 +204,12 @@ class Instance:
         return (self.ctx_base[0] + self.ctx_base[1] + n * self.steps + n * self.block_size + self.kv_reserved
                 + self.kv_growth)
 
+    def note_kv_peak(self) -> None:
+        """Record the KV use now if it is the highest seen (``kv_peak``)."""
+        u = self.kv_used()
+        if u > self.kv_peak:
+            self.kv_peak = u
+
     def kv_free(self) -> int:
         return self.kv_capacity - self.kv_used()
 

@@ -394,9 +394,7 @@ class Simulator:
         else:
             return self._go_idle(inst, plan.wake_at)
         inst.kv_growth = run.n * run.k
-        u = inst.kv_used()
-        if u > inst.kv_peak:
-            inst.kv_peak = u
+        inst.note_kv_peak()
         self._last_progress = now
         inst.cur = run
         inst.busy = True
@@ -531,9 +529,7 @@ class Simulator:
                 continue
             r.kv_res = tokens + bs
             inst.kv_reserved += r.kv_res
-            u = inst.kv_used()
-            if u > inst.kv_peak:
-                inst.kv_peak = u
+            inst.note_kv_peak()
             src = self.cluster.instances[r.src] if r.src >= 0 else None
             now = self.now
             dur = self.pm.kv_transfer_s(tokens)
@@ -705,15 +701,20 @@ class Simulator:
                 return
         while inst.waiting_off and inst.kv_free() < need:
             v = inst.waiting_off.pop()
-            inst.kv_reserved -= v.kv_res
-            v.kv_res = 0
-            v.prefilled = 0  # recomputed when it is admitted again
-            v.phase = Phase.QUEUED
-            v.inst = -1
+            self._back_to_backlog(inst, v)
             v.preemptions += 1
-            self.cluster.backlog.appendleft(v)
             dropped.add(v.rid)
             self._kv_stats["offline_preempted_for_memory"] += 1
+
+    def _back_to_backlog(self, inst: Instance, r: Req) -> None:
+        """An offline prefill in progress (already out of ``inst.waiting_off``) gives up its KV on ``inst`` and
+        goes back to the front of the backlog; its prefill is recomputed when it is admitted again."""
+        inst.kv_reserved -= r.kv_res
+        r.kv_res = 0
+        r.prefilled = 0
+        r.phase = Phase.QUEUED
+        r.inst = -1
+        self.cluster.backlog.appendleft(r)
 
     def _admit_offline(self, inst: Instance, r: Req) -> bool:
         if inst.kv_free() < r.prompt + 1 + inst.block_size + self._watermark(inst):
@@ -798,12 +799,7 @@ class Simulator:
                 self._enqueue_online(self.cluster.instances[self.policy.route(r, self.cluster, now)], r)
             for r in list(inst.waiting_off):
                 inst.waiting_off.remove(r)
-                inst.kv_reserved -= r.kv_res
-                r.kv_res = 0
-                r.prefilled = 0
-                r.phase = Phase.QUEUED
-                r.inst = -1
-                self.cluster.backlog.appendleft(r)
+                self._back_to_backlog(inst, r)
         else:
             for r in list(inst.decoding.values()):
                 if r.moving:

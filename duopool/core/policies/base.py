@@ -172,14 +172,17 @@ class SchedulingPolicy:
                     + self.pm.lm_head_time(n) + self.pm.eff.step_overhead_s)
         return self.pm.chunked_step_time_s((), n, ctx)
 
+    def step_target(self) -> float:
+        """The step time a decode batch with online work aims for: ``step_margin`` × TPOT SLO."""
+        return self.cfg.step_margin * self.cfg.tpot_slo_s
+
     def online_step_target(self, inst: Instance, now: float) -> float:
         """``step_margin`` × TPOT, or less when an online request decoding here needs it: each one's time
         to its deadline (``deadline_margin`` × TPOT × (max tokens − 1) after its first token) divided by the
         tokens it has still to generate. The KV transfer and the wait to join the batch, which land in a
         short request's TPOT, are paid for by shorter steps."""
-        tpot = self.cfg.tpot_slo_s
-        target = self.cfg.step_margin * tpot
-        dm = self.deadline_margin * tpot
+        target = self.step_target()
+        dm = self.deadline_margin * self.cfg.tpot_slo_s
         steps = inst.steps
         for r in inst.online_decoding.values():
             left = r.output - (r.gen_join + steps - r.join_step)
@@ -203,13 +206,13 @@ class SchedulingPolicy:
         """When the least-queued prefill instance ``best`` would take more than ``overflow_frac`` of the TTFT
         SLO to reach this prompt (a burst), a decode instance that would reach it sooner prefills it instead,
         in chunks inside its step target (:meth:`plan_local_online_decode`), and decodes it there."""
-        per_token = self._prefill_per_token_s
         if not self.overflow_frac:
             return best
+        per_token = self._prefill_per_token_s
         wait = (best.queued_prefill_tokens + r.prompt) * per_token
         if wait <= self.overflow_frac * self.cfg.ttft_slo_s:
             return best
-        target = self.cfg.step_margin * self.cfg.tpot_slo_s
+        target = self.step_target()
         choice, choice_wait = best, wait
         for s in cluster.instances:
             if s.role != Role.DECODE or s.offline_only or not s.accepting:

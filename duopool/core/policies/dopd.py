@@ -50,7 +50,7 @@ class RatioController:
         if n_on == 0:
             return 1
         ctx = sum(i.ctx_sum(c) for i in decs for c in classes) / max(1, n_run)
-        target = self.p.cfg.step_margin * self.p.cfg.tpot_slo_s
+        target = self.p.step_target()
         lo, hi = 1, self.p.cfg.max_num_seqs  # batch per instance that fits the TPOT target
         pm = self.p.pm
         while lo < hi:

@@ -80,9 +80,6 @@ class Ooco(SchedulingPolicy):
         return StepPlan(chunks=tuple(chunks), decode=inst.n_decoding > 0, fast_preemptible=True)
 
     # ---------------------------------------------------------------- strict pool
-    def step_target(self) -> float:
-        return self.cfg.step_margin * self.cfg.tpot_slo_s
-
     def preferred_length(self, inst: Instance, n: int = 0, ctx: int = 0, target: float | None = None) -> int:
         """Largest context of one more offline decode keeping the batch — its linear layers padded to the
         saturation batch size — within the step target (OOCO's binary search, here in closed form on the
@@ -137,17 +134,16 @@ class Ooco(SchedulingPolicy):
         return None if best is None else (best_c, best)
 
     def plan_strict(self, inst: Instance, cluster: Cluster, now: float) -> StepPlan:
-        target = self.online_step_target(inst, now)
         if inst.waiting:  # overflow prompts (or leftovers after a role change): chunks inside the target
             return self.plan_local_online_decode(inst, cluster, now)
+        target = self.online_step_target(inst, now)
         step = self.decode_time(inst)
         evict = self.evict_for_budget(inst, target) if step > target else ()
         usage = inst.kv_usage()
         if not evict and usage > 0.98:
             evict = tuple(list(inst.newest_offline_decodes())[:4])
-        chunks = ()
         pull: list[Req] = []
-        if not evict and not chunks and now >= self._no_pull_until.get(inst.idx, 0.0) \
+        if not evict and now >= self._no_pull_until.get(inst.idx, 0.0) \
                 and usage < self.cfg.kv_watermark and step < target:
             n_add, ctx_add = inst.incoming, inst.incoming * 2048
             free = inst.kv_free() - ctx_add
@@ -172,11 +168,11 @@ class Ooco(SchedulingPolicy):
                 free -= c + r.output
             if not pull:
                 self._no_pull_until[inst.idx] = now + self.pull_backoff_s
-        if not inst.n_decoding and not chunks:
+        if not inst.n_decoding:
             return StepPlan(decode=False, pull=tuple(pull)) if pull else IDLE
-        if not chunks and not evict and not pull:
+        if not evict and not pull:
             return DECODE
-        return StepPlan(chunks=chunks, decode=inst.n_decoding > 0, evict=evict, pull=tuple(pull))
+        return StepPlan(decode=True, evict=evict, pull=tuple(pull))
 
     def plan(self, inst: Instance, cluster: Cluster, now: float) -> StepPlan:
         if inst.role == Role.PREFILL:
