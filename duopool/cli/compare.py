@@ -152,7 +152,7 @@ def rate_figures(args, scales: list[float]) -> dict:
     gives (which also validates the workload and split flags before any run)."""
     from duopool.cli.sim import load_workload, static_split_for
     from duopool.core.perfmodel import PerfModel
-    from duopool.sim.sizing import offline_capacity_tok_s, online_work_share
+    from duopool.sim.sizing import offline_capacity_tok_s, online_work_share, practical_ceiling
 
     online, offline = load_workload(args)
     pm = PerfModel.load(args.hardware, args.model, tp=args.tp)
@@ -163,10 +163,11 @@ def rate_figures(args, scales: list[float]) -> dict:
     out = {}
     for s in scales:
         on = online.scaled(s) if online is not None and s != 1.0 else online
-        share = online_work_share(on, pm, args.instances) if on is not None and on.duration_s > 0 else 0.0
+        timed = on if on is not None and on.duration_s > 0 else None  # a trace with a span to share
+        share = online_work_share(timed, pm, args.instances)
         split, _ = static_split_for(args, on, pm)
         out[s] = {"online_work_share": share, "per_instance_tok_s": cap,
-                  "ceiling_tok_s": None if cap is None else args.instances * cap * max(0.0, 1.0 - share),
+                  "ceiling_tok_s": None if cap is None else practical_ceiling(timed, pm, args.instances, cap),
                   "pd_static_split": list(split) if split else None}
     return out
 
