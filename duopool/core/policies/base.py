@@ -197,6 +197,11 @@ class SchedulingPolicy:
         return self.pm.kv_transfer_s(r.prompt + 1) > \
             self.local_decode_frac * self.cfg.tpot_slo_s * max(1, r.output - 1)
 
+    def decodes_in_place(self, r: Req, inst: Instance) -> bool:
+        """An online request on prefill instance ``inst`` keeps decoding there: its KV transfer would break its
+        TPOT, or it is already decoding there (``inst`` just changed role)."""
+        return r.online and inst.role == Role.PREFILL and (self.transfer_breaks_tpot(r) or r.generated > 1)
+
     def route_local_decode(self, insts: Sequence[Instance]) -> Instance:
         """The prefill instance for a request that will decode where it prefills: the least queued prompt
         tokens and offline decode work."""

@@ -134,8 +134,8 @@ class Dopd(_RatioControlled, OnlinePriority):
         return self.overflow_prefill(r, cluster.instances[super().route(r, cluster, now)], cluster).idx
 
     def decode_target(self, r: Req, inst: Instance, cluster: Cluster, now: float) -> int:
-        if r.online and inst.role == Role.PREFILL and (self.transfer_breaks_tpot(r) or r.generated > 1):
-            return inst.idx  # long prompt, few tokens, or already decoding here (a role change): stay
+        if self.decodes_in_place(r, inst):
+            return inst.idx
         return super().decode_target(r, inst, cluster, now)
 
     def plan(self, inst: Instance, cluster: Cluster, now: float) -> StepPlan:
@@ -147,11 +147,10 @@ class Dopd(_RatioControlled, OnlinePriority):
             return self.plan_local_online_decode(inst, cluster, now)
         target = self.online_step_target(inst, now)
         evict = self.evict_for_budget(inst, target)
-        chunks: list = []
         pull = () if evict or not self._has_room(inst, now) else self.resume_pulls(inst, cluster, 4)
-        if not chunks and not inst.n_decoding:
+        if not inst.n_decoding:
             return StepPlan(decode=False, pull=pull) if pull else IDLE
-        return StepPlan(chunks=tuple(chunks), decode=inst.n_decoding > 0, evict=evict, pull=pull)
+        return StepPlan(decode=True, evict=evict, pull=pull)
 
 
 @register_policy("ooco+dopd")

@@ -60,10 +60,8 @@ class Ooco(SchedulingPolicy):
         return self.overflow_prefill(r, best, cluster).idx
 
     def decode_target(self, r: Req, inst: Instance, cluster: Cluster, now: float) -> int:
-        if not r.online or inst.role != Role.PREFILL:
+        if not r.online or inst.role != Role.PREFILL or self.decodes_in_place(r, inst):
             return inst.idx  # offline decodes start in the relaxed pool, where their KV is
-        if self.transfer_breaks_tpot(r) or r.generated > 1:
-            return inst.idx  # KV too costly to move, or already decoding here (a role change): stay
         return least_decoding(candidates(cluster, Role.DECODE)).idx
 
     # ---------------------------------------------------------------- relaxed pool
