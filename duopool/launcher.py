@@ -32,6 +32,7 @@ class LocalCluster:
     run_dir: pathlib.Path
     redis_url: str = ""
     router_port: int = DEFAULT_PORTS["router"]
+    http_port: int | None = None  # the OpenAI HTTP API; None: 8000 with the default router port, else a free one
     fixed_ports: bool = False  # True: the default ports for every service; False: free ports but the router's
     extra_env: dict[str, str] = field(default_factory=dict)
     log: Callable[[str], None] = print  # progress lines
@@ -46,14 +47,23 @@ class LocalCluster:
     # -- addresses -------------------------------------------------------------------------------------
     def _ports(self) -> dict[str, int]:
         names = instance_names(self.topology)
-        spare = iter(free_ports(len(names) + 1))  # distinct: services never share a port
+        spare = iter(free_ports(len(names) + 2))  # distinct: services never share a port
         ports = {n: (DEFAULT_PORTS.get(n, 0) if self.fixed_ports else 0) or next(spare) for n in names}
         ports["router"] = self.router_port or next(spare)
+        http = self.http_port
+        if http is None:
+            http = DEFAULT_PORTS["router-http"] if self.router_port == DEFAULT_PORTS["router"] else 0
+        ports["router-http"] = http or next(spare)
         return ports
 
     @property
     def router_address(self) -> str:
         return f"127.0.0.1:{self.specs[-1].flags['port']}"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible API (what the ``openai`` client takes as ``base_url``)."""
+        return f"http://127.0.0.1:{self.specs[-1].flags['http-port']}/v1"
 
     def address(self, name: str) -> str:
         spec = next(s for s in self.specs if s.name == name)
@@ -68,7 +78,7 @@ class LocalCluster:
             self.redis_url = self.redis.url
             self.log(f"  redis       {self.redis_url} ({pathlib.Path(self.redis.binary).name})")
         ports = self._ports()
-        names = list(ports)
+        names = [n for n in ports if n != "router-http"]
         self.specs = services(self.topology, bind={n: "127.0.0.1" for n in names}, port=ports,
                               addr={n: f"127.0.0.1:{p}" for n, p in ports.items()}, redis_url=self.redis_url,
                               kv_dir=str(self.kv_dir))

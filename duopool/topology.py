@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-DEFAULT_PORTS = {"router": 50051, "scheduler": 50052, "kvtransfer": 50053, "prefill-0": 50060, "decode-0": 50061}
+DEFAULT_PORTS = {"router": 50051, "router-http": 8000, "scheduler": 50052, "kvtransfer": 50053, "prefill-0": 50060, "decode-0": 50061}
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,8 @@ def services(topo: Topology, bind: dict[str, str], port: dict[str, int], addr: d
                 "max-model-len": str(topo.max_model_len), "kv-cache-gib": str(topo.kv_cache_gib),
             }, depends_on=("scheduler", "kvtransfer")))
     specs.append(ServiceSpec("router", "router", {
-        "host": bind["router"], "port": str(port["router"]), "scheduler": addr["scheduler"]},
+        "host": bind["router"], "port": str(port["router"]), "http-port": str(port["router-http"]),
+        "scheduler": addr["scheduler"], "redis-url": redis_url},
         depends_on=("scheduler",), public=True))
     return specs
 
@@ -89,7 +90,7 @@ def instance_names(topo: Topology) -> list[str]:
 
 def compose_services(topo: Topology) -> list[ServiceSpec]:
     names = instance_names(topo)
-    port = {n: DEFAULT_PORTS.get(n, 50060) for n in names}
+    port = {n: DEFAULT_PORTS.get(n, 50060) for n in [*names, "router-http"]}
     return services(topo, bind={n: "0.0.0.0" for n in names}, port=port,
                     addr={n: f"{n}:{port[n]}" for n in names}, redis_url="redis://redis:6379/0",
                     kv_dir="/dev/shm/duopool-kv")
@@ -137,7 +138,8 @@ def render_compose(topo: Topology | None = None) -> str:
             lines += ["    volumes:", '      - "kv-shm:/dev/shm/duopool-kv"', '      - "model-cache:/root/.cache/duopool"']
         if spec.service == "kvtransfer":
             lines += ["    volumes:", '      - "kv-shm:/dev/shm/duopool-kv"']
-        deps = ["redis", *spec.depends_on] if spec.service in ("scheduler", "worker") else list(spec.depends_on)
+        deps = ["redis", *spec.depends_on] if spec.service in ("scheduler", "worker", "router") \
+            else list(spec.depends_on)
         if deps:
             lines.append("    depends_on:")
             lines += [f"      - {d}" for d in dict.fromkeys(deps)]
@@ -148,7 +150,8 @@ def render_compose(topo: Topology | None = None) -> str:
             "      retries: 60",
         ]
         if spec.public:
-            lines += ["    ports:", f'      - "{spec.flags["port"]}:{spec.flags["port"]}"']
+            lines += ["    ports:", f'      - "{spec.flags["port"]}:{spec.flags["port"]}"',
+                      f'      - "{spec.flags["http-port"]}:{spec.flags["http-port"]}"']
     lines += [
         "  otel-collector:",
         '    image: "otel/opentelemetry-collector:0.118.0"',

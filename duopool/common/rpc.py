@@ -23,8 +23,11 @@ CHANNEL_OPTIONS = [
 class Server:
     """A grpc.aio server with the health service (every listed service SERVING) and server reflection."""
 
-    def __init__(self, bind: str, registrations: Iterable[tuple[Callable, object, str]]) -> None:
-        self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    def __init__(self, bind: str, registrations: Iterable[tuple[Callable, object, str]],
+                 interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
+                 tls: tuple[bytes, bytes] | None = None) -> None:
+        """``tls``: (certificate chain PEM, private key PEM) to serve TLS instead of plaintext."""
+        self._server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=list(interceptors) or None)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         self._service_names = []
@@ -34,7 +37,11 @@ class Server:
             self._service_names.append(full_name)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(names, self._server)
-        self.port = self._server.add_insecure_port(bind)
+        if tls is not None:
+            creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
+            self.port = self._server.add_secure_port(bind, creds)
+        else:
+            self.port = self._server.add_insecure_port(bind)
         if self.port == 0:
             raise OSError(f"cannot bind {bind}")
         self.host = bind.rsplit(":", 1)[0]

@@ -24,31 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64uopool/v1/common.proto\x12\nduopool.v1\"^\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\tB\x07\n\x05_seed\"\'\n\x03Slo\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x02\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x02\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x9a\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12$\n\x04role\x18\x03 \x01(\x0e\x32\x16.duopool.v1.WorkerRole\x12\x1e\n\x04pool\x18\x04 \x01(\x0e\x32\x10.duopool.v1.Pool\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmax_model_len\x18\x07 \x01(\x05\x12\x12\n\nblock_size\x18\x08 \x01(\x05\x12\x0c\n\x04host\x18\t \x01(\t\x12\x0f\n\x07running\x18\n \x01(\x05\x12\x0f\n\x07waiting\x18\x0b \x01(\x05\x12\x10\n\x08kv_usage\x18\x0c \x01(\x02\x12\x16\n\x0elast_heartbeat\x18\r \x01(\x01\"\xab\x01\n\x08KvHandle\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x11\n\tnum_bytes\x18\x04 \x01(\x03\x12\x11\n\ttransport\x18\x05 \x01(\t\x12\x10\n\x08location\x18\x06 \x01(\t\x12\x15\n\rsource_worker\x18\x07 \x01(\t\x12\x13\n\x0bsource_host\x18\x08 \x01(\t\"\x14\n\x12ListWorkersRequest\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.duopool.v1.WorkerInfo*F\n\x0cRequestClass\x12\x1d\n\x19REQUEST_CLASS_UNSPECIFIED\x10\x00\x12\n\n\x06ONLINE\x10\x01\x12\x0b\n\x07OFFLINE\x10\x02*M\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\x12\t\n\x05MIXED\x10\x03*5\n\x04Pool\x12\x14\n\x10POOL_UNSPECIFIED\x10\x00\x12\n\n\x06STRICT\x10\x01\x12\x0b\n\x07RELAXED\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64uopool/v1/common.proto\x12\nduopool.v1\"r\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x42\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.duopool.v1.ChatMessage\"\'\n\x03Slo\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x02\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x02\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x9a\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12$\n\x04role\x18\x03 \x01(\x0e\x32\x16.duopool.v1.WorkerRole\x12\x1e\n\x04pool\x18\x04 \x01(\x0e\x32\x10.duopool.v1.Pool\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmax_model_len\x18\x07 \x01(\x05\x12\x12\n\nblock_size\x18\x08 \x01(\x05\x12\x0c\n\x04host\x18\t \x01(\t\x12\x0f\n\x07running\x18\n \x01(\x05\x12\x0f\n\x07waiting\x18\x0b \x01(\x05\x12\x10\n\x08kv_usage\x18\x0c \x01(\x02\x12\x16\n\x0elast_heartbeat\x18\r \x01(\x01\"\xab\x01\n\x08KvHandle\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x11\n\tnum_bytes\x18\x04 \x01(\x03\x12\x11\n\ttransport\x18\x05 \x01(\t\x12\x10\n\x08location\x18\x06 \x01(\t\x12\x15\n\rsource_worker\x18\x07 \x01(\t\x12\x13\n\x0bsource_host\x18\x08 \x01(\t\"\x14\n\x12ListWorkersRequest\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.duopool.v1.WorkerInfo*F\n\x0cRequestClass\x12\x1d\n\x19REQUEST_CLASS_UNSPECIFIED\x10\x00\x12\n\n\x06ONLINE\x10\x01\x12\x0b\n\x07OFFLINE\x10\x02*M\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\x12\t\n\x05MIXED\x10\x03*5\n\x04Pool\x12\x14\n\x10POOL_UNSPECIFIED\x10\x00\x12\n\n\x06STRICT\x10\x01\x12\x0b\n\x07RELAXED\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'duopool.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REQUESTCLASS']._serialized_start=746
-  _globals['_REQUESTCLASS']._serialized_end=816
-  _globals['_WORKERROLE']._serialized_start=818
-  _globals['_WORKERROLE']._serialized_end=895
-  _globals['_POOL']._serialized_start=897
-  _globals['_POOL']._serialized_end=950
+  _globals['_REQUESTCLASS']._serialized_start=871
+  _globals['_REQUESTCLASS']._serialized_end=941
+  _globals['_WORKERROLE']._serialized_start=943
+  _globals['_WORKERROLE']._serialized_end=1020
+  _globals['_POOL']._serialized_start=1022
+  _globals['_POOL']._serialized_end=1075
   _globals['_SAMPLINGPARAMS']._serialized_start=39
-  _globals['_SAMPLINGPARAMS']._serialized_end=133
-  _globals['_SLO']._serialized_start=135
-  _globals['_SLO']._serialized_end=174
-  _globals['_TOKENIDS']._serialized_start=176
-  _globals['_TOKENIDS']._serialized_end=199
-  _globals['_WORKERINFO']._serialized_start=202
-  _globals['_WORKERINFO']._serialized_end=484
-  _globals['_KVHANDLE']._serialized_start=487
-  _globals['_KVHANDLE']._serialized_end=658
-  _globals['_LISTWORKERSREQUEST']._serialized_start=660
-  _globals['_LISTWORKERSREQUEST']._serialized_end=680
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=682
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=744
+  _globals['_SAMPLINGPARAMS']._serialized_end=153
+  _globals['_CHATMESSAGE']._serialized_start=155
+  _globals['_CHATMESSAGE']._serialized_end=199
+  _globals['_CHATMESSAGES']._serialized_start=201
+  _globals['_CHATMESSAGES']._serialized_end=258
+  _globals['_SLO']._serialized_start=260
+  _globals['_SLO']._serialized_end=299
+  _globals['_TOKENIDS']._serialized_start=301
+  _globals['_TOKENIDS']._serialized_end=324
+  _globals['_WORKERINFO']._serialized_start=327
+  _globals['_WORKERINFO']._serialized_end=609
+  _globals['_KVHANDLE']._serialized_start=612
+  _globals['_KVHANDLE']._serialized_end=783
+  _globals['_LISTWORKERSREQUEST']._serialized_start=785
+  _globals['_LISTWORKERSREQUEST']._serialized_end=805
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=807
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=869
 # @@protoc_insertion_point(module_scope)

@@ -8,10 +8,11 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "max_tokens", "sampling", "request_class", "export_kv", "decode_worker", "decode_host", "chat")
+    __slots__ = ("request_id", "text", "token_ids", "messages", "max_tokens", "sampling", "request_class", "export_kv", "decode_worker", "decode_host", "chat", "fit_max_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_CLASS_FIELD_NUMBER: _ClassVar[int]
@@ -19,9 +20,11 @@ class PrefillRequest(_message.Message):
     DECODE_WORKER_FIELD_NUMBER: _ClassVar[int]
     DECODE_HOST_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
+    FIT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _common_pb2.TokenIds
+    messages: _common_pb2.ChatMessages
     max_tokens: int
     sampling: _common_pb2.SamplingParams
     request_class: _common_pb2.RequestClass
@@ -29,10 +32,11 @@ class PrefillRequest(_message.Message):
     decode_worker: str
     decode_host: str
     chat: bool
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., request_class: _Optional[_Union[_common_pb2.RequestClass, str]] = ..., export_kv: _Optional[bool] = ..., decode_worker: _Optional[str] = ..., decode_host: _Optional[str] = ..., chat: _Optional[bool] = ...) -> None: ...
+    fit_max_tokens: bool
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., messages: _Optional[_Union[_common_pb2.ChatMessages, _Mapping]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., request_class: _Optional[_Union[_common_pb2.RequestClass, str]] = ..., export_kv: _Optional[bool] = ..., decode_worker: _Optional[str] = ..., decode_host: _Optional[str] = ..., chat: _Optional[bool] = ..., fit_max_tokens: _Optional[bool] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("prompt_token_ids", "first_token_id", "first_token_text", "finished", "finish_reason", "kv", "engine_ms")
+    __slots__ = ("prompt_token_ids", "first_token_id", "first_token_text", "finished", "finish_reason", "kv", "engine_ms", "max_tokens")
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +44,7 @@ class PrefillResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
     ENGINE_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     first_token_id: int
     first_token_text: str
@@ -47,7 +52,8 @@ class PrefillResponse(_message.Message):
     finish_reason: str
     kv: _common_pb2.KvHandle
     engine_ms: float
-    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., first_token_text: _Optional[str] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., kv: _Optional[_Union[_common_pb2.KvHandle, _Mapping]] = ..., engine_ms: _Optional[float] = ...) -> None: ...
+    max_tokens: int
+    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., first_token_text: _Optional[str] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., kv: _Optional[_Union[_common_pb2.KvHandle, _Mapping]] = ..., engine_ms: _Optional[float] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "generated_token_ids", "max_tokens", "sampling", "request_class", "kv")

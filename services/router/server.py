@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import time
 import uuid
 
@@ -36,13 +38,23 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 MAX_BATCH = 100_000
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class RequestFailed(Exception):
+    """A request ends with this status (the gRPC API aborts with it; the HTTP API maps it to an HTTP status)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 def _check_prompt_and_sampling(prefix: str, msg) -> str | None:
     """Checks the fields a Generate request and a batch item share; ``prefix`` names the item."""
     which = msg.WhichOneof("prompt")
     if which is None:
-        return f"{prefix}prompt: required (text or token_ids)"
+        return f"{prefix}prompt: required (text, token_ids or messages)"
     if which == "text" and not msg.text.strip():
         return f"{prefix}prompt.text: must not be empty"
     if which == "token_ids":
@@ -50,12 +62,18 @@ def _check_prompt_and_sampling(prefix: str, msg) -> str | None:
             return f"{prefix}prompt.token_ids: must not be empty"
         if min(msg.token_ids.ids) < 0:
             return f"{prefix}prompt.token_ids: must be >= 0"
-    if msg.max_tokens <= 0:
+    if which == "messages":
+        if not msg.messages.messages:
+            return f"{prefix}prompt.messages: must not be empty"
+        for i, m in enumerate(msg.messages.messages):
+            if m.role not in CHAT_ROLES:
+                return f"{prefix}prompt.messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}"
+    if msg.max_tokens <= 0 and not getattr(msg, "fit_max_tokens", False):
         return f"{prefix}max_tokens: must be > 0 (got {msg.max_tokens})"
     s = msg.sampling
-    if s.temperature < 0:
-        return f"{prefix}sampling.temperature: must be >= 0"
-    if not 0 <= s.top_p <= 1:
+    if not (math.isfinite(s.temperature) and s.temperature >= 0):
+        return f"{prefix}sampling.temperature: must be a number >= 0"
+    if not (math.isfinite(s.top_p) and 0 <= s.top_p <= 1):
         return f"{prefix}sampling.top_p: must be in [0, 1]"
     return None
 
@@ -65,12 +83,12 @@ def validate(req: router_pb2.GenerateRequest) -> str | None:
     problem = _check_prompt_and_sampling("", req)
     if problem:
         return problem
-    if req.request_class not in (common_pb2.ONLINE, common_pb2.OFFLINE):
+    if req.request_class not in (common_pb2.REQUEST_CLASS_UNSPECIFIED, common_pb2.ONLINE, common_pb2.OFFLINE):
         return f"request_class: must be ONLINE or OFFLINE (got {req.request_class})"
-    if req.slo.ttft_ms < 0:
-        return "slo.ttft_ms: must be >= 0"
-    if req.slo.tpot_ms < 0:
-        return "slo.tpot_ms: must be >= 0"
+    if not (math.isfinite(req.slo.ttft_ms) and req.slo.ttft_ms >= 0):
+        return "slo.ttft_ms: must be a number >= 0"
+    if not (math.isfinite(req.slo.tpot_ms) and req.slo.tpot_ms >= 0):
+        return "slo.tpot_ms: must be a number >= 0"
     if len(req.request_id) > MAX_REQUEST_ID:
         return f"request_id: at most {MAX_REQUEST_ID} characters"
     return None
@@ -149,14 +167,25 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await context.abort(code, exc.details() or exc.code().name)
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            async for msg in self.generate(request):
+                yield msg
+        except RequestFailed as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def generate(self, request: router_pb2.GenerateRequest):
+        """One request, streamed: token chunks, then the summary. Raises RequestFailed (the gRPC and HTTP
+        front ends both call this). A request with no class is online."""
         arrived = time.perf_counter()
         problem = validate(request)
         if problem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if request.request_class == common_pb2.REQUEST_CLASS_UNSPECIFIED:
+            request.request_class = common_pb2.ONLINE
         rid = request.request_id or uuid.uuid4().hex
         release = scheduler_pb2.ReleaseRequest(request_id=rid, slo=request.slo)
         try:
-            async for msg in self._generate(rid, request, arrived, context):
+            async for msg in self._generate(rid, request, arrived):
                 if msg.HasField("summary"):  # what the request saw, for the SLO-aware preemption trigger
                     times = msg.summary.token_times_ms
                     release.ttft_ms = times[0]
@@ -166,35 +195,56 @@ class RouterService(router_pb2_grpc.RouterServicer):
         finally:
             try:
                 await self.scheduler.Release(release, timeout=2)
-            except grpc.aio.AioRpcError:
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
                 pass
 
-    async def _place(self, rid, request, exclude: list[str], context) -> scheduler_pb2.Placement:
+    async def models(self) -> list[tuple[str, int]]:
+        """(model id, context length) of what the workers serve (the configured name overrides theirs)."""
+        try:
+            resp = await self.scheduler.ListWorkers(common_pb2.ListWorkersRequest(), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"scheduler: {exc.details()}") from None
+        out: dict[str, int] = {}
+        for w in resp.workers:
+            name = self.config.served_model_name or w.model
+            ctx = w.max_model_len
+            if out.get(name) and ctx:
+                ctx = min(out[name], ctx)
+            out[name] = ctx or out.get(name, 0)
+        return sorted(out.items())
+
+    async def _place(self, rid, request, exclude: list[str]) -> scheduler_pb2.Placement:
         prompt_tokens = len(request.token_ids.ids) if request.WhichOneof("prompt") == "token_ids" else 0
         try:
             return await self.scheduler.Place(scheduler_pb2.PlaceRequest(
                 request_id=rid, request_class=request.request_class, prompt_tokens=prompt_tokens,
                 max_tokens=request.max_tokens, slo=request.slo, exclude_workers=exclude), timeout=5)
         except grpc.aio.AioRpcError as exc:
-            code = exc.code() if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT) \
+            code = exc.code() if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT,
+                                                grpc.StatusCode.RESOURCE_EXHAUSTED) \
                 else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"placement: {exc.details()}")
+            raise RequestFailed(code, f"placement: {exc.details()}") from None
 
-    async def _generate(self, rid, request, arrived, context):
+    async def _generate(self, rid, request, arrived):
         exclude: list[str] = []
+        fit = request.fit_max_tokens
         for attempt in range(self.config.place_retries + 1):
-            placement = await self._place(rid, request, exclude, context)
+            placement = await self._place(rid, request, exclude)
             limit = placement.prefill.max_model_len
-            if limit and request.max_tokens >= limit:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            if limit and request.max_tokens >= limit and not fit:
+                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"max_tokens: {request.max_tokens} exceeds the model's context of {limit}")
             preq = worker_pb2.PrefillRequest(
                 request_id=rid, max_tokens=request.max_tokens, sampling=request.sampling,
-                request_class=request.request_class, export_kv=request.max_tokens > 1,
+                request_class=request.request_class, export_kv=request.max_tokens > 1 or fit,
                 decode_worker=placement.decode.worker_id, decode_host=placement.decode.host, chat=request.chat,
+                fit_max_tokens=fit,
             )
-            if request.WhichOneof("prompt") == "text":
+            which = request.WhichOneof("prompt")
+            if which == "text":
                 preq.text = request.text
+            elif which == "messages":
+                preq.messages.CopyFrom(request.messages)
             else:
                 preq.token_ids.CopyFrom(request.token_ids)
             try:
@@ -207,7 +257,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     exclude.append(placement.prefill.worker_id)
                     await self.channels.drop(placement.prefill.address)
                     continue
-                await context.abort(exc.code(), exc.details() or exc.code().name)
+                raise RequestFailed(exc.code(), exc.details() or exc.code().name) from None
+        max_tokens = pre.max_tokens if fit and pre.max_tokens else request.max_tokens
         first_at = time.perf_counter()
         token_times = [(first_at - arrived) * 1e3]
         yield router_pb2.GenerateResponse(chunk=router_pb2.TokenChunk(text=pre.first_token_text,
@@ -220,7 +271,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             decode_worker = placement.decode.worker_id
             dreq = worker_pb2.DecodeRequest(
                 request_id=rid, prompt_token_ids=pre.prompt_token_ids, generated_token_ids=[pre.first_token_id],
-                max_tokens=request.max_tokens - 1, sampling=request.sampling, request_class=request.request_class,
+                max_tokens=max_tokens - 1, sampling=request.sampling, request_class=request.request_class,
             )
             if pre.HasField("kv"):
                 dreq.kv.CopyFrom(pre.kv)
@@ -238,7 +289,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                         finish_reason = d.finish_reason
             except grpc.aio.AioRpcError as exc:
                 code = exc.code() if exc.code() != grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE
-                await context.abort(code, f"decode worker {decode_worker}: {exc.details()}")
+                raise RequestFailed(code, f"decode worker {decode_worker}: {exc.details()}") from None
         yield router_pb2.GenerateResponse(summary=router_pb2.GenerateSummary(
             request_id=rid, prompt_tokens=len(pre.prompt_token_ids), output_tokens=output_tokens,
             ttft_ms=token_times[0], token_times_ms=token_times, prefill_worker=placement.prefill.worker_id,
@@ -248,14 +299,42 @@ class RouterService(router_pb2_grpc.RouterServicer):
         ))
 
 
+def _tls(config: RouterConfig) -> tuple[bytes, bytes] | None:
+    if not config.tls_cert:
+        return None
+    with open(config.tls_cert, "rb") as c, open(config.tls_key, "rb") as k:
+        return c.read(), k.read()
+
+
 async def serve(config: RouterConfig, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+    from duopool.router.auth import ApiKeys, GrpcAuthInterceptor
+
     init_telemetry("router")
+    keys = ApiKeys.from_settings(os.environ.get("DUOPOOL_API_KEYS", ""), config.api_keys_file)
     service = RouterService(config)
-    server = Server(config.bind, [(router_pb2_grpc.add_RouterServicer_to_server, service, "duopool.v1.Router")])
+    server = Server(config.bind, [(router_pb2_grpc.add_RouterServicer_to_server, service, "duopool.v1.Router")],
+                    interceptors=(GrpcAuthInterceptor(keys),), tls=_tls(config))
+    http = None
+    if config.http_port >= 0:
+        from duopool.router.http import HttpServer
+
+        http = HttpServer(service, config, keys)
+        await http.start()
     await server.start()
-    log.info("router serving on %s:%d (scheduler %s)", config.host, server.port, config.scheduler)
+    scheme = "https" if config.tls_cert else "http"
+    log.info("router serving gRPC on %s:%d%s (scheduler %s)", config.host, server.port,
+             " with TLS" if config.tls_cert else "", config.scheduler)
+    if http is not None:
+        log.info("OpenAI-compatible API at %s://%s:%d/v1", scheme, config.host, http.port)
+    if keys.enabled:
+        log.info("API keys: %d configured; calls without one are refused", len(keys))
+    else:
+        log.warning("NO API KEY CONFIGURED: the public API on %s is open to anyone who can reach it "
+                    "(set DUOPOOL_API_KEYS or --api-keys-file)", config.host)
     if ready is not None:
         ready.set()
     await stop.wait()
+    if http is not None:
+        await http.stop()
     await server.stop()
     await service.channels.close()

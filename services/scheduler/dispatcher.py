@@ -106,17 +106,22 @@ class OfflineDispatcher:
         pre_req = worker_pb2.PrefillRequest(
             request_id=rid, max_tokens=remaining, sampling=sampling, request_class=common_pb2.OFFLINE,
             export_kv=remaining > 1, decode_worker=decode_w.worker_id, decode_host=decode_w.host,
+            fit_max_tokens=bool(item.get("fit")),  # max_tokens is a bound: what the context leaves
         )
         if entry.prompt:  # resumed: the prompt's ids plus what it produced before
             pre_req.token_ids.ids.extend(entry.prompt + generated)
         elif "token_ids" in item:
             pre_req.token_ids.ids.extend(item["token_ids"])
+        elif "messages" in item:
+            pre_req.messages.messages.extend(common_pb2.ChatMessage(**m) for m in item["messages"])
         else:
             pre_req.text, pre_req.chat = item["text"], bool(item.get("chat"))
         prompt = list(entry.prompt)
         try:
             pre = await self._worker(prefill_w).Prefill(pre_req, timeout=600)
             prompt = prompt or list(pre.prompt_token_ids)
+            if pre_req.fit_max_tokens and pre.max_tokens:
+                remaining = pre.max_tokens
             generated.append(pre.first_token_id)
             text += pre.first_token_text
             finish = pre.finish_reason
@@ -156,7 +161,7 @@ class OfflineDispatcher:
         result = {
             "custom_id": item["custom_id"], "text": text, "token_ids": generated, "finish_reason": finish,
             "prefill_worker": prefill_w.worker_id, "decode_worker": decode_w.worker_id,
-            "preemptions": entry.preemptions,
+            "preemptions": entry.preemptions, "prompt_tokens": len(prompt),
         }
         await self._durably("complete", entry, lambda: self.store.complete(
             entry, result, output_tokens=len(generated), failed=False))

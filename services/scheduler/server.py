@@ -263,8 +263,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                                  "stop": list(it.sampling.stop)}}
             if it.sampling.HasField("seed"):
                 item["sampling"]["seed"] = it.sampling.seed
+            if it.sampling.ignore_eos:
+                item["sampling"]["ignore_eos"] = True
             if it.WhichOneof("prompt") == "token_ids":
                 item["token_ids"] = list(it.token_ids.ids)
+            elif it.WhichOneof("prompt") == "messages":
+                item["messages"] = [{"role": m.role, "content": m.content} for m in it.messages.messages]
             else:
                 item["text"] = it.text
             items.append(item)

@@ -36,7 +36,8 @@ KV_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 10
 
 def sampling_from_pb(s: common_pb2.SamplingParams) -> Sampling:
     return Sampling(temperature=s.temperature, top_p=s.top_p or 1.0,
-                    seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop))
+                    seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop),
+                    ignore_eos=s.ignore_eos)
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
@@ -86,10 +87,20 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             ids = self.engine.tokenize(request.text, chat=request.chat)
         elif which == "token_ids":
             ids = list(request.token_ids.ids)
+        elif which == "messages":
+            ids = self.engine.tokenize_chat([{"role": m.role, "content": m.content}
+                                             for m in request.messages.messages])
         else:
             ids = []
         if not ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt: empty after tokenization")
+        if request.fit_max_tokens:  # an upper bound: what the context leaves after the prompt
+            room = self.engine.max_model_len - len(ids)
+            if room < 1:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"prompt: {len(ids)} tokens leave no room in the model's context of "
+                                    f"{self.engine.max_model_len}")
+            request.max_tokens = min(request.max_tokens, room) if request.max_tokens > 0 else room
         transfer_id = f"{request.request_id}-{self.worker_id}" if request.export_kv else None
         ereq = EngineRequest(
             request_id=f"{request.request_id}:prefill", prompt_token_ids=tuple(ids), max_tokens=1,
@@ -121,7 +132,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         finished = out.finish_reason == "stop" or request.max_tokens <= 1
         resp = worker_pb2.PrefillResponse(
             prompt_token_ids=ids, first_token_id=out.token_ids[0], first_token_text=out.text, finished=finished,
-            finish_reason=out.finish_reason if finished else "", engine_ms=engine_ms,
+            finish_reason=out.finish_reason if finished else "", engine_ms=engine_ms, max_tokens=request.max_tokens,
         )
         if out.kv and out.kv.num_tokens > 0:
             handle = common_pb2.KvHandle(

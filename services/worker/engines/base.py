@@ -20,6 +20,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def tokenize(self, text: str, chat: bool = False) -> list[int]:
         """Token ids of ``text``; with ``chat``, of ``text`` as one user turn in the model's chat template."""
+
+    @abc.abstractmethod
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation (``[{"role", "content"}, ...]``) in the model's chat template, ending
+        with the assistant's turn to speak."""
 
     @abc.abstractmethod
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]: ...

@@ -140,6 +140,9 @@ class SimEngine(Engine):
     def tokenize(self, text: str, chat: bool = False) -> list[int]:
         return sim_tokenize(text)  # the simulated model has no chat template
 
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return sim_tokenize(" ".join(f"{m['role']}: {m['content']}" for m in messages))
+
     def load(self) -> EngineLoad:
         return EngineLoad(len(self._running), len(self._waiting), self._used_blocks / self._num_blocks)
 

@@ -95,11 +95,16 @@ class VllmEngine(Engine):
         return self._block_size
 
     def tokenize(self, text: str, chat: bool = False) -> list[int]:
-        if chat and getattr(self._tokenizer, "chat_template", None):
-            ids = self._tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                                      add_generation_prompt=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        if chat:
+            return self.tokenize_chat([{"role": "user", "content": text}])
         return list(self._tokenizer(text)["input_ids"])
+
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not getattr(self._tokenizer, "chat_template", None):  # a base model: the turns as plain text
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+            return list(self._tokenizer(text)["input_ids"])
+        ids = self._tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def _sampling_params(self, req: EngineRequest):
         from vllm import SamplingParams
@@ -112,7 +117,7 @@ class VllmEngine(Engine):
         s = req.sampling
         return SamplingParams(
             max_tokens=req.max_tokens, temperature=s.temperature, top_p=s.top_p or 1.0, seed=s.seed,
-            stop=list(s.stop) or None, extra_args={"kv_transfer_params": kv} if kv else None,
+            stop=list(s.stop) or None, ignore_eos=s.ignore_eos, extra_args={"kv_transfer_params": kv} if kv else None,
         )
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:

@@ -1,0 +1,64 @@
+"""The router's HTTP server: uvicorn serving the OpenAI-compatible app in the router's own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+import uvicorn
+
+from duopool.common.config import RouterConfig
+from duopool.router.auth import ApiKeys
+from duopool.router.openai_api import HttpContext, create_app
+
+log = logging.getLogger("duopool.router.http")
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # the router's own handlers stop it (run_until_signal)
+        yield
+
+
+class HttpServer:
+    def __init__(self, service, config: RouterConfig, keys: ApiKeys) -> None:
+        self.config = config
+        redis = None
+        if config.redis_url:
+            import redis.asyncio as aioredis
+
+            redis = aioredis.from_url(config.redis_url, decode_responses=True)
+        self.context = HttpContext(service=service, config=config, keys=keys, redis=redis)
+        self.app = create_app(self.context)
+        self._sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((config.host, max(config.http_port, 0)))
+        self.port = self._sock.getsockname()[1]
+        uv = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+                            ssl_certfile=config.tls_cert or None, ssl_keyfile=config.tls_key or None,
+                            timeout_graceful_shutdown=2, limit_concurrency=None)
+        self._server = _Server(uv)
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises what stopped it
+            await asyncio.sleep(0.01)
+        for hook in self.context.on_start:
+            await hook()
+
+    async def stop(self) -> None:
+        for task in list(self.context.tasks):
+            task.cancel()
+        await asyncio.gather(*self.context.tasks, return_exceptions=True)
+        self._server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 5)
+        if self.context.redis is not None:
+            with contextlib.suppress(Exception):
+                await self.context.redis.aclose()
