@@ -61,6 +61,13 @@ class LocalCluster:
         return f"127.0.0.1:{self.specs[-1].flags['port']}"
 
     @property
+    def auth_metadata(self) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata carrying the cluster's first API key (none when the API is open)."""
+        keys = self.extra_env.get("DUOPOOL_API_KEYS", os.environ.get("DUOPOOL_API_KEYS", ""))
+        key = next((k.strip() for k in keys.split(",") if k.strip()), "")
+        return (("authorization", f"Bearer {key}"),) if key else ()
+
+    @property
     def http_url(self) -> str:
         """Base URL of the OpenAI-compatible API (what the ``openai`` client takes as ``base_url``)."""
         return f"http://127.0.0.1:{self.specs[-1].flags['http-port']}/v1"
@@ -144,7 +151,7 @@ class LocalCluster:
         async with grpc.aio.insecure_channel(self.router_address) as ch:
             stub = router_pb2_grpc.RouterStub(ch)
             while True:
-                resp = await stub.ListWorkers(common_pb2.ListWorkersRequest(), timeout=5)
+                resp = await stub.ListWorkers(common_pb2.ListWorkersRequest(), timeout=5, metadata=self.auth_metadata)
                 if len(resp.workers) >= want:
                     return
                 if time.monotonic() > deadline:
