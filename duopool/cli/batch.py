@@ -105,11 +105,11 @@ def read_batch_file(path: pathlib.Path, default_max_tokens: int = 128) -> list:
 
 
 def _stub(args):
-    import grpc
 
+    from duopool.cli.client import router_channel
     from duopool.v1 import router_pb2_grpc
 
-    ch = grpc.insecure_channel(router_address(args))
+    ch = router_channel(router_address(args))
     return ch, router_pb2_grpc.RouterStub(ch)
 
 

@@ -52,11 +52,11 @@ def build_request(args: argparse.Namespace, prompt: str):
 
 def stream(address: str, request, out=sys.stdout, timeout: float = 600.0):
     """Streams a Generate call, writing text to ``out``; returns the summary message."""
-    import grpc
 
+    from duopool.cli.client import router_channel
     from duopool.v1 import router_pb2_grpc
 
-    with grpc.insecure_channel(address) as ch:
+    with router_channel(address) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
         summary = None
         for msg in stub.Generate(request, timeout=timeout):

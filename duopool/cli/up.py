@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "checkpoint dir [smollm2]")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers [1]")
     p.add_argument("--decode", type=int, default=1, help="decode workers [1]")
-    p.add_argument("--port", type=int, default=50051, help="router port (0: a free one) [50051]")
+    p.add_argument("--port", type=int, default=50051, help="router gRPC port (0: a free one) [50051]")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="router OpenAI HTTP port (0: a free one) [8000 with the default --port, else free]")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", ""),
                    help="use this Redis instead of starting one [env REDIS_URL]")
     p.add_argument("--threads", type=int, default=1, help="torch threads per engine [1]")
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
                     decode_workers=args.decode, threads=args.threads, max_model_len=args.max_model_len,
                     policy=args.policy, preempt_trigger=args.preempt_trigger or "")
     run_dir = args.run_dir or cache_dir() / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    cluster = LocalCluster(topo, run_dir, redis_url=args.redis_url, router_port=args.port, kv_root=args.kv_root)
+    cluster = LocalCluster(topo, run_dir, redis_url=args.redis_url, router_port=args.port,
+                           http_port=args.http_port, kv_root=args.kv_root)
     cluster.log = lambda m: print(m, file=sys.stderr, flush=True)
     label = "SIMULATED engine" if args.engine == "sim" else f"vLLM, model {args.model}"
     print(f"duopool: starting a local cluster ({label}; logs in {run_dir})", file=sys.stderr, flush=True)
@@ -71,8 +74,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         cluster.start()
         up_s = time.monotonic() - t0
-        print(f"duopool is up in {up_s:.0f}s: router at {cluster.router_address}\n"
-              f"  try: duopool generate --router {cluster.router_address} \"Why is the sky blue?\"",
+        print(f"duopool is up in {up_s:.0f}s: router at {cluster.router_address} (gRPC), "
+              f"OpenAI base URL {cluster.http_url}\n"
+              f"  try: duopool generate --router {cluster.router_address} \"Why is the sky blue?\"\n"
+              f"   or: curl {cluster.http_url}/models",
               file=sys.stderr, flush=True)
         if args.prompt:
             from duopool.cli.generate import stream

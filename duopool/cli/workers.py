@@ -36,9 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_workers(args: argparse.Namespace) -> int:
     import grpc
 
+    from duopool.cli.client import router_channel
     from duopool.v1 import common_pb2, router_pb2_grpc
 
-    with grpc.insecure_channel(router_address(args)) as ch:
+    with router_channel(router_address(args)) as ch:
         try:
             resp = router_pb2_grpc.RouterStub(ch).ListWorkers(common_pb2.ListWorkersRequest(), timeout=5)
         except grpc.RpcError as exc:

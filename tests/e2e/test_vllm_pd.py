@@ -145,3 +145,27 @@ def test_preempted_offline_requests_resume_with_identical_greedy_output(cluster,
     assert [r.custom_id for r in results] == ["o0", "o1", "o2"]
     for k, r in enumerate(results):
         assert list(r.token_ids) == reference[2 + k], f"{r.custom_id} (preempted {r.preemptions}x) differs"
+
+
+def test_openai_client_against_real_vllm_workers(cluster):
+    """The official ``openai`` client on the HTTP API: a completion from token ids equals the gRPC answer
+    (greedy), and a chat completion goes through the model's chat template to real tokens."""
+    import openai
+
+    client = openai.OpenAI(base_url=cluster.http_url, api_key="unused", max_retries=0, timeout=300)
+    model = client.models.list().data[0].id
+    with grpc.insecure_channel(cluster.router_address) as ch:
+        out = list(router_pb2_grpc.RouterStub(ch).Generate(router_pb2.GenerateRequest(
+            token_ids=common_pb2.TokenIds(ids=PROMPT), max_tokens=MAX_TOKENS, request_class=common_pb2.ONLINE,
+            sampling=common_pb2.SamplingParams(temperature=0)), timeout=300))
+    grpc_text = "".join(m.chunk.text for m in out[:-1])
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+    assert r.choices[0].text == grpc_text
+    assert r.usage.prompt_tokens == len(PROMPT)
+    assert r.usage.completion_tokens == out[-1].summary.output_tokens
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello there"}],
+                                          max_tokens=8, temperature=0, stream=True,
+                                          stream_options={"include_usage": True})
+    chunks = list(chat)
+    assert chunks[-1].usage.completion_tokens >= 1
+    assert chunks[-1].usage.prompt_tokens > 2  # the template wrapped the one user turn
