@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCH_MODULES = ["kv", "serving", "replay"]
+BENCH_MODULES = ["kv", "serving", "replay", "openai_serve"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -81,7 +81,7 @@ def test_split_output_equals_unsplit_and_is_deterministic(router, cluster):
         ({"token_ids": common_pb2.TokenIds(ids=[3, -1])}, "prompt.token_ids"),
         ({"text": "hi", "max_tokens": 0}, "max_tokens"),
         ({"text": "hi", "max_tokens": -3}, "max_tokens"),
-        ({"text": "hi", "request_class": common_pb2.REQUEST_CLASS_UNSPECIFIED}, "request_class"),
+        ({"text": "hi", "sampling": common_pb2.SamplingParams(temperature=float("nan"))}, "sampling.temperature"),
         ({"text": "hi", "request_class": 7}, "request_class"),
         ({"text": "hi", "slo": common_pb2.Slo(ttft_ms=-1)}, "slo.ttft_ms"),
         ({"text": "hi", "slo": common_pb2.Slo(tpot_ms=-5)}, "slo.tpot_ms"),
