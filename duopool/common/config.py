@@ -157,9 +157,6 @@ class RouterConfig(ServiceConfig):
     place_retries: int = opt(2, "DUOPOOL_PLACE_RETRIES", "re-placements after a worker fails a request")
     http_port: int = opt(8000, "DUOPOOL_HTTP_PORT",
                          "port of the OpenAI-compatible HTTP API on the same host (0: pick a free one, -1: off)")
-    redis_url: str = opt("", "REDIS_URL",
-                         "Redis holding files and batch jobs of the HTTP API (without it /v1/files and "
-                         "/v1/batches answer 503)")
     served_model_name: str = opt("", "DUOPOOL_SERVED_MODEL_NAME",
                                  "model id the HTTP API lists and accepts (default: the workers' model name)")
     api_keys_file: str = opt("", "DUOPOOL_API_KEYS_FILE",
@@ -167,8 +164,6 @@ class RouterConfig(ServiceConfig):
                              "with none, the public API is open")
     tls_cert: str = opt("", "DUOPOOL_TLS_CERT", "PEM certificate chain: serve gRPC and HTTP over TLS (with --tls-key)")
     tls_key: str = opt("", "DUOPOOL_TLS_KEY", "PEM private key for --tls-cert")
-    max_file_mb: float = opt(200.0, "DUOPOOL_MAX_FILE_MB", "largest file /v1/files accepts, MB (larger: 413)")
-    max_batch_requests: int = opt(50_000, "DUOPOOL_MAX_BATCH_REQUESTS", "most requests in one batch input file")
 
     def validate(self) -> None:
         super().validate()
@@ -182,10 +177,6 @@ class RouterConfig(ServiceConfig):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ConfigError(name, f"{path} is not a readable file")
-        if not 0 < self.max_file_mb <= 1024:
-            raise ConfigError("max_file_mb", "must be in (0, 1024]")
-        if not 0 < self.max_batch_requests <= 1_000_000:
-            raise ConfigError("max_batch_requests", "must be in (0, 1000000]")
 
 
 @dataclass(frozen=True)

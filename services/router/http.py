@@ -25,12 +25,7 @@ class _Server(uvicorn.Server):
 class HttpServer:
     def __init__(self, service, config: RouterConfig, keys: ApiKeys) -> None:
         self.config = config
-        redis = None
-        if config.redis_url:
-            import redis.asyncio as aioredis
-
-            redis = aioredis.from_url(config.redis_url, decode_responses=True)
-        self.context = HttpContext(service=service, config=config, keys=keys, redis=redis)
+        self.context = HttpContext(service=service, config=config, keys=keys)
         self.app = create_app(self.context)
         self._sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -59,6 +54,3 @@ class HttpServer:
         if self._task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._task, 5)
-        if self.context.redis is not None:
-            with contextlib.suppress(Exception):
-                await self.context.redis.aclose()

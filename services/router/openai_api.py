@@ -48,7 +48,7 @@ TTFT_HEADER = "x-duopool-ttft-ms"
 TPOT_HEADER = "x-duopool-tpot-ms"
 ONLINE_TIERS = (None, "auto", "default", "priority")
 OFFLINE_TIERS = ("flex",)
-MAX_JSON_BODY = 32 * 1024 * 1024  # a completion request larger than this is a 413 (files have their own limit)
+MAX_JSON_BODY = 32 * 1024 * 1024  # a request body larger than this is a 413
 MODELS_TTL_S = 2.0
 
 STATUS_OF = {
@@ -88,13 +88,11 @@ def from_failure(exc: RequestFailed) -> ApiError:
 
 @dataclass
 class HttpContext:
-    """What the routes share: the router (generation, workers), its config, the API keys, and Redis for
-    files and batches (None without ``--redis-url``: those routes answer 503)."""
+    """What the routes share: the router (generation, workers), its config and the API keys."""
 
     service: RouterService
     config: RouterConfig
     keys: ApiKeys
-    redis: object | None = None
     _models: tuple[float, list[tuple[str, int]]] = field(default=(0.0, []))
     on_start: list = field(default_factory=list)  # coroutine functions run once the server is up
     tasks: set = field(default_factory=set)  # background tasks, cancelled at stop
@@ -386,15 +384,15 @@ def create_app(ctx: HttpContext) -> FastAPI:
                                             run.reason, run.prompt_tokens, run.completion_tokens),
                             headers={"x-request-id": g.request_id})
 
-    return BodyLimit(app, MAX_JSON_BODY, ctx.config.max_file_mb * 1e6 + (1 << 20))
+    return BodyLimit(app, MAX_JSON_BODY)
 
 
 class BodyLimit:
     """ASGI middleware: a request body over the limit is a 413 before it is read whole (``Content-Length``
-    checked first; a chunked body is counted as it arrives). Uploads to ``/v1/files`` get their own limit."""
+    checked first; a chunked body is counted as it arrives)."""
 
-    def __init__(self, app: FastAPI, json_limit: int, file_limit: float) -> None:
-        self.app, self.json_limit, self.file_limit = app, json_limit, file_limit
+    def __init__(self, app: FastAPI, limit: int) -> None:
+        self.app, self.limit = app, limit
 
     def __getattr__(self, name):  # the wrapped app's attributes (openapi(), routes, ...)
         return getattr(self.app, name)
@@ -402,39 +400,56 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.file_limit if scope["path"].rstrip("/") == "/v1/files" else self.json_limit
+        limit = self.limit
         length = dict(scope.get("headers") or ()).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return await _send_413(send, limit)
+            return await _send_413(receive, send, limit)
         seen = 0
         too_big = False
+        more = True  # whether the client is still sending
 
         async def counting_receive():
-            nonlocal seen, too_big
+            nonlocal seen, too_big, more
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                more = bool(message.get("more_body", False))
                 if seen > limit:
                     too_big = True
                     raise _TooLarge()
             return message
 
+        async def guarded_send(message):
+            if not too_big:  # once over the limit, whatever the app answers (FastAPI: a 400) gives way to 413
+                await send(message)
+
         try:
-            await self.app(scope, counting_receive, send)
-        except _TooLarge:
-            await _send_413(send, limit)
-        except Exception:
-            if too_big:
-                await _send_413(send, limit)
-            else:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception as exc:
+            if not (too_big or isinstance(exc, _TooLarge)):
                 raise
+        if too_big:
+            await _send_413(receive if more else None, send, limit)
 
 
 class _TooLarge(Exception):
     pass
 
 
-async def _send_413(send, limit: float) -> None:
+DRAIN_MAX = 64 * 1024 * 1024
+
+
+async def _send_413(receive, send, limit: float) -> None:
+    """Reads and drops what the client is still sending (up to ``DRAIN_MAX``: a client that has not read
+    the 413 while uploading would otherwise see a reset), then answers 413 and closes the connection."""
+    drained = 0
+    while receive is not None and drained < DRAIN_MAX:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        drained += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
     body = json.dumps(error_body(f"request body larger than {limit / 1e6:.0f} MB", "invalid_request_error",
                                  None, "request_too_large")).encode()
     try:

@@ -157,6 +157,9 @@ def test_raw_http_errors(cluster, model):
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
         r = http.post("/chat/completions", content=b"x" * (33 * 1024 * 1024))
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        chunked = (b"x" * (1 << 20) for _ in range(40))  # no Content-Length: counted as it arrives
+        r = http.post("/chat/completions", content=chunked)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
         body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         r = http.post("/chat/completions", json=body, headers={"x-duopool-ttft-ms": "nan"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "x-duopool-ttft-ms"
