@@ -76,7 +76,7 @@ def services(topo: Topology, bind: dict[str, str], port: dict[str, int], addr: d
             }, depends_on=("scheduler", "kvtransfer")))
     specs.append(ServiceSpec("router", "router", {
         "host": bind["router"], "port": str(port["router"]), "http-port": str(port["router-http"]),
-        "scheduler": addr["scheduler"]},
+        "scheduler": addr["scheduler"], "redis-url": redis_url},
         depends_on=("scheduler",), public=True))
     return specs
 
@@ -138,7 +138,7 @@ def render_compose(topo: Topology | None = None) -> str:
             lines += ["    volumes:", '      - "kv-shm:/dev/shm/duopool-kv"', '      - "model-cache:/root/.cache/duopool"']
         if spec.service == "kvtransfer":
             lines += ["    volumes:", '      - "kv-shm:/dev/shm/duopool-kv"']
-        deps = ["redis", *spec.depends_on] if spec.service in ("scheduler", "worker") else list(spec.depends_on)
+        deps = ["redis", *spec.depends_on] if "redis-url" in spec.flags else list(spec.depends_on)
         if deps:
             lines.append("    depends_on:")
             lines += [f"      - {d}" for d in dict.fromkeys(deps)]

@@ -164,9 +164,18 @@ class RouterConfig(ServiceConfig):
                              "with none, the public API is open")
     tls_cert: str = opt("", "DUOPOOL_TLS_CERT", "PEM certificate chain: serve gRPC and HTTP over TLS (with --tls-key)")
     tls_key: str = opt("", "DUOPOOL_TLS_KEY", "PEM private key for --tls-cert")
+    redis_url: str = opt("", "REDIS_URL",
+                         "Redis holding files and batches of the HTTP API (without it /v1/files and /v1/batches "
+                         "answer 503)")
+    max_file_mb: float = opt(200.0, "DUOPOOL_MAX_FILE_MB", "largest file /v1/files accepts, MB (larger: 413)")
+    max_batch_requests: int = opt(50_000, "DUOPOOL_MAX_BATCH_REQUESTS", "most requests in one batch input file")
 
     def validate(self) -> None:
         super().validate()
+        if not 0 < self.max_file_mb <= 1024:
+            raise ConfigError("max_file_mb", "must be in (0, 1024]")
+        if not 0 < self.max_batch_requests <= 1_000_000:
+            raise ConfigError("max_batch_requests", "must be in (0, 1000000]")
         if self.place_retries < 0:
             raise ConfigError("place_retries", "must be >= 0")
         if not -1 <= self.http_port <= 65535:

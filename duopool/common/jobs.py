@@ -3,8 +3,9 @@
 This module owns these keys:
 
 ``duopool:job:{job_id}`` (HASH)
-    ``job_id``, ``state`` (queued | running | done | cancelled), ``total``, ``done``, ``failed``,
-    ``output_tokens``, ``preemptions``, ``created_at``, ``finished_at``, ``last_result_at`` (unix s).
+    ``job_id``, ``state`` (enqueuing | queued | running | done | cancelled), ``total``, ``done``, ``failed``,
+    ``output_tokens``, ``preemptions``, ``created_at``, ``finished_at``, ``last_result_at`` (unix s), and
+    for a job enqueued in chunks (``append``) ``enqueued``: how many of its ``total`` requests are in.
 ``duopool:job:{job_id}:items`` (HASH)  index -> JSON of the request (custom_id, prompt, max_tokens, ...).
 ``duopool:job:{job_id}:results`` (HASH)  index -> JSON of its result. Written with HSETNX: the first
     result of a request is its only one, however often it ran (a dispatcher that died after computing
@@ -51,6 +52,44 @@ for i = 1, n do
 end
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 return 1
+"""
+
+# One chunk of a job too large for one script (a 50,000-line batch file): requests [start, start + n). The
+# first chunk creates the job (state enqueuing, its final total known up front); a chunk is taken only at
+# the job's cursor (enqueued == start), so a builder that died and one that resumes, or two at once, never
+# enqueue a request twice or skip one. The last chunk makes the job queued (running if results came in).
+# Returns the new cursor, the current one when start is not it (the caller resumes from there), -2 when the
+# job was cancelled meanwhile, -1 when the job exists but was not made by append.
+_APPEND = """
+local st = redis.call('HGET', KEYS[1], 'state')
+local start = tonumber(ARGV[4])
+if not st then
+  if start ~= 0 then return 0 end
+  redis.call('HSET', KEYS[1], 'job_id', ARGV[1], 'state', 'enqueuing', 'total', ARGV[3], 'enqueued', 0, 'done', 0,
+             'failed', 0, 'output_tokens', 0, 'preemptions', 0, 'created_at', ARGV[2], 'finished_at', 0,
+             'last_result_at', 0)
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+  st = 'enqueuing'
+end
+if st == 'cancelled' then return -2 end
+local have = redis.call('HGET', KEYS[1], 'enqueued')
+if not have then return -1 end
+have = tonumber(have)
+if st ~= 'enqueuing' or have ~= start then return have end
+local n = tonumber(ARGV[5])
+for i = 1, n do
+  redis.call('HSET', KEYS[2], start + i - 1, ARGV[5 + i])
+  redis.call('XADD', KEYS[4], '*', 'job_id', ARGV[1], 'index', start + i - 1, 'prompt', '', 'generated', '[]',
+             'text', '', 'preemptions', 0)
+end
+have = start + n
+redis.call('HSET', KEYS[1], 'enqueued', have)
+if have >= tonumber(redis.call('HGET', KEYS[1], 'total')) then
+  local h = redis.call('HMGET', KEYS[1], 'done', 'failed')
+  if tonumber(h[1]) + tonumber(h[2]) > 0 then redis.call('HSET', KEYS[1], 'state', 'running')
+  else redis.call('HSET', KEYS[1], 'state', 'queued') end
+end
+return have
 """
 
 _COMPLETE = """
@@ -114,6 +153,7 @@ class JobStore:
         self._complete = r.register_script(_COMPLETE)
         self._requeue = r.register_script(_REQUEUE)
         self._cancel = r.register_script(_CANCEL)
+        self._append = r.register_script(_APPEND)
 
     async def ensure_group(self) -> None:
         try:
@@ -131,6 +171,28 @@ class JobStore:
             args=[job_id, now, len(items), *[json.dumps(i, separators=(",", ":")) for i in items]],
         )
         return job_id, bool(created)
+
+    async def append(self, job_id: str, start: int, total: int, items: list[dict], now: float | None = None) -> int:
+        """Enqueues ``items`` as requests ``start..`` of a job of ``total`` (made by the first chunk). Returns
+        the job's new cursor; a cursor other than ``start + len(items)`` means the chunk was not taken
+        (another builder is ahead: resume from the returned cursor); -2: the job was cancelled."""
+        return int(await self._append(
+            keys=[JOB.format(job_id), ITEMS.format(job_id), JOBS, QUEUE],
+            args=[job_id, time.time() if now is None else now, total, start, len(items),
+                  *[json.dumps(i, separators=(",", ":")) for i in items]]))
+
+    async def results_of(self, job_id: str, indices: list[int]) -> list[dict | None]:
+        """The results of these requests (None where none is recorded yet), in order."""
+        if not indices:
+            return []
+        raw = await self.r.hmget(RESULTS.format(job_id), [str(i) for i in indices])
+        return [json.loads(v) if v else None for v in raw]
+
+    async def items_of(self, job_id: str, indices: list[int]) -> list[dict | None]:
+        if not indices:
+            return []
+        raw = await self.r.hmget(ITEMS.format(job_id), [str(i) for i in indices])
+        return [json.loads(v) if v else None for v in raw]
 
     async def status(self, job_id: str) -> dict | None:
         h = await self.r.hgetall(JOB.format(job_id))
@@ -171,6 +233,15 @@ class JobStore:
             p.xdel(QUEUE, entry.entry_id)
             await p.execute()
 
+    async def drop_many(self, entries: list[QueueEntry]) -> None:
+        """Removes entries of cancelled jobs, in one round trip."""
+        ids = [e.entry_id for e in entries]
+        for i in range(0, len(ids), 1000):
+            async with self.r.pipeline(transaction=True) as p:
+                p.xack(QUEUE, GROUP, *ids[i:i + 1000])
+                p.xdel(QUEUE, *ids[i:i + 1000])
+                await p.execute()
+
     async def read(self, consumer: str, count: int, block_ms: int, pending: bool = False) -> list[QueueEntry]:
         """New entries for this consumer (or, with ``pending``, those it already holds from before a restart)."""
         resp = await self.r.xreadgroup(GROUP, consumer, {QUEUE: "0" if pending else ">"}, count=count,
@@ -182,3 +253,25 @@ class JobStore:
         resp = await self.r.xautoclaim(QUEUE, GROUP, consumer, min_idle_time=min_idle_ms, start_id="0-0",
                                        count=count)
         return [QueueEntry.from_fields(eid, f) for eid, f in resp[1] if f]
+
+
+def job_item(custom_id: str, msg) -> dict:
+    """A queued request from a ``BatchItem`` or ``GenerateRequest`` (both carry the prompt oneof, ``max_tokens``,
+    ``sampling``, ``chat``): what the dispatcher runs."""
+    s = msg.sampling
+    item = {"custom_id": custom_id, "max_tokens": msg.max_tokens, "chat": msg.chat,
+            "sampling": {"temperature": s.temperature, "top_p": s.top_p, "stop": list(s.stop)}}
+    if s.HasField("seed"):
+        item["sampling"]["seed"] = s.seed
+    if s.ignore_eos:
+        item["sampling"]["ignore_eos"] = True
+    which = msg.WhichOneof("prompt")
+    if which == "token_ids":
+        item["token_ids"] = list(msg.token_ids.ids)
+    elif which == "messages":
+        item["messages"] = [{"role": m.role, "content": m.content} for m in msg.messages.messages]
+    else:
+        item["text"] = msg.text
+    if getattr(msg, "fit_max_tokens", False):
+        item["fit"] = True
+    return item

@@ -26,6 +26,19 @@ class HttpServer:
     def __init__(self, service, config: RouterConfig, keys: ApiKeys) -> None:
         self.config = config
         self.context = HttpContext(service=service, config=config, keys=keys)
+        self._redis = []
+        if config.redis_url:  # files and batches live in the cluster's Redis
+            import redis.asyncio as aioredis
+
+            from duopool.common import registry
+            from duopool.common.jobs import JobStore
+            from duopool.router.openai_batch_api import make_stores
+
+            r = registry.connect(config.redis_url)
+            raw = aioredis.from_url(config.redis_url, decode_responses=False, socket_connect_timeout=3,
+                                    health_check_interval=10)
+            self._redis = [r, raw]
+            make_stores(self.context, r, raw, JobStore(r))
         self.app = create_app(self.context)
         self._sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -47,6 +60,8 @@ class HttpServer:
             await hook()
 
     async def stop(self) -> None:
+        if self.context.batches is not None:
+            self.context.tasks.update(self.context.batches.building.values())
         for task in list(self.context.tasks):
             task.cancel()
         await asyncio.gather(*self.context.tasks, return_exceptions=True)
@@ -54,3 +69,6 @@ class HttpServer:
         if self._task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._task, 5)
+        for r in self._redis:
+            with contextlib.suppress(Exception):
+                await r.aclose()

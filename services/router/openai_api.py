@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API of the router: models, completions and chat completions (streaming or
-not), files behind the same API keys as the gRPC API.
+not), files and batches (``openai_batch_api``), behind the same API keys as the gRPC API.
 
 Requests run in-process through ``RouterService.generate`` — the same validation, placement, prefill → KV
 → decode path and the same SLO bookkeeping as a gRPC ``Generate`` — so the HTTP API adds no hop.
@@ -39,7 +39,7 @@ from duopool.router.openai_schema import (
     unsupported,
     usage,
 )
-from duopool.router.server import RequestFailed, RouterService
+from duopool.router.server import RequestFailed, RouterService, validate
 from duopool.v1 import common_pb2, router_pb2
 
 log = logging.getLogger("duopool.router.http")
@@ -50,6 +50,7 @@ ONLINE_TIERS = (None, "auto", "default", "priority")
 OFFLINE_TIERS = ("flex",)
 MAX_JSON_BODY = 32 * 1024 * 1024  # a request body larger than this is a 413
 MODELS_TTL_S = 2.0
+MULTIPART_SLACK = 1 << 20  # multipart framing and form fields around an uploaded file
 
 STATUS_OF = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.OUT_OF_RANGE: 400,
@@ -96,6 +97,8 @@ class HttpContext:
     _models: tuple[float, list[tuple[str, int]]] = field(default=(0.0, []))
     on_start: list = field(default_factory=list)  # coroutine functions run once the server is up
     tasks: set = field(default_factory=set)  # background tasks, cancelled at stop
+    files: object = None  # FileStore (files.py) when the router has Redis
+    batches: object = None  # BatchStore (batches.py) when the router has Redis
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
@@ -207,6 +210,31 @@ def _generate_request(req, request: Request, max_tokens: int | None) -> router_p
         g.fit_max_tokens = True  # no limit asked: as many as the context leaves (what OpenAI does)
     else:
         g.max_tokens = max_tokens
+    return g
+
+
+def batch_request(req, chat: bool, context: int) -> router_pb2.GenerateRequest:
+    """One batch line's body as an offline request: the same conversion and checks as a live request
+    (``service_tier`` and ``stream`` have no meaning in a batch and are ignored). Raises ApiError."""
+    problem = unsupported(req)
+    if problem:
+        raise ApiError(400, problem[1], problem[0], "unsupported_parameter")
+    g = router_pb2.GenerateRequest(sampling=_sampling(req), request_class=common_pb2.OFFLINE)
+    limit = (req.max_completion_tokens or req.max_tokens) if chat else (16 if req.max_tokens is None else req.max_tokens)
+    if limit is None:
+        g.fit_max_tokens = True  # as many as the context leaves; the bound keeps a resumed request's count right
+        g.max_tokens = context or 1 << 20
+    else:
+        if context and limit >= context:
+            raise ApiError(400, f"max_tokens: {limit} exceeds the model's context of {context}", "max_tokens")
+        g.max_tokens = limit
+    if chat:
+        g.messages.CopyFrom(_chat_messages(req))
+    else:
+        _completion_prompt(req, g)
+    problem = validate(g)
+    if problem:
+        raise ApiError(400, problem, problem.partition(":")[0])
     return g
 
 
@@ -384,15 +412,19 @@ def create_app(ctx: HttpContext) -> FastAPI:
                                             run.reason, run.prompt_tokens, run.completion_tokens),
                             headers={"x-request-id": g.request_id})
 
-    return BodyLimit(app, MAX_JSON_BODY)
+    from duopool.router.openai_batch_api import add_routes
+
+    add_routes(app, ctx, owner)
+    file_limit = int(ctx.config.max_file_mb * 1e6) + MULTIPART_SLACK
+    return BodyLimit(app, MAX_JSON_BODY, {"/v1/files": file_limit})
 
 
 class BodyLimit:
     """ASGI middleware: a request body over the limit is a 413 before it is read whole (``Content-Length``
     checked first; a chunked body is counted as it arrives)."""
 
-    def __init__(self, app: FastAPI, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: FastAPI, limit: int, per_path: dict[str, int] | None = None) -> None:
+        self.app, self.limit, self.per_path = app, limit, per_path or {}
 
     def __getattr__(self, name):  # the wrapped app's attributes (openapi(), routes, ...)
         return getattr(self.app, name)
@@ -400,7 +432,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.limit
+        limit = self.per_path.get(scope.get("path", ""), self.limit)
         length = dict(scope.get("headers") or ()).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await _send_413(receive, send, limit)
@@ -450,7 +482,9 @@ async def _send_413(receive, send, limit: float) -> None:
         drained += len(message.get("body", b""))
         if not message.get("more_body", False):
             break
-    body = json.dumps(error_body(f"request body larger than {limit / 1e6:.0f} MB", "invalid_request_error",
+    body = json.dumps(error_body(f"request body larger than {limit / 1e6:.0f} MB (the largest file /v1/files "
+                                 "takes is --max-file-mb)" if limit > MAX_JSON_BODY else
+                                 f"request body larger than {limit / 1e6:.0f} MB", "invalid_request_error",
                                  None, "request_too_large")).encode()
     try:
         await send({"type": "http.response.start", "status": 413,

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 import grpc
 from redis.exceptions import RedisError
 
-from duopool.common.jobs import JobStore, QueueEntry
+from duopool.common.jobs import JOB, JobStore, QueueEntry
 from duopool.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("duopool.dispatcher")
 
 REQUEUE_BACKOFF_S = 0.2
+JOB_STATE_TTL_S = 1.0  # how stale a job's state may be when deciding to drop its entries (cancel latency)
+DRAIN_READ = 1000  # entries read at once while a cancelled job's entries are being dropped
 STORE_RETRY_S = 120.0  # how long a finished request's queue update is retried while Redis is unreachable
 
 
@@ -36,6 +39,8 @@ class OfflineDispatcher:
         self.running: dict[str, asyncio.Task] = {}  # entry id -> task
         self.completed = 0
         self.requeued = 0
+        self.dropped = 0  # entries of cancelled jobs removed unrun
+        self._job_state: dict[str, tuple[float, str]] = {}  # job id -> (monotonic time read, state)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.store.ensure_group()
@@ -65,7 +70,12 @@ class OfflineDispatcher:
                 stale = await self.store.claim_stale(self.consumer, self.idle_claim_ms, count=free)
                 self.backlog = [e for e in stale if e.entry_id not in self.running]
             if not self.backlog:
-                self.backlog = await self.store.read(self.consumer, count=free, block_ms=200)
+                # After dropping a cancelled job's entries, read in bulk: a cancelled 50,000-request job
+                # must not hold later jobs back while its entries drain a few at a time.
+                count = max(free, DRAIN_READ) if self._draining else free
+                self.backlog = await self.store.read(self.consumer, count=count, block_ms=200)
+        if await self._drop_cancelled():
+            return
         started = 0
         while self.backlog and started < free:
             entry = self.backlog[0]
@@ -77,6 +87,38 @@ class OfflineDispatcher:
             self.running[entry.entry_id] = asyncio.create_task(self._execute(entry, placement))
         if not started:
             await asyncio.sleep(0.05)
+
+    _draining = False
+
+    async def _job_states(self, job_ids: set[str]) -> dict[str, str]:
+        now = asyncio.get_running_loop().time()
+        stale = [j for j in job_ids if now - self._job_state.get(j, (-1e9, ""))[0] > JOB_STATE_TTL_S]
+        if stale:
+            async with self.store.r.pipeline(transaction=False) as p:
+                for j in stale:
+                    p.hget(JOB.format(j), "state")
+                states = await p.execute()
+            for j, st in zip(stale, states, strict=True):
+                self._job_state[j] = (now, st or "")
+            if len(self._job_state) > 10_000:
+                self._job_state.clear()
+        return {j: self._job_state.get(j, (0.0, ""))[1] for j in job_ids}
+
+    async def _drop_cancelled(self) -> bool:
+        """Removes backlog entries of cancelled (or vanished) jobs without running them. True if any went."""
+        if not self.backlog:
+            self._draining = False
+            return False
+        states = await self._job_states({e.job_id for e in self.backlog})
+        dead = [e for e in self.backlog if states.get(e.job_id) in ("cancelled", "")]
+        self._draining = bool(dead)
+        if not dead:
+            return False
+        await self.store.drop_many(dead)
+        self.dropped += len(dead)
+        gone = {e.entry_id for e in dead}
+        self.backlog = [e for e in self.backlog if e.entry_id not in gone]
+        return True
 
     @staticmethod
     def _rid(entry: QueueEntry) -> str:
@@ -147,7 +189,7 @@ class OfflineDispatcher:
                     return
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                error = {"custom_id": item["custom_id"], "error": exc.details()}
+                error = {"custom_id": item["custom_id"], "error": exc.details(), "at": time.time()}
                 await self._durably("complete", entry, lambda: self.store.complete(entry, error, 0, failed=True))
                 return
             preempted = exc.code() == grpc.StatusCode.ABORTED
@@ -161,7 +203,7 @@ class OfflineDispatcher:
         result = {
             "custom_id": item["custom_id"], "text": text, "token_ids": generated, "finish_reason": finish,
             "prefill_worker": prefill_w.worker_id, "decode_worker": decode_w.worker_id,
-            "preemptions": entry.preemptions, "prompt_tokens": len(prompt),
+            "preemptions": entry.preemptions, "prompt_tokens": len(prompt), "at": time.time(),
         }
         await self._durably("complete", entry, lambda: self.store.complete(
             entry, result, output_tokens=len(generated), failed=False))

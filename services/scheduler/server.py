@@ -24,7 +24,7 @@ import grpc
 import duopool.core.policies  # noqa: F401 - registers every policy by name for live placement
 from duopool.common import registry
 from duopool.common.config import SchedulerConfig
-from duopool.common.jobs import JobStore
+from duopool.common.jobs import JobStore, job_item
 from duopool.common.rpc import Channels, Server
 from duopool.common.telemetry import init_telemetry
 from duopool.common.wire import PB_POOL, PB_ROLE, POOL_PB, ROLE_PB, worker_info_pb
@@ -51,7 +51,7 @@ from duopool.v1 import common_pb2, router_pb2, scheduler_pb2, scheduler_pb2_grpc
 log = logging.getLogger("duopool.scheduler")
 
 REFRESH_S = 0.25
-STATE_PB = {"queued": router_pb2.QUEUED, "running": router_pb2.RUNNING, "done": router_pb2.DONE,
+STATE_PB = {"enqueuing": router_pb2.QUEUED, "queued": router_pb2.QUEUED, "running": router_pb2.RUNNING, "done": router_pb2.DONE,
             "cancelled": router_pb2.CANCELLED}
 
 
@@ -256,22 +256,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def SubmitBatch(self, request: router_pb2.SubmitBatchRequest, context):
         if not request.requests:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "requests: must not be empty")
-        items = []
-        for i, it in enumerate(request.requests):
-            item = {"custom_id": it.custom_id or str(i), "max_tokens": it.max_tokens, "chat": it.chat,
-                    "sampling": {"temperature": it.sampling.temperature, "top_p": it.sampling.top_p,
-                                 "stop": list(it.sampling.stop)}}
-            if it.sampling.HasField("seed"):
-                item["sampling"]["seed"] = it.sampling.seed
-            if it.sampling.ignore_eos:
-                item["sampling"]["ignore_eos"] = True
-            if it.WhichOneof("prompt") == "token_ids":
-                item["token_ids"] = list(it.token_ids.ids)
-            elif it.WhichOneof("prompt") == "messages":
-                item["messages"] = [{"role": m.role, "content": m.content} for m in it.messages.messages]
-            else:
-                item["text"] = it.text
-            items.append(item)
+        items = [job_item(it.custom_id or str(i), it) for i, it in enumerate(request.requests)]
         job_id, created = await self.jobs.submit(items, request.job_id)
         if created:
             log.info("batch job %s accepted: %d requests", job_id, len(items))
