@@ -29,7 +29,7 @@ MAX_FILE_MB = 20
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, redis_server):
     c = LocalCluster(Topology(engine="sim"), tmp_path_factory.mktemp("run"),
-                     redis_url=redis_server.url.replace("/0", "/6"), router_port=0,
+                     redis_url=redis_server.url.replace("/0", "/7"), router_port=0,
                      extra_env={"DUOPOOL_API_KEYS": f"{KEY},{OTHER}", "OTEL_TRACES_EXPORTER": "none",
                                 "DUOPOOL_MAX_FILE_MB": str(MAX_FILE_MB)})
     c.log = lambda m: None
@@ -50,7 +50,7 @@ def model(client):
 
 @pytest.fixture(scope="module")
 def store(redis_server):
-    return redis.Redis.from_url(redis_server.url.replace("/0", "/6"), decode_responses=True)
+    return redis.Redis.from_url(redis_server.url.replace("/0", "/7"), decode_responses=True)
 
 
 def chat_line(cid: str, model: str, content: str, max_tokens: int | None = 5, **body) -> dict:
