@@ -6,8 +6,10 @@ Used by `duopool up`, by the integration tests and by the benchmarks, so all thr
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pathlib
+import secrets
 import signal
 import subprocess
 import sys
@@ -43,6 +45,12 @@ class LocalCluster:
         self.redis: RedisServer | None = None
         self.kv_dir = pathlib.Path(self.kv_root) / f"duopool-kv-{os.getpid()}-{int(time.time())}"
         self.specs: list[ServiceSpec] = []
+        # Internal services accept only calls carrying this (duopool.common.clusterauth): one per cluster.
+        self.cluster_token = (self.extra_env.get("DUOPOOL_CLUSTER_TOKEN") or os.environ.get("DUOPOOL_CLUSTER_TOKEN")
+                              or secrets.token_hex(16))
+        self.extra_env = {**self.extra_env, "DUOPOOL_CLUSTER_TOKEN": self.cluster_token}
+        self._restarts: dict[str, list[float]] = {}  # service -> monotonic times of its recent restarts
+        self._due: dict[str, float] = {}  # service -> when its pending restart is due
 
     # -- addresses -------------------------------------------------------------------------------------
     def _ports(self) -> dict[str, int]:
@@ -76,19 +84,48 @@ class LocalCluster:
         spec = next(s for s in self.specs if s.name == name)
         return f"127.0.0.1:{spec.flags['port']}"
 
+    def internal_channel(self, name: str):
+        """A blocking channel to an internal service that carries this cluster's token."""
+        from duopool.common.clusterauth import sync_channel
+
+        return sync_channel(self.address(name), token=self.cluster_token)
+
+    def aio_internal_channel(self, name: str):
+        from duopool.common.clusterauth import aio_channel
+
+        return aio_channel(self.address(name), token=self.cluster_token)
+
+    def write_state(self, path: pathlib.Path) -> None:
+        """What CLI commands need to find this cluster (addresses, the cluster token), readable by the owner
+        only: ``duopool stats`` / ``set-role`` / ``workers`` read it when given no address."""
+        state = {"run_dir": str(self.run_dir), "router": self.router_address, "http_url": self.http_url,
+                 "scheduler": self.address("scheduler"), "kvtransfer": self.address("kvtransfer"),
+                 "cluster_token": self.cluster_token, "pid": os.getpid()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(state, f, indent=2)
+        os.replace(tmp, path)
+
     # -- life cycle ------------------------------------------------------------------------------------
     def start(self, timeout: float = 900.0) -> LocalCluster:
         t0 = time.monotonic()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not self.redis_url:
-            self.redis = RedisServer(log_path=self.run_dir / "redis.log", data_dir=self.run_dir / "redis").start()
+        if not self.redis_url:  # our own, with a password (and no admin commands) only the cluster knows
+            self.redis = RedisServer(log_path=self.run_dir / "redis.log", data_dir=self.run_dir / "redis",
+                                     password=secrets.token_hex(16)).start()
             self.redis_url = self.redis.url
-            self.log(f"  redis       {self.redis_url} ({pathlib.Path(self.redis.binary).name})")
+            self.log(f"  redis       127.0.0.1:{self.redis.port} with a password "
+                     f"({pathlib.Path(self.redis.binary).name})")
         ports = self._ports()
         names = [n for n in ports if n != "router-http"]
         self.specs = services(self.topology, bind={n: "127.0.0.1" for n in names}, port=ports,
                               addr={n: f"127.0.0.1:{p}" for n, p in ports.items()}, redis_url=self.redis_url,
                               kv_dir=str(self.kv_dir))
+        for spec in self.specs:  # the URL may hold a password: in the environment, not on command lines
+            spec.flags.pop("redis-url", None)
+        self.extra_env["REDIS_URL"] = self.redis_url
         if self.topology.engine == "vllm":
             self.log(f"  model       preparing {self.topology.model!r} (converted and cached on first use)...")
             from duopool.models import resolve_model
@@ -174,6 +211,51 @@ class LocalCluster:
             self.kill(name, signal.SIGTERM)
         new = self._spawn(proc.spec)
         asyncio.run(self._wait(new, time.monotonic(), timeout))
+
+    # -- supervision -----------------------------------------------------------------------------------
+    def supervise(self, now: float | None = None) -> list[str]:
+        """One pass of the supervisor: a child (or our Redis) that exited is started again, after a back-off
+        that doubles with each recent restart (1 s ... 30 s). Returns log lines; raises RuntimeError once a
+        service has been restarted ``MAX_RESTARTS`` times within ``RESTART_WINDOW_S`` (it keeps dying: say why
+        rather than loop)."""
+        now = time.monotonic() if now is None else now
+        lines: list[str] = []
+        if self.redis is not None and not self.redis.alive:
+            lines += self._restart_later("redis", now, self._restart_redis)
+        for name, proc in list(self.procs.items()):
+            if proc.popen.poll() is not None:
+                code = proc.popen.returncode
+                lines += self._restart_later(name, now, lambda n=name: self._respawn(n), f"exit {code}")
+        return lines
+
+    MAX_RESTARTS = 5
+    RESTART_WINDOW_S = 300.0
+
+    def _restart_later(self, name: str, now: float, restart, why: str = "exited") -> list[str]:
+        history = self._restarts.setdefault(name, [])
+        history[:] = [t for t in history if now - t < self.RESTART_WINDOW_S]
+        if len(history) >= self.MAX_RESTARTS:
+            log_hint = f"; see {self.procs[name].log_path}" if name in self.procs else ""
+            raise RuntimeError(f"{name} died {len(history) + 1} times within {self.RESTART_WINDOW_S:.0f}s "
+                               f"({why}); giving up{log_hint}")
+        due = self._due.setdefault(name, now + min(30.0, 2.0 ** len(history) - 1))
+        if now < due:
+            return []
+        del self._due[name]
+        history.append(now)
+        restart()
+        return [f"supervisor: {name} {why}; restarted ({len(history)} restart(s) in the last "
+                f"{self.RESTART_WINDOW_S:.0f}s)"]
+
+    def _respawn(self, name: str) -> None:
+        try:  # what is left of its process group (a vLLM worker's engine processes) goes first
+            os.killpg(self.procs[name].popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._spawn(self.procs[name].spec)  # same ports and identity; it re-registers on its own
+
+    def _restart_redis(self) -> None:
+        self.redis.start()  # same port, data dir and password: the append-only file brings the state back
 
     def stop(self, timeout: float = 30.0) -> None:
         order = ["router"] + [s.name for s in self.specs if s.service == "worker"] + ["kvtransfer", "scheduler"]

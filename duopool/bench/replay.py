@@ -114,7 +114,7 @@ async def _replay(args, cluster, online, offline) -> dict:
     from duopool.v1 import common_pb2, router_pb2, router_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
     async with grpc.aio.insecure_channel(cluster.router_address) as ch, \
-            grpc.aio.insecure_channel(cluster.address("scheduler")) as sch:
+            cluster.aio_internal_channel("scheduler") as sch:
         stub = router_pb2_grpc.RouterStub(ch)
         sched = scheduler_pb2_grpc.SchedulerStub(sch)
         job_id = ""

@@ -11,7 +11,12 @@ DEFAULT_ROUTER = "127.0.0.1:50051"
 
 
 def router_address(args: argparse.Namespace) -> str:
-    return args.router or os.environ.get("DUOPOOL_ROUTER") or DEFAULT_ROUTER
+    """--router, else $DUOPOOL_ROUTER, else the cluster `duopool up` runs (its state file), else the default."""
+    if args.router or os.environ.get("DUOPOOL_ROUTER"):
+        return args.router or os.environ["DUOPOOL_ROUTER"]
+    from duopool.cli.up import read_state
+
+    return read_state().get("router") or DEFAULT_ROUTER
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         cluster.start()
+        cluster.write_state(state_file())
         up_s = time.monotonic() - t0
         print(f"duopool is up in {up_s:.0f}s: router at {cluster.router_address} (gRPC), "
               f"OpenAI base URL {cluster.http_url}\n"
@@ -93,14 +94,15 @@ def run(args: argparse.Namespace) -> int:
                   f"{time.monotonic() - t0:.0f}s after start]", file=sys.stderr, flush=True)
         if args.exit:
             return 0
-        print("serving; Ctrl-C to stop", file=sys.stderr, flush=True)
+        print("serving; Ctrl-C to stop (a service that dies is restarted)", file=sys.stderr, flush=True)
         while True:
-            for name, proc in list(cluster.procs.items()):
-                if proc.popen.poll() is not None:
-                    print(f"duopool: {name} exited ({proc.popen.returncode}); see {proc.log_path}",
-                          file=sys.stderr)
-                    return 1
-            time.sleep(1)
+            try:
+                for line in cluster.supervise():
+                    print(f"duopool: {line}", file=sys.stderr, flush=True)
+            except RuntimeError as exc:
+                print(f"duopool: {exc}", file=sys.stderr, flush=True)
+                return 1
+            time.sleep(0.5)
     except KeyboardInterrupt:
         return 0
     except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
@@ -108,6 +110,34 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         print("duopool: stopping...", file=sys.stderr, flush=True)
+        _forget_state(cluster)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         cluster.stop()
         print("duopool: stopped", file=sys.stderr, flush=True)
+
+
+def state_file():
+    """Where `duopool up` says how to reach the cluster it runs (CLI commands read it)."""
+    from duopool.models import cache_dir
+
+    return cache_dir() / "current-cluster.json"
+
+
+def read_state() -> dict:
+    import json
+
+    try:
+        return json.loads(state_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _forget_state(cluster) -> None:
+    import os
+
+    state = read_state()
+    if state.get("pid") == os.getpid():
+        try:
+            state_file().unlink()
+        except OSError:
+            pass

@@ -9,6 +9,23 @@ import sys
 
 from duopool.cli.generate import DEFAULT_ROUTER, router_address
 
+DEFAULT_SCHEDULER = "127.0.0.1:50052"
+SCHEDULER_HELP = ("scheduler address (an internal service) [env DUOPOOL_SCHEDULER, else the cluster `duopool up` "
+                  f"runs, else {DEFAULT_SCHEDULER}]; the cluster token from DUOPOOL_CLUSTER_TOKEN or that cluster")
+
+
+def scheduler_channel(args: argparse.Namespace):
+    """(address, channel carrying the cluster token) for the scheduler the user means."""
+    import os
+
+    from duopool.cli.up import read_state
+    from duopool.common.clusterauth import cluster_token, sync_channel
+
+    state = read_state()
+    address = args.scheduler or os.environ.get("DUOPOOL_SCHEDULER") or state.get("scheduler") or DEFAULT_SCHEDULER
+    token = cluster_token() or (state.get("cluster_token", "") if state.get("scheduler") == address else "")
+    return address, sync_channel(address, token=token)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("workers", help="list the workers registered with the cluster")
@@ -18,13 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     sr.add_argument("worker_id")
     sr.add_argument("--role", choices=("prefill", "decode", "mixed"))
     sr.add_argument("--pool", choices=("strict", "relaxed"))
-    sr.add_argument("--scheduler", default="127.0.0.1:50052",
-                    help="scheduler address (an internal service) [127.0.0.1:50052]")
+    sr.add_argument("--scheduler", default=None, help=SCHEDULER_HELP)
     sr.set_defaults(func=run_set_role)
     st = sub.add_parser("stats", help="the scheduler's co-location state: in-flight work, preemptions and their "
                                       "latency, SLO pressure per worker, role moves")
-    st.add_argument("--scheduler", default="127.0.0.1:50052",
-                    help="scheduler address (an internal service) [127.0.0.1:50052]")
+    st.add_argument("--scheduler", default=None, help=SCHEDULER_HELP)
     st.add_argument("--json", action="store_true", help="print JSON instead of text")
     st.set_defaults(func=run_stats)
     h = sub.add_parser("health", help="check a service's gRPC health (exit 0 when SERVING)")
@@ -45,10 +60,10 @@ def run_workers(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
-    print(f"{'worker':<16} {'role':<8} {'pool':<8} {'engine':<6} {'model':<24} {'address':<22} run wait  kv")
+    print(f"{'worker':<16} {'role':<8} {'pool':<8} {'engine':<6} {'model':<24} run wait  kv")
     for w in resp.workers:
         print(f"{w.worker_id:<16} {common_pb2.WorkerRole.Name(w.role).lower():<8} "
-              f"{common_pb2.Pool.Name(w.pool).lower():<8} {w.engine:<6} {w.model[-24:]:<24} {w.address:<22} "
+              f"{common_pb2.Pool.Name(w.pool).lower():<8} {w.engine:<6} {w.model[-24:]:<24} "
               f"{w.running:>3} {w.waiting:>4} {w.kv_usage:4.0%}")
     return 0
 
@@ -76,11 +91,12 @@ def run_set_role(args: argparse.Namespace) -> int:
         worker_id=args.worker_id, reason="duopool workers set-role",
         role=common_pb2.WorkerRole.Value(args.role.upper()) if args.role else 0,
         pool=common_pb2.Pool.Value(args.pool.upper()) if args.pool else 0)
-    with grpc.insecure_channel(args.scheduler) as ch:
+    address, ch = scheduler_channel(args)
+    with ch:
         try:
             info = scheduler_pb2_grpc.SchedulerStub(ch).SetWorkerRole(req, timeout=10)
         except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"error: scheduler at {address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     print(f"{info.worker_id}: role {common_pb2.WorkerRole.Name(info.role).lower()}, "
           f"pool {common_pb2.Pool.Name(info.pool).lower()}")
@@ -95,11 +111,12 @@ def run_stats(args: argparse.Namespace) -> int:
 
     from duopool.v1 import scheduler_pb2, scheduler_pb2_grpc
 
-    with grpc.insecure_channel(args.scheduler) as ch:
+    address, ch = scheduler_channel(args)
+    with ch:
         try:
             st = scheduler_pb2_grpc.SchedulerStub(ch).Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
         except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"error: scheduler at {address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     if args.json:
         d = MessageToDict(st, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)

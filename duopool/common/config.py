@@ -155,6 +155,12 @@ class RouterConfig(ServiceConfig):
     port: int = opt(50051, "DUOPOOL_PORT", "port to bind (the public API)")
     scheduler: str = opt("127.0.0.1:50052", "DUOPOOL_SCHEDULER", "scheduler address host:port")
     place_retries: int = opt(2, "DUOPOOL_PLACE_RETRIES", "re-placements after a worker fails a request")
+    request_timeout_s: float = opt(600.0, "DUOPOOL_REQUEST_TIMEOUT_S",
+                                   "deadline of a request whose client set none (a gRPC client's own deadline "
+                                   "wins when shorter); every worker call of the request is bounded by it")
+    offline_resumes: int = opt(50, "DUOPOOL_OFFLINE_RESUMES",
+                               "times an OFFLINE Generate preempted by online work is resumed where it stopped "
+                               "before it ends with RESOURCE_EXHAUSTED")
     http_port: int = opt(8000, "DUOPOOL_HTTP_PORT",
                          "port of the OpenAI-compatible HTTP API on the same host (0: pick a free one, -1: off)")
     served_model_name: str = opt("", "DUOPOOL_SERVED_MODEL_NAME",
@@ -178,6 +184,10 @@ class RouterConfig(ServiceConfig):
             raise ConfigError("max_batch_requests", "must be in (0, 1000000]")
         if self.place_retries < 0:
             raise ConfigError("place_retries", "must be >= 0")
+        if not 0 < self.request_timeout_s <= 86_400:
+            raise ConfigError("request_timeout_s", "must be in (0, 86400]")
+        if self.offline_resumes < 0:
+            raise ConfigError("offline_resumes", "must be >= 0")
         if not -1 <= self.http_port <= 65535:
             raise ConfigError("http_port", f"{self.http_port} is not a TCP port (or -1 for off)")
         if bool(self.tls_cert) != bool(self.tls_key):

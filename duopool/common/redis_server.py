@@ -58,7 +58,10 @@ class RedisServer:
     """A redis-server/valkey-server child process on 127.0.0.1."""
 
     def __init__(self, port: int | None = None, log_path: pathlib.Path | None = None,
-                 data_dir: pathlib.Path | None = None) -> None:
+                 data_dir: pathlib.Path | None = None, password: str = "") -> None:
+        """``password``: clients must AUTH (``url`` carries it) and the admin commands (CONFIG, DEBUG,
+        SHUTDOWN, ...) are renamed away, so a client cannot reconfigure the server."""
+        self.password = password
         self.port = port or free_port()
         self.binary = find_server_binary()
         self._log_path = log_path
@@ -67,7 +70,12 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         out = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL  # noqa: SIM115
@@ -77,9 +85,14 @@ class RedisServer:
             # fsync every write: an accepted batch job is on disk before SubmitBatch answers (a crash loses
             # nothing accepted); the write rate here is a few commands per request and per heartbeat.
             persistence = ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self._data_dir)]
+        secure: list[str] = []
+        if self.password:
+            secure = ["--requirepass", self.password]
+            for cmd in ("CONFIG", "DEBUG", "SHUTDOWN", "REPLICAOF", "SLAVEOF", "MODULE"):
+                secure += ["--rename-command", cmd, ""]
         self._proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
-             "--protected-mode", "yes"],
+             "--protected-mode", "yes", *secure],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + timeout
@@ -88,8 +101,15 @@ class RedisServer:
                 raise RuntimeError(f"{self.binary} exited with {self._proc.returncode}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    auth = f"AUTH {self.password}\r\n".encode() if self.password else b""
+                    s.sendall(auth + b"PING\r\n")
+                    got = b""
+                    while b"\r\n" not in got or (auth and got.count(b"\r\n") < 2):
+                        piece = s.recv(64)
+                        if not piece:
+                            break
+                        got += piece
+                    if b"+PONG" in got:
                         return self
             except OSError:
                 time.sleep(0.05)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
@@ -20,14 +21,69 @@ CHANNEL_OPTIONS = [
 ]
 
 
+class _Undecodable:
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """Bytes that are not a valid request message get INVALID_ARGUMENT naming the request, instead of the
+    UNKNOWN (with a Python exception text) that grpc answers when its deserializer raises."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        def safe(raw: bytes):
+            try:
+                return decode(raw)
+            except Exception as exc:  # noqa: BLE001 - DecodeError and friends
+                return _Undecodable(str(exc) or type(exc).__name__)
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request: not a valid message for {handler_call_details.method} ({request.reason})")
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request, context):
+                if isinstance(request, _Undecodable):
+                    return await refuse(request, context)
+                return await inner(request, context)
+
+            return handler._replace(request_deserializer=safe, unary_unary=unary)
+        inner = handler.unary_stream
+        if inspect.isasyncgenfunction(inner):
+            async def stream(request, context):
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                async for item in inner(request, context):
+                    yield item
+        else:  # a handler that writes with context.write
+            async def stream(request, context):
+                if isinstance(request, _Undecodable):
+                    return await refuse(request, context)
+                return await inner(request, context)
+        return handler._replace(request_deserializer=safe, unary_stream=stream)
+
+
 class Server:
     """A grpc.aio server with the health service (every listed service SERVING) and server reflection."""
 
     def __init__(self, bind: str, registrations: Iterable[tuple[Callable, object, str]],
                  interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
-                 tls: tuple[bytes, bytes] | None = None) -> None:
-        """``tls``: (certificate chain PEM, private key PEM) to serve TLS instead of plaintext."""
-        self._server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=list(interceptors) or None)
+                 tls: tuple[bytes, bytes] | None = None, internal: bool = True) -> None:
+        """``tls``: (certificate chain PEM, private key PEM) to serve TLS instead of plaintext. ``internal``:
+        only the cluster may call (the cluster token, ``clusterauth``); the router is the public one."""
+        guards: list = [DecodeGuard()]
+        if internal:
+            from duopool.common.clusterauth import ClusterAuthInterceptor, cluster_token
+
+            guards.append(ClusterAuthInterceptor(cluster_token(), bind))
+        self._server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[*guards, *interceptors])
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         self._service_names = []
@@ -55,9 +111,13 @@ class Server:
         for name in ["", *self._service_names]:
             await _maybe_await(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
 
-    async def stop(self, grace: float = 2.0) -> None:
+    async def not_serving(self) -> None:
+        """Health turns NOT_SERVING (probes and orchestrators see it; the server keeps answering)."""
         for name in ["", *self._service_names]:
             await _maybe_await(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.not_serving()
         await self._server.stop(grace)
 
     async def wait(self) -> None:
@@ -70,7 +130,7 @@ async def _maybe_await(value: object) -> None:
 
 
 class Channels:
-    """One cached insecure channel per address (internal traffic)."""
+    """One cached channel per address (internal traffic, with the cluster token)."""
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -78,7 +138,9 @@ class Channels:
     def get(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            from duopool.common.clusterauth import aio_channel
+
+            ch = aio_channel(address, options=CHANNEL_OPTIONS)  # carries the cluster token
             self._channels[address] = ch
         return ch
 

@@ -25,33 +25,33 @@ _sym_db = _symbol_database.Default()
 from duopool.v1 import common_pb2 as duopool_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64uopool/v1/router.proto\x12\nduopool.v1\x1a\x17\x64uopool/v1/common.proto\"\xcf\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.duopool.v1.TokenIdsH\x00\x12,\n\x08messages\x18\t \x01(\x0b\x32\x18.duopool.v1.ChatMessagesH\x00\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.duopool.v1.SamplingParams\x12/\n\rrequest_class\x18\x05 \x01(\x0e\x32\x18.duopool.v1.RequestClass\x12\x1c\n\x03slo\x18\x06 \x01(\x0b\x32\x0f.duopool.v1.Slo\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x0c\n\x04\x63hat\x18\x08 \x01(\x08\x12\x16\n\x0e\x66it_max_tokens\x18\n \x01(\x08\x42\x08\n\x06prompt\"-\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xb3\x02\n\x0fGenerateSummary\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\routput_tokens\x18\x03 \x01(\x05\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x16\n\x0etoken_times_ms\x18\x05 \x03(\x01\x12\x16\n\x0eprefill_worker\x18\x06 \x01(\t\x12\x15\n\rdecode_worker\x18\x07 \x01(\t\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\x12\x1d\n\x15kv_transferred_tokens\x18\n \x01(\x05\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\x0b \x01(\x05\x12\x10\n\x08kv_bytes\x18\x0c \x01(\x03\x12\x10\n\x08trace_id\x18\r \x01(\t\"v\n\x10GenerateResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x16.duopool.v1.TokenChunkH\x00\x12.\n\x07summary\x18\x02 \x01(\x0b\x32\x1b.duopool.v1.GenerateSummaryH\x00\x42\t\n\x07payload\"\xe1\x01\n\tBatchItem\x12\x11\n\tcustom_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.duopool.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x07 \x01(\x0b\x32\x18.duopool.v1.ChatMessagesH\x00\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.duopool.v1.SamplingParams\x12\x0c\n\x04\x63hat\x18\x06 \x01(\x08\x42\x08\n\x06prompt\"M\n\x12SubmitBatchRequest\x12\'\n\x08requests\x18\x01 \x03(\x0b\x32\x15.duopool.v1.BatchItem\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"!\n\x0fGetBatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xdc\x01\n\x0b\x42\x61tchStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.duopool.v1.BatchState\x12\r\n\x05total\x18\x03 \x01(\x05\x12\x0c\n\x04\x64one\x18\x04 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x05\x12\x15\n\routput_tokens\x18\x06 \x01(\x03\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x08 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\t \x01(\x01\x12\x13\n\x0bpreemptions\x18\n \x01(\x05\"\xba\x01\n\x0b\x42\x61tchResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\tcustom_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x16\n\x0eprefill_worker\x18\x07 \x01(\t\x12\x15\n\rdecode_worker\x18\x08 \x01(\t\x12\x13\n\x0bpreemptions\x18\t \x01(\x05*[\n\nBatchState\x12\x1b\n\x17\x42\x41TCH_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\x12\r\n\tCANCELLED\x10\x04\x32\xbb\x03\n\x06Router\x12G\n\x08Generate\x12\x1b.duopool.v1.GenerateRequest\x1a\x1c.duopool.v1.GenerateResponse0\x01\x12N\n\x0bListWorkers\x12\x1e.duopool.v1.ListWorkersRequest\x1a\x1f.duopool.v1.ListWorkersResponse\x12\x46\n\x0bSubmitBatch\x12\x1e.duopool.v1.SubmitBatchRequest\x1a\x17.duopool.v1.BatchStatus\x12@\n\x08GetBatch\x12\x1b.duopool.v1.GetBatchRequest\x1a\x17.duopool.v1.BatchStatus\x12I\n\x0fGetBatchResults\x12\x1b.duopool.v1.GetBatchRequest\x1a\x17.duopool.v1.BatchResult0\x01\x12\x43\n\x0b\x43\x61ncelBatch\x12\x1b.duopool.v1.GetBatchRequest\x1a\x17.duopool.v1.BatchStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64uopool/v1/router.proto\x12\nduopool.v1\x1a\x17\x64uopool/v1/common.proto\"\xcf\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.duopool.v1.TokenIdsH\x00\x12,\n\x08messages\x18\t \x01(\x0b\x32\x18.duopool.v1.ChatMessagesH\x00\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.duopool.v1.SamplingParams\x12/\n\rrequest_class\x18\x05 \x01(\x0e\x32\x18.duopool.v1.RequestClass\x12\x1c\n\x03slo\x18\x06 \x01(\x0b\x32\x0f.duopool.v1.Slo\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x0c\n\x04\x63hat\x18\x08 \x01(\x08\x12\x16\n\x0e\x66it_max_tokens\x18\n \x01(\x08\x42\x08\n\x06prompt\"-\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xc4\x02\n\x0fGenerateSummary\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x15\n\routput_tokens\x18\x03 \x01(\x05\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x16\n\x0etoken_times_ms\x18\x05 \x03(\x01\x12\x16\n\x0eprefill_worker\x18\x06 \x01(\t\x12\x15\n\rdecode_worker\x18\x07 \x01(\t\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\x12\x1d\n\x15kv_transferred_tokens\x18\n \x01(\x05\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\x0b \x01(\x05\x12\x10\n\x08kv_bytes\x18\x0c \x01(\x03\x12\x10\n\x08trace_id\x18\r \x01(\t\x12\x0f\n\x07resumes\x18\x0e \x01(\x05\"v\n\x10GenerateResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x16.duopool.v1.TokenChunkH\x00\x12.\n\x07summary\x18\x02 \x01(\x0b\x32\x1b.duopool.v1.GenerateSummaryH\x00\x42\t\n\x07payload\"\xe1\x01\n\tBatchItem\x12\x11\n\tcustom_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.duopool.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x07 \x01(\x0b\x32\x18.duopool.v1.ChatMessagesH\x00\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.duopool.v1.SamplingParams\x12\x0c\n\x04\x63hat\x18\x06 \x01(\x08\x42\x08\n\x06prompt\"M\n\x12SubmitBatchRequest\x12\'\n\x08requests\x18\x01 \x03(\x0b\x32\x15.duopool.v1.BatchItem\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"!\n\x0fGetBatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xdc\x01\n\x0b\x42\x61tchStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.duopool.v1.BatchState\x12\r\n\x05total\x18\x03 \x01(\x05\x12\x0c\n\x04\x64one\x18\x04 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x05\x12\x15\n\routput_tokens\x18\x06 \x01(\x03\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x08 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\t \x01(\x01\x12\x13\n\x0bpreemptions\x18\n \x01(\x05\"\xba\x01\n\x0b\x42\x61tchResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\tcustom_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x16\n\x0eprefill_worker\x18\x07 \x01(\t\x12\x15\n\rdecode_worker\x18\x08 \x01(\t\x12\x13\n\x0bpreemptions\x18\t \x01(\x05*[\n\nBatchState\x12\x1b\n\x17\x42\x41TCH_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\x12\r\n\tCANCELLED\x10\x04\x32\xbb\x03\n\x06Router\x12G\n\x08Generate\x12\x1b.duopool.v1.GenerateRequest\x1a\x1c.duopool.v1.GenerateResponse0\x01\x12N\n\x0bListWorkers\x12\x1e.duopool.v1.ListWorkersRequest\x1a\x1f.duopool.v1.ListWorkersResponse\x12\x46\n\x0bSubmitBatch\x12\x1e.duopool.v1.SubmitBatchRequest\x1a\x17.duopool.v1.BatchStatus\x12@\n\x08GetBatch\x12\x1b.duopool.v1.GetBatchRequest\x1a\x17.duopool.v1.BatchStatus\x12I\n\x0fGetBatchResults\x12\x1b.duopool.v1.GetBatchRequest\x1a\x17.duopool.v1.BatchResult0\x01\x12\x43\n\x0b\x43\x61ncelBatch\x12\x1b.duopool.v1.GetBatchRequest\x1a\x17.duopool.v1.BatchStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'duopool.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BATCHSTATE']._serialized_start=1633
-  _globals['_BATCHSTATE']._serialized_end=1724
+  _globals['_BATCHSTATE']._serialized_start=1650
+  _globals['_BATCHSTATE']._serialized_end=1741
   _globals['_GENERATEREQUEST']._serialized_start=65
   _globals['_GENERATEREQUEST']._serialized_end=400
   _globals['_TOKENCHUNK']._serialized_start=402
   _globals['_TOKENCHUNK']._serialized_end=447
   _globals['_GENERATESUMMARY']._serialized_start=450
-  _globals['_GENERATESUMMARY']._serialized_end=757
-  _globals['_GENERATERESPONSE']._serialized_start=759
-  _globals['_GENERATERESPONSE']._serialized_end=877
-  _globals['_BATCHITEM']._serialized_start=880
-  _globals['_BATCHITEM']._serialized_end=1105
-  _globals['_SUBMITBATCHREQUEST']._serialized_start=1107
-  _globals['_SUBMITBATCHREQUEST']._serialized_end=1184
-  _globals['_GETBATCHREQUEST']._serialized_start=1186
-  _globals['_GETBATCHREQUEST']._serialized_end=1219
-  _globals['_BATCHSTATUS']._serialized_start=1222
-  _globals['_BATCHSTATUS']._serialized_end=1442
-  _globals['_BATCHRESULT']._serialized_start=1445
-  _globals['_BATCHRESULT']._serialized_end=1631
-  _globals['_ROUTER']._serialized_start=1727
-  _globals['_ROUTER']._serialized_end=2170
+  _globals['_GENERATESUMMARY']._serialized_end=774
+  _globals['_GENERATERESPONSE']._serialized_start=776
+  _globals['_GENERATERESPONSE']._serialized_end=894
+  _globals['_BATCHITEM']._serialized_start=897
+  _globals['_BATCHITEM']._serialized_end=1122
+  _globals['_SUBMITBATCHREQUEST']._serialized_start=1124
+  _globals['_SUBMITBATCHREQUEST']._serialized_end=1201
+  _globals['_GETBATCHREQUEST']._serialized_start=1203
+  _globals['_GETBATCHREQUEST']._serialized_end=1236
+  _globals['_BATCHSTATUS']._serialized_start=1239
+  _globals['_BATCHSTATUS']._serialized_end=1459
+  _globals['_BATCHRESULT']._serialized_start=1462
+  _globals['_BATCHRESULT']._serialized_end=1648
+  _globals['_ROUTER']._serialized_start=1744
+  _globals['_ROUTER']._serialized_end=2187
 # @@protoc_insertion_point(module_scope)

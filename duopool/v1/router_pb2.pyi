@@ -54,7 +54,7 @@ class TokenChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateSummary(_message.Message):
-    __slots__ = ("request_id", "prompt_tokens", "output_tokens", "ttft_ms", "token_times_ms", "prefill_worker", "decode_worker", "finish_reason", "engine", "kv_transferred_tokens", "decode_cached_tokens", "kv_bytes", "trace_id")
+    __slots__ = ("request_id", "prompt_tokens", "output_tokens", "ttft_ms", "token_times_ms", "prefill_worker", "decode_worker", "finish_reason", "engine", "kv_transferred_tokens", "decode_cached_tokens", "kv_bytes", "trace_id", "resumes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class GenerateSummary(_message.Message):
     DECODE_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUMES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_tokens: int
     output_tokens: int
@@ -81,7 +82,8 @@ class GenerateSummary(_message.Message):
     decode_cached_tokens: int
     kv_bytes: int
     trace_id: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., token_times_ms: _Optional[_Iterable[float]] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., finish_reason: _Optional[str] = ..., engine: _Optional[str] = ..., kv_transferred_tokens: _Optional[int] = ..., decode_cached_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., trace_id: _Optional[str] = ...) -> None: ...
+    resumes: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., token_times_ms: _Optional[_Iterable[float]] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., finish_reason: _Optional[str] = ..., engine: _Optional[str] = ..., kv_transferred_tokens: _Optional[int] = ..., decode_cached_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., trace_id: _Optional[str] = ..., resumes: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("chunk", "summary")

@@ -35,6 +35,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from duopool.common.ids import MAX_CUSTOM_ID
 from duopool.common.jobs import JobStore, job_item
 from duopool.router.files import FILE, OWNER_FILES, FileStore
 from duopool.router.openai_schema import (
@@ -57,7 +58,6 @@ FINAL = ("completed", "cancelled", "expired", "failed")
 APPEND_CHUNK = 500  # requests per enqueue script
 RENDER_CHUNK = 1000  # results read per round trip when rendering output files
 MAX_ERRORS = 100  # line errors reported for a failed batch
-MAX_CUSTOM_ID = 512
 LEASE_S = 10.0  # a builder renews its lease as it goes; a dead one's batch is taken over after this
 PUMP_S = 1.0
 YIELD_EVERY = 200  # lines parsed between yields to the event loop (online requests keep flowing)

@@ -19,6 +19,7 @@ import uuid
 import grpc
 
 from duopool.common.config import RouterConfig
+from duopool.common.ids import MAX_CUSTOM_ID, check_id
 from duopool.common.rpc import Channels, Server
 from duopool.common.telemetry import current_trace_id, init_telemetry
 from duopool.v1 import (
@@ -33,11 +34,14 @@ from duopool.v1 import (
 
 log = logging.getLogger("duopool.router")
 
-MAX_REQUEST_ID = 128
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 MAX_BATCH = 100_000
+# Quotas on what one request may carry (documented in docs/configuration.md's "Limits"): larger prompts
+# cannot fit any context these models have, and would only cost memory and Redis space.
+MAX_PROMPT_CHARS = 1_000_000
+MAX_PROMPT_TOKENS = 262_144
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -57,14 +61,20 @@ def _check_prompt_and_sampling(prefix: str, msg) -> str | None:
         return f"{prefix}prompt: required (text, token_ids or messages)"
     if which == "text" and not msg.text.strip():
         return f"{prefix}prompt.text: must not be empty"
+    if which == "text" and len(msg.text) > MAX_PROMPT_CHARS:
+        return f"{prefix}prompt.text: at most {MAX_PROMPT_CHARS:,} characters"
     if which == "token_ids":
         if not msg.token_ids.ids:
             return f"{prefix}prompt.token_ids: must not be empty"
+        if len(msg.token_ids.ids) > MAX_PROMPT_TOKENS:
+            return f"{prefix}prompt.token_ids: at most {MAX_PROMPT_TOKENS:,} tokens"
         if min(msg.token_ids.ids) < 0:
             return f"{prefix}prompt.token_ids: must be >= 0"
     if which == "messages":
         if not msg.messages.messages:
             return f"{prefix}prompt.messages: must not be empty"
+        if sum(len(m.content) for m in msg.messages.messages) > MAX_PROMPT_CHARS:
+            return f"{prefix}prompt.messages: at most {MAX_PROMPT_CHARS:,} characters of content in all"
         for i, m in enumerate(msg.messages.messages):
             if m.role not in CHAT_ROLES:
                 return f"{prefix}prompt.messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}"
@@ -89,9 +99,7 @@ def validate(req: router_pb2.GenerateRequest) -> str | None:
         return "slo.ttft_ms: must be a number >= 0"
     if not (math.isfinite(req.slo.tpot_ms) and req.slo.tpot_ms >= 0):
         return "slo.tpot_ms: must be a number >= 0"
-    if len(req.request_id) > MAX_REQUEST_ID:
-        return f"request_id: at most {MAX_REQUEST_ID} characters"
-    return None
+    return check_id("request_id", req.request_id)
 
 
 def validate_batch(req: router_pb2.SubmitBatchRequest, max_model_len: int = 0) -> str | None:
@@ -100,8 +108,9 @@ def validate_batch(req: router_pb2.SubmitBatchRequest, max_model_len: int = 0) -
         return "requests: must not be empty"
     if len(req.requests) > MAX_BATCH:
         return f"requests: at most {MAX_BATCH} per job (got {len(req.requests)})"
-    if len(req.job_id) > MAX_REQUEST_ID:
-        return f"job_id: at most {MAX_REQUEST_ID} characters"
+    problem = check_id("job_id", req.job_id, job=True)
+    if problem:
+        return problem
     seen: set[str] = set()
     for i, item in enumerate(req.requests):
         problem = _check_prompt_and_sampling(f"requests[{i}].", item)
@@ -110,6 +119,8 @@ def validate_batch(req: router_pb2.SubmitBatchRequest, max_model_len: int = 0) -
         if max_model_len and item.max_tokens >= max_model_len:
             return f"requests[{i}].max_tokens: {item.max_tokens} exceeds the model's context of {max_model_len}"
         cid = item.custom_id or str(i)
+        if len(cid) > MAX_CUSTOM_ID:
+            return f"requests[{i}].custom_id: at most {MAX_CUSTOM_ID} characters"
         if cid in seen:
             return f"requests[{i}].custom_id: {cid!r} repeats an earlier request's id"
         seen.add(cid)
@@ -121,6 +132,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.config = config
         self.channels = Channels()
         self.tracer = init_telemetry("router")
+        self.inflight: set[str] = set()  # request ids being served (duplicates are refused)
 
     @property
     def scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
@@ -130,10 +142,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return worker_pb2_grpc.WorkerStub(self.channels.get(address))
 
     async def ListWorkers(self, request, context):
+        """The workers as clients may see them: role, pool, model, load — not their internal addresses."""
         try:
-            return await self.scheduler.ListWorkers(common_pb2.ListWorkersRequest(), timeout=5)
+            resp = await self.scheduler.ListWorkers(common_pb2.ListWorkersRequest(), timeout=5)
         except grpc.aio.AioRpcError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"scheduler: {exc.details()}")
+        for w in resp.workers:
+            w.ClearField("address")
+            w.ClearField("host")
+        return resp
 
     # -- offline batch jobs: validated here, owned by the scheduler ---------------------------------------
     async def _scheduler_call(self, method: str, request, context):
@@ -168,14 +185,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
-            async for msg in self.generate(request):
+            async for msg in self.generate(request, context.time_remaining()):
                 yield msg
         except RequestFailed as exc:
             await context.abort(exc.code, exc.message)
 
-    async def generate(self, request: router_pb2.GenerateRequest):
+    async def generate(self, request: router_pb2.GenerateRequest, timeout_s: float | None = None):
         """One request, streamed: token chunks, then the summary. Raises RequestFailed (the gRPC and HTTP
-        front ends both call this). A request with no class is online."""
+        front ends both call this). A request with no class is online. Every worker call is bounded by the
+        request's deadline: the client's (``timeout_s``) or ``request_timeout_s``, whichever is sooner."""
         arrived = time.perf_counter()
         problem = validate(request)
         if problem:
@@ -183,9 +201,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if request.request_class == common_pb2.REQUEST_CLASS_UNSPECIFIED:
             request.request_class = common_pb2.ONLINE
         rid = request.request_id or uuid.uuid4().hex
+        if rid in self.inflight:  # two requests with one id would share engine and KV state: refuse before work
+            raise RequestFailed(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already in flight")
+        limit = self.config.request_timeout_s if timeout_s is None else min(timeout_s, self.config.request_timeout_s)
+        deadline = time.monotonic() + limit
+        self.inflight.add(rid)
         release = scheduler_pb2.ReleaseRequest(request_id=rid, slo=request.slo)
         try:
-            async for msg in self._generate(rid, request, arrived):
+            async for msg in self._resuming(rid, request, arrived, deadline):
                 if msg.HasField("summary"):  # what the request saw, for the SLO-aware preemption trigger
                     times = msg.summary.token_times_ms
                     release.ttft_ms = times[0]
@@ -193,10 +216,59 @@ class RouterService(router_pb2_grpc.RouterServicer):
                         release.tpot_ms = (times[-1] - times[0]) / (len(times) - 1)
                 yield msg
         finally:
+            self.inflight.discard(rid)
             try:
                 await self.scheduler.Release(release, timeout=2)
             except (grpc.aio.AioRpcError, asyncio.CancelledError):
                 pass
+
+    async def _resuming(self, rid: str, request: router_pb2.GenerateRequest, arrived: float, deadline: float):
+        """``_generate``, and for OFFLINE work preempted by online work (in prefill or decode) the rest of it
+        resumed where it stopped: the prompt plus the tokens already streamed become the next prompt, so the
+        client sees one uninterrupted stream (greedy: exactly the uninterrupted output). After
+        ``offline_resumes`` preemptions it ends with RESOURCE_EXHAUSTED, never OK with a cut answer."""
+        offline = request.request_class == common_pb2.OFFLINE
+        resumes = self.config.offline_resumes if offline else 0
+        current = request
+        ids: list[int] = []
+        times: list[float] = []
+        prompt_len = 0
+        for attempt in range(resumes + 1):
+            seen: dict = {}
+            try:
+                async for msg in self._generate(rid, current, arrived, deadline, seen):
+                    if msg.HasField("chunk"):
+                        ids.extend(msg.chunk.token_ids)
+                        yield msg
+                        continue
+                    s = msg.summary
+                    times.extend(s.token_times_ms)
+                    prompt_len = prompt_len or s.prompt_tokens
+                    if s.finish_reason != "preempted" or not offline:
+                        s.prompt_tokens, s.output_tokens = prompt_len, len(ids)
+                        del s.token_times_ms[:]
+                        s.token_times_ms.extend(times)
+                        s.ttft_ms = times[0] if times else s.ttft_ms
+                        s.resumes = attempt
+                        yield msg
+                        return
+            except RequestFailed as exc:
+                if not (offline and exc.code == grpc.StatusCode.ABORTED):  # ABORTED: preempted in prefill
+                    raise
+            left = seen["max_tokens"] - seen["output_tokens"] if seen else 1
+            if left <= 0 or attempt == resumes or time.monotonic() >= deadline:
+                break
+            log.info("offline request %s preempted after %d token(s); resuming (%d)", rid, len(ids), attempt + 1)
+            await asyncio.sleep(min(2.0, 0.1 * (attempt + 1)))  # the online burst that preempted it passes
+            if seen:  # preempted in decode: what it produced becomes part of the prompt (else: run it again)
+                prompt_len = prompt_len or seen["prompt_len"]
+                current = router_pb2.GenerateRequest()
+                current.CopyFrom(request)
+                current.token_ids.ids[:] = seen["prompt_ids"] + seen["generated"]
+                current.max_tokens, current.fit_max_tokens = left, False
+        raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"offline request preempted by online work {resumes + 1} time(s) after {len(ids)} "
+                            "token(s); retry later")
 
     async def models(self) -> list[tuple[str, int]]:
         """(model id, context length) of what the workers serve (the configured name overrides theirs)."""
@@ -225,7 +297,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 else grpc.StatusCode.UNAVAILABLE
             raise RequestFailed(code, f"placement: {exc.details()}") from None
 
-    async def _generate(self, rid, request, arrived):
+    async def _generate(self, rid, request, arrived, deadline: float, seen: dict):
+        """One attempt: place, prefill, decode. Fills ``seen`` (prompt ids, tokens generated) as it goes."""
         exclude: list[str] = []
         fit = request.fit_max_tokens
         for attempt in range(self.config.place_retries + 1):
@@ -248,7 +321,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             else:
                 preq.token_ids.CopyFrom(request.token_ids)
             try:
-                pre = await self.worker(placement.prefill.address).Prefill(preq)
+                pre = await self.worker(placement.prefill.address).Prefill(preq, timeout=_left(deadline))
                 break
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in RETRYABLE and attempt < self.config.place_retries:
@@ -259,6 +332,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     continue
                 raise RequestFailed(exc.code(), exc.details() or exc.code().name) from None
         max_tokens = pre.max_tokens if fit and pre.max_tokens else request.max_tokens
+        generated = [pre.first_token_id]
+        seen.update(prompt_ids=list(pre.prompt_token_ids), prompt_len=len(pre.prompt_token_ids),
+                    max_tokens=max_tokens, generated=generated, output_tokens=1)
         first_at = time.perf_counter()
         token_times = [(first_at - arrived) * 1e3]
         yield router_pb2.GenerateResponse(chunk=router_pb2.TokenChunk(text=pre.first_token_text,
@@ -276,10 +352,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if pre.HasField("kv"):
                 dreq.kv.CopyFrom(pre.kv)
             try:
-                async for d in self.worker(placement.decode.address).Decode(dreq):
+                async for d in self.worker(placement.decode.address).Decode(dreq, timeout=_left(deadline)):
                     if d.cached_tokens:
                         cached = d.cached_tokens
                     if d.token_ids:
+                        generated.extend(d.token_ids)
+                        seen["output_tokens"] = len(generated)
                         now = (time.perf_counter() - arrived) * 1e3
                         token_times.extend([now] * len(d.token_ids))
                         output_tokens += len(d.token_ids)
@@ -299,6 +377,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
         ))
 
 
+def _left(deadline: float) -> float:
+    return max(0.001, deadline - time.monotonic())
+
+
 def _tls(config: RouterConfig) -> tuple[bytes, bytes] | None:
     if not config.tls_cert:
         return None
@@ -313,7 +395,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event, ready: asyncio.Event 
     keys = ApiKeys.from_settings(os.environ.get("DUOPOOL_API_KEYS", ""), config.api_keys_file)
     service = RouterService(config)
     server = Server(config.bind, [(router_pb2_grpc.add_RouterServicer_to_server, service, "duopool.v1.Router")],
-                    interceptors=(GrpcAuthInterceptor(keys),), tls=_tls(config))
+                    interceptors=(GrpcAuthInterceptor(keys),), tls=_tls(config), internal=False)
     http = None
     if config.http_port >= 0:
         from duopool.router.http import HttpServer

@@ -24,6 +24,7 @@ import grpc
 import duopool.core.policies  # noqa: F401 - registers every policy by name for live placement
 from duopool.common import registry
 from duopool.common.config import SchedulerConfig
+from duopool.common.ids import check_id
 from duopool.common.jobs import JobStore, job_item
 from duopool.common.rpc import Channels, Server
 from duopool.common.telemetry import init_telemetry
@@ -256,6 +257,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def SubmitBatch(self, request: router_pb2.SubmitBatchRequest, context):
         if not request.requests:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "requests: must not be empty")
+        problem = check_id("job_id", request.job_id, job=True)
+        if problem:  # ids become Redis keys: one that could alias another job's keys never gets in
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         items = [job_item(it.custom_id or str(i), it) for i, it in enumerate(request.requests)]
         job_id, created = await self.jobs.submit(items, request.job_id)
         if created:
@@ -263,8 +267,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         return batch_status_pb(await self.jobs.status(job_id))
 
     async def _status_or_404(self, job_id: str, context) -> dict:
-        h = await self.jobs.status(job_id) if job_id else None
-        if h is None:
+        h = await self.jobs.status(job_id) if job_id and not check_id("job_id", job_id, job=True) else None
+        if h is None or "state" not in h:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: no batch job {job_id!r}")
         return h
 

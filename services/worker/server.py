@@ -18,7 +18,9 @@ import time
 import grpc
 
 from duopool.common import registry
+from duopool.common.clusterauth import aio_channel
 from duopool.common.config import WorkerConfig
+from duopool.common.ids import check_id, safe_key
 from duopool.common.rpc import CHANNEL_OPTIONS, Channels, Server
 from duopool.common.telemetry import init_telemetry
 from duopool.common.wire import PB_POOL, PB_ROLE, worker_info_pb
@@ -58,6 +60,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.pool = config.pool_or_default
         self.active: dict[str, tuple[bool, asyncio.Event]] = {}  # engine request id -> (offline, ended)
         self.preempted: set[str] = set()
+        self.server: Server | None = None  # set by serve(): health turns NOT_SERVING when the engine breaks
 
     @property
     def kv(self) -> kvtransfer_pb2_grpc.KvTransferStub:
@@ -65,7 +68,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         ``KV_MAX_RECONNECT_MS``), so a restarted kvtransfer is found again within seconds; until then calls
         fail fast with UNAVAILABLE and the decode recomputes."""
         if self._kv_channel is None:
-            self._kv_channel = grpc.aio.insecure_channel(self.config.kvtransfer, options=KV_CHANNEL_OPTIONS)
+            self._kv_channel = aio_channel(self.config.kvtransfer, options=KV_CHANNEL_OPTIONS)
         return kvtransfer_pb2_grpc.KvTransferStub(self._kv_channel)
 
     def record(self) -> registry.WorkerRecord:
@@ -77,11 +80,30 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             running=load.running, waiting=load.waiting, kv_usage=load.kv_usage, last_heartbeat=time.time(),
         )
 
+    async def not_serving(self) -> None:
+        if self.server is not None:
+            await self.server.not_serving()
+
     def info_pb(self) -> common_pb2.WorkerInfo:
         return worker_info_pb(self.record())
 
     # -- RPCs ---------------------------------------------------------------------------------------
+    def _engine_failure(self, exc: Exception) -> tuple[grpc.StatusCode, str]:
+        if self.engine.broken:
+            return grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id}: engine failed ({self.engine.broken})"
+        log.warning("engine failed a request: %r", exc)
+        return grpc.StatusCode.INTERNAL, f"engine: the request failed on worker {self.worker_id} ({exc})"
+
+    async def _check_request(self, request_id: str, context) -> None:
+        problem = check_id("request_id", request_id) if request_id else "request_id: required"
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if self.engine.broken:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id}: engine failed "
+                                                             f"({self.engine.broken})")
+
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        await self._check_request(request.request_id, context)
         which = request.WhichOneof("prompt")
         if which == "text":
             ids = self.engine.tokenize(request.text, chat=request.chat)
@@ -94,6 +116,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             ids = []
         if not ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt: empty after tokenization")
+        vocab = self.engine.vocab_size
+        if vocab and (max(ids) >= vocab or min(ids) < 0):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"prompt.token_ids: must be in [0, {vocab}) (the model's vocabulary)")
         if request.fit_max_tokens:  # an upper bound: what the context leaves after the prompt
             room = self.engine.max_model_len - len(ids)
             if room < 1:
@@ -101,7 +127,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                     f"prompt: {len(ids)} tokens leave no room in the model's context of "
                                     f"{self.engine.max_model_len}")
             request.max_tokens = min(request.max_tokens, room) if request.max_tokens > 0 else room
-        transfer_id = f"{request.request_id}-{self.worker_id}" if request.export_kv else None
+        transfer_id = safe_key(f"{request.request_id}-{self.worker_id}") if request.export_kv else None
         ereq = EngineRequest(
             request_id=f"{request.request_id}:prefill", prompt_token_ids=tuple(ids), max_tokens=1,
             sampling=sampling_from_pb(request.sampling), kv_save=transfer_id,
@@ -120,6 +146,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 out = o
         except EngineError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the engine failed this request: it fails alone, clearly
+            await context.abort(*self._engine_failure(exc))
         if out is not None and out.finish_reason == "preempted":
             if out.kv:
                 await self._release_transfer(out.kv.transfer_id)
@@ -147,9 +175,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return resp
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+        await self._check_request(request.request_id, context)
         prompt = list(request.prompt_token_ids) + list(request.generated_token_ids)
+        if not prompt:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids: must not be empty")
+        vocab = self.engine.vocab_size
+        if vocab and (max(prompt) >= vocab or min(prompt) < 0):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt_token_ids: must be in [0, {vocab})")
+        if request.max_tokens <= 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens: must be > 0")
         kv_load = None
         transfer_id = request.kv.transfer_id if request.HasField("kv") else ""
+        if check_id("kv.transfer_id", transfer_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, check_id("kv.transfer_id", transfer_id))
         if transfer_id:
             kv_load = await self._fetch_kv(request.kv, context)
         ereq = EngineRequest(
@@ -171,6 +209,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 )
         except EngineError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # noqa: BLE001
+            await context.abort(*self._engine_failure(exc))
         finally:
             if transfer_id and not completed:
                 await self._complete_transfer(transfer_id, ok=False, error="decode ended before loading")
@@ -295,6 +335,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         found = False
         for suffix in (":prefill", ":decode"):
             found |= await self.engine.abort(request.request_id + suffix)
+        if check_id("kv.transfer_id", request.kv.transfer_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, check_id("kv.transfer_id", request.kv.transfer_id))
         if request.HasField("kv") and request.kv.transfer_id:
             if request.kv.source_worker and request.kv.source_worker != self.worker_id:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -369,10 +411,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 async def _heartbeat_loop(service: WorkerService, stop: asyncio.Event) -> None:
     r = registry.connect(service.config.redis_url)
     ttl = max(3.0, 3 * service.config.heartbeat_s)
+    broken_logged = False
     try:
         while not stop.is_set():
             try:
-                await registry.heartbeat(r, service.record(), ttl)
+                if service.engine.broken:  # no more work for it: it leaves the registry and says why
+                    if not broken_logged:
+                        log.error("engine broken (%s): deregistering and reporting NOT_SERVING", service.engine.broken)
+                        broken_logged = True
+                        await service.not_serving()
+                    await registry.deregister(r, service.worker_id)
+                else:
+                    await registry.heartbeat(r, service.record(), ttl)
             except Exception as exc:  # noqa: BLE001 - Redis down: keep serving, keep trying
                 log.warning("heartbeat failed: %s", exc)
             try:
@@ -392,6 +442,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event, ready: asyncio.Event 
     await engine.start()
     service = WorkerService(config, engine, "")
     server = Server(config.bind, [(worker_pb2_grpc.add_WorkerServicer_to_server, service, "duopool.v1.Worker")])
+    service.server = server
     service.address = config.advertise or f"{config.host}:{server.port}"
     if config.advertise == "" and config.host in ("0.0.0.0", "::"):
         service.address = f"{socket.gethostname()}:{server.port}"

@@ -88,8 +88,8 @@ def test_disaggregated_output_equals_single_vllm_and_reuses_transferred_kv(clust
 
 def test_corrupted_kv_changes_the_output(cluster, reference):
     """Control: the same split by hand, with the segment's bytes scrambled between prefill and decode."""
-    with grpc.insecure_channel(cluster.address("prefill-0")) as pch, \
-            grpc.insecure_channel(cluster.address("decode-0")) as dch:
+    with cluster.internal_channel("prefill-0") as pch, \
+            cluster.internal_channel("decode-0") as dch:
         pre = worker_pb2_grpc.WorkerStub(pch).Prefill(worker_pb2.PrefillRequest(
             request_id="corrupt-1", token_ids=common_pb2.TokenIds(ids=CONTROL_PROMPT), max_tokens=MAX_TOKENS,
             export_kv=True, decode_worker="decode-0"), timeout=120)
@@ -115,8 +115,8 @@ def test_preempted_offline_requests_resume_with_identical_greedy_output(cluster,
     from duopool.v1 import scheduler_pb2, scheduler_pb2_grpc
 
     with grpc.insecure_channel(cluster.router_address) as ch, \
-            grpc.insecure_channel(cluster.address("scheduler")) as sch, \
-            grpc.insecure_channel(cluster.address("decode-0")) as dch:
+            cluster.internal_channel("scheduler") as sch, \
+            cluster.internal_channel("decode-0") as dch:
         router, sched = router_pb2_grpc.RouterStub(ch), scheduler_pb2_grpc.SchedulerStub(sch)
         decode = worker_pb2_grpc.WorkerStub(dch)
         router.SubmitBatch(router_pb2.SubmitBatchRequest(job_id="e2e-preempt", requests=[

@@ -61,7 +61,7 @@ def test_split_output_equals_unsplit_and_is_deterministic(router, cluster):
     chunks2, _ = generate(router, token_ids=common_pb2.TokenIds(ids=[5, 6, 7] * 20), max_tokens=6)
     assert s1.request_id == "det-1"
     # One engine producing the same 6 tokens without the split:
-    with grpc.insecure_channel(cluster.address("decode-0")) as ch:
+    with cluster.internal_channel("decode-0") as ch:
         stub = worker_pb2_grpc.WorkerStub(ch)
         pre = stub.Prefill(worker_pb2.PrefillRequest(request_id="x", text=LONG_PROMPT, max_tokens=6), timeout=10)
         dec = list(stub.Decode(worker_pb2.DecodeRequest(
@@ -103,7 +103,7 @@ def test_health_and_reflection_on_every_service(cluster):
     expected = {"router": "duopool.v1.Router", "scheduler": "duopool.v1.Scheduler",
                 "kvtransfer": "duopool.v1.KvTransfer", "prefill-0": "duopool.v1.Worker"}
     for name, service in expected.items():
-        with grpc.insecure_channel(cluster.address(name)) as ch:
+        with cluster.internal_channel(name) as ch:
             status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert status.status == health_pb2.HealthCheckResponse.SERVING
             refl = reflection_pb2_grpc.ServerReflectionStub(ch)

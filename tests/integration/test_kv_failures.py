@@ -81,11 +81,11 @@ def cluster(tmp_path_factory, redis_server):
 
 
 def worker(cluster, name):
-    return worker_pb2_grpc.WorkerStub(grpc.insecure_channel(cluster.address(name)))
+    return worker_pb2_grpc.WorkerStub(cluster.internal_channel(name))
 
 
 def kvt(cluster):
-    return kvtransfer_pb2_grpc.KvTransferStub(grpc.insecure_channel(cluster.address("kvtransfer")))
+    return kvtransfer_pb2_grpc.KvTransferStub(cluster.internal_channel("kvtransfer"))
 
 
 def prefill(cluster, rid: str, text: str, decode: str = "decode-0") -> worker_pb2.PrefillResponse:

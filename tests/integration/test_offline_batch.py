@@ -8,6 +8,7 @@ uninterrupted run, and each request must be answered exactly once.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -85,22 +86,23 @@ def test_invalid_batch_is_rejected_whole_and_nothing_enqueued(router, redis_serv
     import redis
 
     r = redis.Redis.from_url(redis_server.url.replace("/0", "/3"))
+    job_id = "bad-" + re.sub(r"[^A-Za-z0-9_-]", "_", field)
     before = r.zcard("duopool:jobs")
     reqs = items(2, 4) + [bad] + items(2, 4)[1:]
     with pytest.raises(grpc.RpcError) as err:
-        router.SubmitBatch(router_pb2.SubmitBatchRequest(requests=reqs, job_id=f"bad-{field}"), timeout=10)
+        router.SubmitBatch(router_pb2.SubmitBatchRequest(requests=reqs, job_id=job_id), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(field + ":"), err.value.details()
-    assert r.zcard("duopool:jobs") == before and not r.exists(f"duopool:job:bad-{field}")
+    assert r.zcard("duopool:jobs") == before and not r.exists(f"duopool:job:{job_id}")
     with pytest.raises(grpc.RpcError) as err:
-        router.GetBatch(router_pb2.GetBatchRequest(job_id=f"bad-{field}"), timeout=5)
+        router.GetBatch(router_pb2.GetBatchRequest(job_id=job_id), timeout=5)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_online_burst_preempts_offline_work_which_then_completes_identically(cluster, router):
     n, max_tokens = 8, 120
     router.SubmitBatch(router_pb2.SubmitBatchRequest(requests=items(n, max_tokens), job_id="job-burst"), timeout=10)
-    with grpc.insecure_channel(cluster.address("scheduler")) as ch:
+    with cluster.internal_channel("scheduler") as ch:
         sched = scheduler_pb2_grpc.SchedulerStub(ch)
         wait_for(lambda: sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5).offline_inflight >= 4,
                  timeout=20, what="offline work to be running")

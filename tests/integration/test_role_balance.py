@@ -31,7 +31,7 @@ def cluster(tmp_path_factory, redis_server):
 
 def test_prefill_pressure_moves_a_decode_worker_to_prefill(cluster, redis_server):
     with grpc.insecure_channel(cluster.router_address) as ch, \
-            grpc.insecure_channel(cluster.address("scheduler")) as sch:
+            cluster.internal_channel("scheduler") as sch:
         router, sched = router_pb2_grpc.RouterStub(ch), scheduler_pb2_grpc.SchedulerStub(sch)
 
         def roles() -> dict[str, str]:

@@ -17,7 +17,7 @@ def test_set_role_applies_persists_and_survives_worker_restart(tmp_path, redis_s
     with LocalCluster(Topology(engine="sim", prefill_workers=2, decode_workers=1), tmp_path, redis_url=url,
                       router_port=0) as c:
         c.log = lambda m: None
-        with grpc.insecure_channel(c.address("scheduler")) as sch, grpc.insecure_channel(c.router_address) as rch:
+        with c.internal_channel("scheduler") as sch, grpc.insecure_channel(c.router_address) as rch:
             sched, router = scheduler_pb2_grpc.SchedulerStub(sch), router_pb2_grpc.RouterStub(rch)
 
             def observed(wid):
@@ -53,7 +53,7 @@ def test_live_scheduler_places_with_core_policies(tmp_path, redis_server, policy
     url = redis_server.url.replace("/0", "/5")
     with LocalCluster(Topology(engine="sim", policy=policy), tmp_path, redis_url=url, router_port=0) as c:
         c.log = lambda m: None
-        with grpc.insecure_channel(c.address("scheduler")) as sch, grpc.insecure_channel(c.router_address) as rch:
+        with c.internal_channel("scheduler") as sch, grpc.insecure_channel(c.router_address) as rch:
             msgs = list(router_pb2_grpc.RouterStub(rch).Generate(router_pb2.GenerateRequest(
                 text="a b c d", max_tokens=3, request_class=common_pb2.ONLINE), timeout=10))
             assert msgs[-1].summary.output_tokens == 3

@@ -9,6 +9,7 @@ with exactly the uninterrupted tokens, each answered once.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -42,7 +43,7 @@ def cluster(tmp_path_factory, redis_server):
 def test_offline_work_stays_while_slos_hold_and_is_preempted_once_they_do_not(cluster):
     n, max_tokens = 4, 400
     with grpc.insecure_channel(cluster.router_address) as ch, \
-            grpc.insecure_channel(cluster.address("scheduler")) as sch:
+            cluster.internal_channel("scheduler") as sch:
         router, sched = router_pb2_grpc.RouterStub(ch), scheduler_pb2_grpc.SchedulerStub(sch)
 
         def stats():
@@ -78,7 +79,8 @@ def test_offline_work_stays_while_slos_hold_and_is_preempted_once_they_do_not(cl
         assert st.preemptions >= 1, "SLO pressure above the high mark preempted nothing"
         # The operator's view of the same state.
         out = subprocess.run([sys.executable, "-m", "duopool.cli.main", "stats", "--scheduler",
-                              cluster.address("scheduler"), "--json"], capture_output=True, text=True, timeout=60)
+                              cluster.address("scheduler"), "--json"], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "DUOPOOL_CLUSTER_TOKEN": cluster.cluster_token})
         assert out.returncode == 0, out.stderr
         shown = json.loads(out.stdout)
         assert shown["preempt_trigger"] == "slo" and int(shown["preemptions"]) >= st.preemptions

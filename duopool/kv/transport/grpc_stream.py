@@ -201,7 +201,12 @@ class GrpcStreamTransport(KvTransport):
         self.source_kv_dir = default_dir(source_kv_dir) if source_kv_dir is not None else self.kv_dir
         self.chunk_bytes = chunk_bytes
         self._own_channel = isinstance(target, str)
-        self._channel = grpc.insecure_channel(target, options=GRPC_OPTIONS) if isinstance(target, str) else target
+        if isinstance(target, str):
+            from duopool.common.clusterauth import sync_channel
+
+            self._channel = sync_channel(target, options=GRPC_OPTIONS)  # kvtransfer wants the cluster token
+        else:
+            self._channel = target
         self._stub = kvtransfer_pb2_grpc.KvTransferStub(self._channel) if self._channel is not None else None
 
     def send(self, transfer_id: str, *, timeout_s: float | None = None) -> TransferResult:

@@ -76,9 +76,24 @@ class EngineError(RuntimeError):
         self.field = field_name
 
 
+class EngineFailure(RuntimeError):
+    """A request failed inside the engine (not the client's fault) — maps to INTERNAL; it fails alone."""
+
+
 class Engine(abc.ABC):
     name: str = "engine"
     simulated: bool = False
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids must be below this (0: unknown, not checked)."""
+        return 0
+
+    @property
+    def broken(self) -> str | None:
+        """Why the engine can serve nothing more (its loop died), or None while it is healthy. A broken
+        engine's worker stops heartbeating and reports NOT_SERVING, so no work is sent to it."""
+        return None
 
     @abc.abstractmethod
     async def start(self) -> None: ...

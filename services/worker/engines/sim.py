@@ -26,7 +26,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from duopool.kv.segment import KvSegment, SegmentError, SegmentMeta, segment_path
-from duopool.worker.engines.base import Engine, EngineError, EngineLoad, EngineOutput, EngineRequest, KvExport
+from duopool.worker.engines.base import (
+    Engine,
+    EngineError,
+    EngineFailure,
+    EngineLoad,
+    EngineOutput,
+    EngineRequest,
+    KvExport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +115,7 @@ class SimEngine(Engine):
         self._used_blocks = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._broken: str | None = None
         self.steps = 0
 
     @classmethod
@@ -116,6 +125,22 @@ class SimEngine(Engine):
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="sim-engine")
+        self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._broken = f"engine loop died: {task.exception()!r}"
+            log.error("%s", self._broken)
+            for r in list(self._by_id.values()):
+                r.out.put_nowait(RuntimeError(self._broken))
+
+    @property
+    def broken(self) -> str | None:
+        return self._broken
+
+    @property
+    def vocab_size(self) -> int:
+        return SIM_VOCAB
 
     async def stop(self) -> None:
         if self._task:
@@ -161,6 +186,8 @@ class SimEngine(Engine):
         try:
             while True:
                 item = await r.out.get()
+                if isinstance(item, Exception):  # this request failed inside the engine (it alone)
+                    raise EngineFailure(str(item))
                 yield item
                 if item.finished:
                     return
@@ -190,9 +217,16 @@ class SimEngine(Engine):
             if not self._waiting and not self._running:
                 self._wake.clear()
                 await self._wake.wait()
-            admitted = self._schedule()
-            await self._execute(admitted)
-            self._update(admitted)
+            admitted: list[_Req] = []
+            try:
+                admitted = self._schedule()
+                await self._execute(admitted)
+                self._update(admitted)
+            except Exception as exc:  # noqa: BLE001 - a failed step fails its batch, never the loop
+                log.exception("engine step failed; failing the %d request(s) in it", len(admitted) + len(self._running))
+                for r in {id(r): r for r in [*admitted, *self._running]}.values():
+                    self._fail(r, exc)
+                self._running = []
 
     def _schedule(self) -> list[_Req]:
         for r in [r for r in self._running if r.aborted]:
@@ -232,6 +266,13 @@ class SimEngine(Engine):
         self._running = [r for r in batch if not r.done]
 
     def _emit_token(self, r: _Req) -> None:
+        try:
+            self._emit_token_or_raise(r)
+        except Exception as exc:  # noqa: BLE001 - e.g. its KV could not be saved: this request fails alone
+            log.warning("request %s failed in the engine: %r", r.req.request_id, exc)
+            self._fail(r, exc)
+
+    def _emit_token_or_raise(self, r: _Req) -> None:
         req = r.req
         tok = sim_token(r.last, len(req.prompt_token_ids) + r.generated, req.sampling.seed)
         r.last = tok
@@ -251,6 +292,11 @@ class SimEngine(Engine):
         if out.finished:
             r.done = True
             self._release(r)
+
+    def _fail(self, r: _Req, exc: Exception) -> None:
+        r.done = True
+        r.out.put_nowait(exc)
+        self._release(r)
 
     def _finish(self, r: _Req, reason: str) -> None:
         r.done = True

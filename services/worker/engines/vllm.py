@@ -94,6 +94,19 @@ class VllmEngine(Engine):
     def block_size(self) -> int:
         return self._block_size
 
+    @property
+    def vocab_size(self) -> int:
+        try:
+            return int(self._llm.model_config.get_vocab_size()) if self._llm is not None else 0
+        except Exception:  # noqa: BLE001 - unknown: not checked
+            return 0
+
+    @property
+    def broken(self) -> str | None:
+        if self._llm is not None and self._llm.errored:
+            return "vLLM engine core died"
+        return None
+
     def tokenize(self, text: str, chat: bool = False) -> list[int]:
         if chat:
             return self.tokenize_chat([{"role": "user", "content": text}])
