@@ -132,6 +132,7 @@ def render_compose(topo: Topology | None = None) -> str:
             "    environment:",
             '      OTEL_EXPORTER_OTLP_ENDPOINT: "http://otel-collector:4317"',
             f'      OTEL_SERVICE_NAME: "duopool-{spec.name}"',
+            '      DUOPOOL_CLUSTER_TOKEN: "${DUOPOOL_CLUSTER_TOKEN:-}"',  # internal calls carry it (host env)
         ]
         if spec.public:  # the API keys come from the host's environment (never the repo); empty: open + a warning
             lines.append('      DUOPOOL_API_KEYS: "${DUOPOOL_API_KEYS:-}"')

@@ -306,7 +306,39 @@ def render_settings_markdown() -> str:
             meaning = f.metadata["help"] + (f" (one of: {', '.join(c for c in choices if c)})" if choices else "")
             out.append(f"| `{_flag(f.name)}` | `{f.metadata['env']}` | `{f.default!r}` | {meaning} |")
         out.append("")
+    out += _limits_and_secrets()
     return "\n".join(out)
+
+
+def _limits_and_secrets() -> list[str]:
+    from duopool.common import ids
+    from duopool.router import server as router
+
+    return [
+        "## Limits on what a request may carry", "",
+        "Checked at the router (gRPC and HTTP alike); anything beyond is INVALID_ARGUMENT (HTTP 400) naming the "
+        "field.", "",
+        "| what | limit |", "|---|---|",
+        f"| `request_id` | at most {ids.MAX_ID} characters: {ids.ID_CHARS} |",
+        f"| `job_id` | at most {ids.MAX_ID} characters: letters, digits, '_' and '-' |",
+        f"| `custom_id` | at most {ids.MAX_CUSTOM_ID} characters |",
+        f"| prompt text / chat content | at most {router.MAX_PROMPT_CHARS:,} characters |",
+        f"| prompt token ids | at most {router.MAX_PROMPT_TOKENS:,}, each below the model's vocabulary size |",
+        f"| requests in one gRPC `SubmitBatch` | {router.MAX_BATCH:,} (and gRPC's 4 MiB message limit: larger "
+        "jobs go through `/v1/files` + `/v1/batches`) |",
+        "| HTTP JSON body | 32 MB; files: `--max-file-mb` |",
+        "| sampling, SLOs | finite numbers: temperature >= 0, top_p in [0, 1], SLOs >= 0 |", "",
+        "## Secrets", "",
+        "Never in the repository; from the environment or files outside it.", "",
+        "| what | where |", "|---|---|",
+        "| API keys of the public router | `DUOPOOL_API_KEYS` (comma-separated) or `--api-keys-file` |",
+        "| cluster token (every internal service accepts only calls carrying it) | `DUOPOOL_CLUSTER_TOKEN` or "
+        "`DUOPOOL_CLUSTER_TOKEN_FILE`; `duopool up` makes a random one per cluster |",
+        "| Redis password | in `REDIS_URL` (`redis://:PASSWORD@host:port/0`); `duopool up` starts its Redis with a "
+        "random one and the admin commands disabled, and passes the URL in the environment, not on command "
+        "lines |",
+        "| TLS of the public ports | `--tls-cert` / `--tls-key` (PEM files) |", "",
+    ]
 
 
 if __name__ == "__main__":
