@@ -4,7 +4,8 @@ This module owns these keys:
 
 ``duopool:job:{job_id}`` (HASH)
     ``job_id``, ``state`` (enqueuing | queued | running | done | cancelled), ``total``, ``done``, ``failed``,
-    ``output_tokens``, ``preemptions``, ``created_at``, ``finished_at``, ``last_result_at`` (unix s), and
+    ``output_tokens``, ``preemptions``, ``created_at``, ``finished_at``, ``last_result_at`` (unix s),
+    ``owner`` (the owner tag of the API key that made it; "" when the API is open), and
     for a job enqueued in chunks (``append``) ``enqueued``: how many of its ``total`` requests are in.
 ``duopool:job:{job_id}:items`` (HASH)  index -> JSON of the request (custom_id, prompt, max_tokens, ...).
 ``duopool:job:{job_id}:results`` (HASH)  index -> JSON of its result. Written with HSETNX: the first
@@ -44,9 +45,10 @@ _SUBMIT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local n = tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'job_id', ARGV[1], 'state', 'queued', 'total', n, 'done', 0, 'failed', 0,
-           'output_tokens', 0, 'preemptions', 0, 'created_at', ARGV[2], 'finished_at', 0, 'last_result_at', 0)
+           'output_tokens', 0, 'preemptions', 0, 'created_at', ARGV[2], 'finished_at', 0, 'last_result_at', 0,
+           'owner', ARGV[4])
 for i = 1, n do
-  redis.call('HSET', KEYS[2], i - 1, ARGV[3 + i])
+  redis.call('HSET', KEYS[2], i - 1, ARGV[4 + i])
   redis.call('XADD', KEYS[4], '*', 'job_id', ARGV[1], 'index', i - 1, 'prompt', '', 'generated', '[]',
              'text', '', 'preemptions', 0)
 end
@@ -67,7 +69,7 @@ if not st then
   if start ~= 0 then return 0 end
   redis.call('HSET', KEYS[1], 'job_id', ARGV[1], 'state', 'enqueuing', 'total', ARGV[3], 'enqueued', 0, 'done', 0,
              'failed', 0, 'output_tokens', 0, 'preemptions', 0, 'created_at', ARGV[2], 'finished_at', 0,
-             'last_result_at', 0)
+             'last_result_at', 0, 'owner', ARGV[6 + tonumber(ARGV[5])])
   redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
   st = 'enqueuing'
 end
@@ -162,24 +164,26 @@ class JobStore:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def submit(self, items: list[dict], job_id: str = "", now: float | None = None) -> tuple[str, bool]:
+    async def submit(self, items: list[dict], job_id: str = "", now: float | None = None,
+                     owner: str = "") -> tuple[str, bool]:
         """Enqueues a whole job atomically. Returns (job_id, created); an existing id is returned as is."""
         job_id = job_id or uuid.uuid4().hex
         now = time.time() if now is None else now
         created = await self._submit(
             keys=[JOB.format(job_id), ITEMS.format(job_id), JOBS, QUEUE],
-            args=[job_id, now, len(items), *[json.dumps(i, separators=(",", ":")) for i in items]],
+            args=[job_id, now, len(items), owner, *[json.dumps(i, separators=(",", ":")) for i in items]],
         )
         return job_id, bool(created)
 
-    async def append(self, job_id: str, start: int, total: int, items: list[dict], now: float | None = None) -> int:
+    async def append(self, job_id: str, start: int, total: int, items: list[dict], now: float | None = None,
+                     owner: str = "") -> int:
         """Enqueues ``items`` as requests ``start..`` of a job of ``total`` (made by the first chunk). Returns
         the job's new cursor; a cursor other than ``start + len(items)`` means the chunk was not taken
         (another builder is ahead: resume from the returned cursor); -2: the job was cancelled."""
         return int(await self._append(
             keys=[JOB.format(job_id), ITEMS.format(job_id), JOBS, QUEUE],
             args=[job_id, time.time() if now is None else now, total, start, len(items),
-                  *[json.dumps(i, separators=(",", ":")) for i in items]]))
+                  *[json.dumps(i, separators=(",", ":")) for i in items], owner]))
 
     async def results_of(self, job_id: str, indices: list[int]) -> list[dict | None]:
         """The results of these requests (None where none is recorded yet), in order."""

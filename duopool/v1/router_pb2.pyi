@@ -112,18 +112,22 @@ class BatchItem(_message.Message):
     def __init__(self, custom_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., messages: _Optional[_Union[_common_pb2.ChatMessages, _Mapping]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., chat: _Optional[bool] = ...) -> None: ...
 
 class SubmitBatchRequest(_message.Message):
-    __slots__ = ("requests", "job_id")
+    __slots__ = ("requests", "job_id", "owner")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[BatchItem]
     job_id: str
-    def __init__(self, requests: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., job_id: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, requests: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., job_id: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class GetBatchRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "owner")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class BatchStatus(_message.Message):
     __slots__ = ("job_id", "state", "total", "done", "failed", "output_tokens", "created_at", "finished_at", "tokens_per_s", "preemptions")

@@ -334,20 +334,20 @@ class BatchStore:
             chunk.append(job_item(cid, g))
             index += 1
             if len(chunk) >= APPEND_CHUNK or index == total:
-                if not await self._append(bid, cursor, total, chunk):
+                if not await self._append(bid, cursor, total, chunk, h["owner"]):
                     return False
                 cursor += len(chunk)
                 chunk = []
         return cursor >= total
 
-    async def _append(self, bid: str, cursor: int, total: int, chunk: list[dict]) -> bool:
+    async def _append(self, bid: str, cursor: int, total: int, chunk: list[dict], owner: str) -> bool:
         if not await self._lease(bid, first=False):
             log.info("batch %s: lease lost; another router continues", bid)
             return False
         status = await self.r.hget(BATCH.format(bid), "status")
         if status != "validating":
             return False  # cancelled (or expired) while being enqueued
-        got = await self.jobs.append(bid, cursor, total, chunk)
+        got = await self.jobs.append(bid, cursor, total, chunk, owner=owner)
         if got != cursor + len(chunk):
             log.info("batch %s: enqueue cursor at %d, not %d; resuming later", bid, got, cursor)
             return False

@@ -133,6 +133,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.channels = Channels()
         self.tracer = init_telemetry("router")
         self.inflight: set[str] = set()  # request ids being served (duplicates are refused)
+        self.keys = None  # ApiKeys, set by serve()
 
     @property
     def scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
@@ -157,11 +158,21 @@ class RouterService(router_pb2_grpc.RouterServicer):
         try:
             return await getattr(self.scheduler, method)(request, timeout=30)
         except grpc.aio.AioRpcError as exc:
-            code = exc.code() if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT) \
-                else grpc.StatusCode.UNAVAILABLE
+            code = exc.code() if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
+                                                grpc.StatusCode.ALREADY_EXISTS) else grpc.StatusCode.UNAVAILABLE
             await context.abort(code, exc.details() or exc.code().name)
 
+    def _owner(self, context) -> str:
+        """The caller's owner tag (from the API key the interceptor already checked): jobs are per key."""
+        from duopool.router.auth import OPEN_OWNER
+
+        if self.keys is None:
+            return OPEN_OWNER
+        md = dict(context.invocation_metadata() or ())
+        return self.keys.check_header(md.get("authorization"))
+
     async def SubmitBatch(self, request: router_pb2.SubmitBatchRequest, context):
+        request.owner = self._owner(context)
         workers = await self._scheduler_call("ListWorkers", common_pb2.ListWorkersRequest(), context)
         limit = min((w.max_model_len for w in workers.workers if w.max_model_len), default=0)
         problem = validate_batch(request, limit)
@@ -170,12 +181,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return await self._scheduler_call("SubmitBatch", request, context)
 
     async def GetBatch(self, request, context):
+        request.owner = self._owner(context)
         return await self._scheduler_call("GetBatch", request, context)
 
     async def CancelBatch(self, request, context):
+        request.owner = self._owner(context)
         return await self._scheduler_call("CancelBatch", request, context)
 
     async def GetBatchResults(self, request, context):
+        request.owner = self._owner(context)
         try:
             async for r in self.scheduler.GetBatchResults(request, timeout=120):
                 yield r
@@ -394,6 +408,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event, ready: asyncio.Event 
     init_telemetry("router")
     keys = ApiKeys.from_settings(os.environ.get("DUOPOOL_API_KEYS", ""), config.api_keys_file)
     service = RouterService(config)
+    service.keys = keys
     server = Server(config.bind, [(router_pb2_grpc.add_RouterServicer_to_server, service, "duopool.v1.Router")],
                     interceptors=(GrpcAuthInterceptor(keys),), tls=_tls(config), internal=False)
     http = None

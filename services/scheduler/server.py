@@ -261,22 +261,25 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if problem:  # ids become Redis keys: one that could alias another job's keys never gets in
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         items = [job_item(it.custom_id or str(i), it) for i, it in enumerate(request.requests)]
-        job_id, created = await self.jobs.submit(items, request.job_id)
+        job_id, created = await self.jobs.submit(items, request.job_id, owner=request.owner)
         if created:
             log.info("batch job %s accepted: %d requests", job_id, len(items))
-        return batch_status_pb(await self.jobs.status(job_id))
+        h = await self.jobs.status(job_id)
+        if h.get("owner", "") != request.owner:  # that id belongs to another key's job
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"job_id: {job_id!r} is taken")
+        return batch_status_pb(h)
 
-    async def _status_or_404(self, job_id: str, context) -> dict:
+    async def _status_or_404(self, job_id: str, context, owner: str = "") -> dict:
         h = await self.jobs.status(job_id) if job_id and not check_id("job_id", job_id, job=True) else None
-        if h is None or "state" not in h:
+        if h is None or "state" not in h or h.get("owner", "") != owner:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: no batch job {job_id!r}")
         return h
 
     async def GetBatch(self, request, context):
-        return batch_status_pb(await self._status_or_404(request.job_id, context))
+        return batch_status_pb(await self._status_or_404(request.job_id, context, request.owner))
 
     async def GetBatchResults(self, request, context):
-        await self._status_or_404(request.job_id, context)
+        await self._status_or_404(request.job_id, context, request.owner)
         for index, r in await self.jobs.results(request.job_id):
             yield router_pb2.BatchResult(
                 index=index, custom_id=r.get("custom_id", ""), text=r.get("text", ""),
@@ -285,7 +288,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 preemptions=r.get("preemptions", 0))
 
     async def CancelBatch(self, request, context):
-        await self._status_or_404(request.job_id, context)
+        await self._status_or_404(request.job_id, context, request.owner)
         await self.jobs.cancel(request.job_id)
         return batch_status_pb(await self.jobs.status(request.job_id))
 

@@ -301,3 +301,38 @@ def test_list_batches_paginates_newest_first(client, model):
         other.batches.retrieve(made[0])
     with pytest.raises(openai.NotFoundError):
         other.batches.cancel(made[0])
+
+
+def test_grpc_jobs_belong_to_their_key_too(cluster, client, model):
+    import grpc
+
+    from duopool.v1 import router_pb2, router_pb2_grpc
+
+    def md(key):
+        return (("authorization", f"Bearer {key}"),)
+
+    with grpc.insecure_channel(cluster.router_address) as ch:
+        router = router_pb2_grpc.RouterStub(ch)
+        items = [router_pb2.BatchItem(custom_id="k", text="owned job", max_tokens=2)]
+        st = router.SubmitBatch(router_pb2.SubmitBatchRequest(requests=items, job_id="owned-1"), metadata=md(KEY),
+                                timeout=10)
+        assert st.job_id == "owned-1"
+        for call in (router.GetBatch, router.CancelBatch):
+            with pytest.raises(grpc.RpcError) as err:
+                call(router_pb2.GetBatchRequest(job_id="owned-1"), metadata=md(OTHER), timeout=10)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as err:
+            list(router.GetBatchResults(router_pb2.GetBatchRequest(job_id="owned-1"), metadata=md(OTHER), timeout=10))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as err:  # nor can another key take over its id
+            router.SubmitBatch(router_pb2.SubmitBatchRequest(requests=items, job_id="owned-1"), metadata=md(OTHER),
+                               timeout=10)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert router.GetBatch(router_pb2.GetBatchRequest(job_id="owned-1"), metadata=md(KEY), timeout=10).total == 1
+        # an OpenAI batch is a job of the same queue, with the same owner
+        b = client.batches.create(input_file_id=upload(client, [chat_line("o", model, "mine")]).id,
+                                  endpoint="/v1/chat/completions", completion_window="24h")
+        b = wait_status(client, b.id, ("completed",))
+        assert router.GetBatch(router_pb2.GetBatchRequest(job_id=b.id), metadata=md(KEY), timeout=10).done == 1
+        with pytest.raises(grpc.RpcError):
+            router.GetBatch(router_pb2.GetBatchRequest(job_id=b.id), metadata=md(OTHER), timeout=10)
