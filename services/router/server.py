@@ -134,6 +134,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.tracer = init_telemetry("router")
         self.inflight: set[str] = set()  # request ids being served (duplicates are refused)
         self.keys = None  # ApiKeys, set by serve()
+        self.client_id = ""  # this router's liveness key id, once it keeps one (serve(), with Redis)
 
     @property
     def scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
@@ -304,7 +305,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         try:
             return await self.scheduler.Place(scheduler_pb2.PlaceRequest(
                 request_id=rid, request_class=request.request_class, prompt_tokens=prompt_tokens,
-                max_tokens=request.max_tokens, slo=request.slo, exclude_workers=exclude), timeout=5)
+                max_tokens=request.max_tokens, slo=request.slo, exclude_workers=exclude,
+                client_id=self.client_id), timeout=5)
         except grpc.aio.AioRpcError as exc:
             code = exc.code() if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT,
                                                 grpc.StatusCode.RESOURCE_EXHAUSTED) \
@@ -391,6 +393,32 @@ class RouterService(router_pb2_grpc.RouterServicer):
         ))
 
 
+LIVENESS_S = 2.0  # the router refreshes its liveness key this often; it lapses after 3 missed refreshes
+
+
+async def _liveness(redis_url: str, client_id: str, stop: asyncio.Event) -> None:
+    from duopool.common import registry
+
+    r = registry.connect(redis_url)
+    key = f"duopool:router:{client_id}"
+    try:
+        while not stop.is_set():
+            try:
+                await r.set(key, "1", px=int(LIVENESS_S * 3000))
+            except Exception as exc:  # noqa: BLE001 - Redis down: keep serving, keep trying
+                log.warning("router liveness not recorded: %s", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), LIVENESS_S)
+            except TimeoutError:
+                pass
+        try:
+            await r.delete(key)
+        except Exception:  # noqa: BLE001
+            pass
+    finally:
+        await r.aclose()
+
+
 def _left(deadline: float) -> float:
     return max(0.001, deadline - time.monotonic())
 
@@ -417,6 +445,10 @@ async def serve(config: RouterConfig, stop: asyncio.Event, ready: asyncio.Event 
 
         http = HttpServer(service, config, keys)
         await http.start()
+    alive = None
+    if config.redis_url:  # placements are leases held by this router's liveness
+        service.client_id = f"router-{uuid.uuid4().hex[:12]}"
+        alive = asyncio.create_task(_liveness(config.redis_url, service.client_id, stop))
     await server.start()
     scheme = "https" if config.tls_cert else "http"
     log.info("router serving gRPC on %s:%d%s (scheduler %s)", config.host, server.port,
@@ -431,6 +463,8 @@ async def serve(config: RouterConfig, stop: asyncio.Event, ready: asyncio.Event 
     if ready is not None:
         ready.set()
     await stop.wait()
+    if alive is not None:
+        await alive
     if http is not None:
         await http.stop()
     await server.stop()

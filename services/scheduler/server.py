@@ -52,6 +52,7 @@ from duopool.v1 import common_pb2, router_pb2, scheduler_pb2, scheduler_pb2_grpc
 log = logging.getLogger("duopool.scheduler")
 
 REFRESH_S = 0.25
+ROUTER_KEY = "duopool:router:{}"  # a router's liveness (set with a TTL by the router)
 STATE_PB = {"enqueuing": router_pb2.QUEUED, "queued": router_pb2.QUEUED, "running": router_pb2.RUNNING, "done": router_pb2.DONE,
             "cancelled": router_pb2.CANCELLED}
 
@@ -87,6 +88,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.online: Counter[str] = Counter()  # worker id -> online requests in flight
         self.offline: Counter[str] = Counter()
         self.placed: dict[str, tuple[bool, tuple[str, ...]]] = {}  # request id -> (offline, workers)
+        self.leases: dict[str, str] = {}  # request id -> the router (client id) whose liveness holds it
         self.preemption_ms: deque[float] = deque(maxlen=1000)
         self.preempted = 0
         self._preempting: set[str] = set()
@@ -139,6 +141,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             counter[wid] += 1
 
     def release(self, rid: str) -> None:
+        self.leases.pop(rid, None)
         placed = self.placed.pop(rid, None)
         if placed:
             offline, worker_ids = placed
@@ -220,6 +223,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         by_id = {w.worker_id: w for w in workers}
         chosen = (decision.prefill_worker_id, decision.decode_worker_id)
         self._record(request.request_id, not online, chosen)
+        if request.client_id:
+            self.leases[request.request_id] = request.client_id
         if online:
             self._preempt_for_online(chosen, by_id)
         return scheduler_pb2.Placement(
@@ -245,6 +250,24 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if request.tpot_ms > 0:
             self.pressure[decode] = update_pressure(self.pressure.get(decode), request.tpot_ms, tpot_slo)
         self._preempt_for_online(worker_ids, {w.worker_id: w for w in self._workers})
+
+    async def expire_leases(self) -> int:
+        """Releases the placements of routers whose liveness key has lapsed (a router killed mid-request
+        never sends Release). Returns how many went."""
+        clients = sorted(set(self.leases.values()))
+        if not clients:
+            return 0
+        async with self.redis.pipeline(transaction=False) as p:
+            for c in clients:
+                p.exists(ROUTER_KEY.format(c))
+            alive = dict(zip(clients, await p.execute(), strict=True))
+        dead = [rid for rid, c in self.leases.items() if not alive[c]]
+        for rid in dead:
+            self.release(rid)
+        if dead:
+            log.warning("released %d placement(s) of router(s) no longer alive: %s", len(dead),
+                        ", ".join(c for c in clients if not alive[c]))
+        return len(dead)
 
     async def ListWorkers(self, request, context):
         try:
@@ -387,6 +410,7 @@ async def serve(config: SchedulerConfig, stop: asyncio.Event, ready: asyncio.Eve
             await asyncio.wait_for(stop.wait(), min(1.0, balance_s) if balance_s > 0 else 1.0)
         except TimeoutError:
             try:
+                await service.expire_leases()
                 await service.reconcile_roles()
                 if balance_s > 0 and time.monotonic() >= next_balance:
                     next_balance = time.monotonic() + balance_s
