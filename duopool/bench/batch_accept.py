@@ -81,6 +81,17 @@ def run(base_url: str, api_key: str, n: int, target_mb: float, max_tokens: int, 
         output_lines = sum(1 for ln in client.files.content(c.output_file_id).text.splitlines() if ln)
     log(f"cancel answered {cancel_answer}; {c.status} after {cancel_s:.2f} s: {rc.completed} completed, "
         f"{rc.failed} failed; output file {output_lines} lines, error file {error_lines} lines")
+    # a batch made after the cancel must not wait behind the cancelled one's queued entries
+    line = json.dumps({"custom_id": "after", "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": model, "messages": [{"role": "user", "content": "next"}], "max_tokens": 2}})
+    t4 = time.perf_counter()
+    nf = client.files.create(file=("next.jsonl", line.encode()), purpose="batch")
+    nb = client.batches.create(input_file_id=nf.id, endpoint="/v1/chat/completions", completion_window="24h")
+    while nb.status not in ("completed", "failed", "cancelled", "expired"):
+        time.sleep(0.05)
+        nb = client.batches.retrieve(nb.id)
+    next_s = time.perf_counter() - t4
+    log(f"a one-request batch made after the cancel: {nb.status} {next_s:.2f} s after it was made")
     return {
         "requests": n, "file_mb": round(len(data) / 1e6, 2), "upload_s": round(upload_s, 3),
         "create_ms": round(create_s * 1e3, 1), "create_status": first_status, "accept_s": round(accept_s, 3), "progress_window_s": progress_s,
@@ -88,6 +99,7 @@ def run(base_url: str, api_key: str, n: int, target_mb: float, max_tokens: int, 
         "cancel_s": round(cancel_s, 3), "completed": rc.completed, "failed": rc.failed, "total": rc.total,
         "output_lines": output_lines, "error_lines": error_lines,
         "every_request_accounted": output_lines + error_lines == rc.total == n,
+        "next_batch_status": nb.status, "next_batch_done_s": round(next_s, 3),
     }
 
 

@@ -7,6 +7,8 @@ import os
 
 import grpc
 
+from duopool.common.clusterauth import MetadataInterceptor
+
 
 def api_key() -> str:
     key = os.environ.get("DUOPOOL_API_KEY", "").strip()
@@ -15,29 +17,7 @@ def api_key() -> str:
     return next((k.strip() for k in os.environ.get("DUOPOOL_API_KEYS", "").split(",") if k.strip()), "")
 
 
-class _WithKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    def __init__(self, key: str) -> None:
-        self.md = ("authorization", f"Bearer {key}")
-
-    def _details(self, d):
-        md = [*(d.metadata or ()), self.md]
-        return d._replace(metadata=md) if hasattr(d, "_replace") else _Details(d, md)
-
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_unary_stream(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
-
-
-class _Details(grpc.ClientCallDetails):
-    def __init__(self, d, metadata) -> None:
-        self.method, self.timeout, self.credentials = d.method, d.timeout, d.credentials
-        self.wait_for_ready, self.compression = getattr(d, "wait_for_ready", None), getattr(d, "compression", None)
-        self.metadata = metadata
-
-
 def router_channel(address: str) -> grpc.Channel:
     ch = grpc.insecure_channel(address)
     key = api_key()
-    return grpc.intercept_channel(ch, _WithKey(key)) if key else ch
+    return grpc.intercept_channel(ch, MetadataInterceptor("authorization", f"Bearer {key}")) if key else ch

@@ -76,13 +76,14 @@ def aio_channel(address: str, options=None, token: str | None = None) -> grpc.ai
     return grpc.aio.insecure_channel(address, options=options, interceptors=aio_interceptors(token) or None)
 
 
-class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    def __init__(self, token: str) -> None:
-        self.token = token
+class MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds one metadata pair to every call of a blocking channel (the cluster token; the CLI's API key)."""
+
+    def __init__(self, key: str, value: str) -> None:
+        self.pair = (key, value)
 
     def _details(self, d):
-        md = list(d.metadata or ())
-        md.append((TOKEN_HEADER, self.token))
+        md = [*(kv for kv in (d.metadata or ()) if kv[0] != self.pair[0]), self.pair]
         return _SyncDetails(d.method, d.timeout, md, d.credentials, getattr(d, "wait_for_ready", None),
                             getattr(d, "compression", None))
 
@@ -103,12 +104,7 @@ def sync_channel(address: str, options=None, token: str | None = None) -> grpc.C
     """An internal blocking channel that carries the cluster token (CLI, tests, the KV pull stream)."""
     ch = grpc.insecure_channel(address, options=options)
     token = cluster_token() if token is None else token
-    return grpc.intercept_channel(ch, _SyncToken(token)) if token else ch
-
-
-def wrap_sync(ch: grpc.Channel, token: str | None = None) -> grpc.Channel:
-    token = cluster_token() if token is None else token
-    return grpc.intercept_channel(ch, _SyncToken(token)) if token else ch
+    return grpc.intercept_channel(ch, MetadataInterceptor(TOKEN_HEADER, token)) if token else ch
 
 
 class ClusterAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -128,10 +124,11 @@ class ClusterAuthInterceptor(grpc.aio.ServerInterceptor):
         if hmac.compare_digest(given.encode(), self.token):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
-        return _refusal(handler, "missing or wrong cluster token: internal services accept only the cluster")
+        return refusal(handler, "missing or wrong cluster token: internal services accept only the cluster")
 
 
-def _refusal(handler, message: str):
+def refusal(handler, message: str):
+    """``handler`` with its behaviour replaced by an UNAUTHENTICATED abort (same call kind)."""
     async def unary(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 

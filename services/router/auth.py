@@ -19,6 +19,8 @@ import pathlib
 
 import grpc
 
+from duopool.common.clusterauth import refusal
+
 log = logging.getLogger("duopool.router.auth")
 
 # Calls anyone may make: liveness probes and the schema (what the public API looks like is public).
@@ -100,22 +102,5 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             self.keys.check_header(md.get("authorization"))
         except AuthError as exc:
-            return _deny(str(exc), method in STREAMING_METHODS)
+            return refusal(await continuation(handler_call_details), str(exc))
         return await continuation(handler_call_details)
-
-
-STREAMING_METHODS = {"/duopool.v1.Router/Generate", "/duopool.v1.Router/GetBatchResults"}
-
-
-def _deny(message: str, streaming: bool) -> grpc.RpcMethodHandler:
-    async def abort_unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    async def abort_stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # pragma: no cover - makes this an async generator
-
-    # The handler's kind must match the method's (server streaming or unary).
-    if streaming:
-        return grpc.unary_stream_rpc_method_handler(abort_stream)
-    return grpc.unary_unary_rpc_method_handler(abort_unary)

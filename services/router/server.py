@@ -382,6 +382,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     if d.finished:
                         finish_reason = d.finish_reason
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:  # a restarted worker gets a fresh channel at once
+                    await self.channels.drop(placement.decode.address)
                 code = exc.code() if exc.code() != grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE
                 raise RequestFailed(code, f"decode worker {decode_worker}: {exc.details()}") from None
         yield router_pb2.GenerateResponse(summary=router_pb2.GenerateSummary(
