@@ -367,25 +367,43 @@ class RouterService(router_pb2_grpc.RouterServicer):
             )
             if pre.HasField("kv"):
                 dreq.kv.CopyFrom(pre.kv)
-            try:
-                async for d in self.worker(placement.decode.address).Decode(dreq, timeout=_left(deadline)):
-                    if d.cached_tokens:
-                        cached = d.cached_tokens
-                    if d.token_ids:
-                        generated.extend(d.token_ids)
-                        seen["output_tokens"] = len(generated)
-                        now = (time.perf_counter() - arrived) * 1e3
-                        token_times.extend([now] * len(d.token_ids))
-                        output_tokens += len(d.token_ids)
-                        yield router_pb2.GenerateResponse(chunk=router_pb2.TokenChunk(text=d.text,
-                                                                                      token_ids=d.token_ids))
-                    if d.finished:
-                        finish_reason = d.finish_reason
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE:  # a restarted worker gets a fresh channel at once
-                    await self.channels.drop(placement.decode.address)
-                code = exc.code() if exc.code() != grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE
-                raise RequestFailed(code, f"decode worker {decode_worker}: {exc.details()}") from None
+            decode_addr, moves = placement.decode.address, 0
+            while True:
+                try:
+                    async for d in self.worker(decode_addr).Decode(dreq, timeout=_left(deadline)):
+                        if d.cached_tokens:
+                            cached = d.cached_tokens
+                        if d.token_ids:
+                            generated.extend(d.token_ids)
+                            seen["output_tokens"] = len(generated)
+                            now = (time.perf_counter() - arrived) * 1e3
+                            token_times.extend([now] * len(d.token_ids))
+                            output_tokens += len(d.token_ids)
+                            yield router_pb2.GenerateResponse(chunk=router_pb2.TokenChunk(text=d.text,
+                                                                                          token_ids=d.token_ids))
+                        if d.finished:
+                            finish_reason = d.finish_reason
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:  # a restarted worker gets a fresh channel at once
+                        await self.channels.drop(decode_addr)
+                    left = max_tokens - len(generated)
+                    if (exc.code() == grpc.StatusCode.UNAVAILABLE and moves < self.config.place_retries and left > 0
+                            and not finish_reason and deadline - time.monotonic() > 0.5):
+                        # The decode worker is gone mid-stream: the rest continues on another one, from the
+                        # tokens already streamed (its KV recomputed there), so the client sees one stream.
+                        moved = await self._place(rid, request, [decode_worker])
+                        if moved.decode.worker_id != decode_worker:
+                            log.warning("request %s: decode worker %s lost after %d token(s); continuing on %s",
+                                        rid, decode_worker, len(generated), moved.decode.worker_id)
+                            moves += 1
+                            decode_worker, decode_addr = moved.decode.worker_id, moved.decode.address
+                            dreq = worker_pb2.DecodeRequest(
+                                request_id=rid, prompt_token_ids=pre.prompt_token_ids, generated_token_ids=generated,
+                                max_tokens=left, sampling=request.sampling, request_class=request.request_class)
+                            continue
+                    code = exc.code() if exc.code() != grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE
+                    raise RequestFailed(code, f"decode worker {decode_worker}: {exc.details()}") from None
         yield router_pb2.GenerateResponse(summary=router_pb2.GenerateSummary(
             request_id=rid, prompt_tokens=len(pre.prompt_token_ids), output_tokens=output_tokens,
             ttft_ms=token_times[0], token_times_ms=token_times, prefill_worker=placement.prefill.worker_id,
