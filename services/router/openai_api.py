@@ -287,6 +287,34 @@ async def _drive(ctx: HttpContext, g: router_pb2.GenerateRequest, run: _Run) -> 
                        None, "resource_unavailable")
 
 
+async def _collect(ctx: HttpContext, g: router_pb2.GenerateRequest, request: Request) -> _Run:
+    """A whole (non-streamed) generation, abandoned as soon as the client goes away: the generation is
+    cancelled, which cancels the worker calls, which abort the engine requests (a client timeout must not
+    leave the cluster generating thousands of tokens for nobody). Raises ApiError."""
+    run = _Run()
+
+    async def consume() -> None:
+        async for _piece in _drive(ctx, g, run):
+            pass
+
+    async def disconnected() -> None:  # the body is read: the next ASGI message is the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.create_task(consume()), asyncio.create_task(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (work, watch):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(work, watch, return_exceptions=True)
+    if not work.done() or work.cancelled():
+        raise ApiError(499, "client closed the request", None, "client_closed_request")
+    work.result()  # its ApiError, if any
+    return run
+
+
 def _sse(obj: dict | str) -> bytes:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
@@ -389,9 +417,7 @@ def create_app(ctx: HttpContext) -> FastAPI:
         if body.stream:
             return _stream(ctx, g, True, body.model, bool(body.stream_options and body.stream_options.include_usage),
                            tier)
-        run = _Run()
-        async for _piece in _drive(ctx, g, run):
-            pass
+        run = await _collect(ctx, g, request)
         return JSONResponse(chat_completion_body("chatcmpl-" + g.request_id, int(time.time()), body.model,
                                                  "".join(run.text), run.reason, run.prompt_tokens,
                                                  run.completion_tokens, tier),
@@ -405,9 +431,7 @@ def create_app(ctx: HttpContext) -> FastAPI:
         if body.stream:
             return _stream(ctx, g, False, body.model,
                            bool(body.stream_options and body.stream_options.include_usage), "default")
-        run = _Run()
-        async for _piece in _drive(ctx, g, run):
-            pass
+        run = await _collect(ctx, g, request)
         return JSONResponse(completion_body("cmpl-" + g.request_id, int(time.time()), body.model, "".join(run.text),
                                             run.reason, run.prompt_tokens, run.completion_tokens),
                             headers={"x-request-id": g.request_id})

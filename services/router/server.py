@@ -135,6 +135,25 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.inflight: set[str] = set()  # request ids being served (duplicates are refused)
         self.keys = None  # ApiKeys, set by serve()
         self.client_id = ""  # this router's liveness key id, once it keeps one (serve(), with Redis)
+        self._cleanups: set[asyncio.Task] = set()
+
+    async def _cleanup(self, coro, what: str) -> None:
+        """Runs a clean-up call (release a placement, free KV) to its end even when the request that needs it
+        was cancelled: in a task of its own, awaited shielded — an HTTP client that goes away cancels its
+        request's scope at every later await (anyio), so an awaited call would never be sent."""
+        async def run():
+            try:
+                await coro
+            except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+                log.debug("%s failed: %s", what, exc)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            pass
 
     @property
     def scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
@@ -232,10 +251,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 yield msg
         finally:
             self.inflight.discard(rid)
-            try:
-                await self.scheduler.Release(release, timeout=2)
-            except (grpc.aio.AioRpcError, asyncio.CancelledError):
-                pass
+            await self._cleanup(self.scheduler.Release(release, timeout=2), f"release of {rid}")
 
     async def _resuming(self, rid: str, request: router_pb2.GenerateRequest, arrived: float, deadline: float):
         """``_generate``, and for OFFLINE work preempted by online work (in prefill or decode) the rest of it
@@ -368,9 +384,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if pre.HasField("kv"):
                 dreq.kv.CopyFrom(pre.kv)
             decode_addr, moves = placement.decode.address, 0
+            kv_unclaimed = pre.HasField("kv")  # until the decode worker answers, the KV is the router's to free
             while True:
                 try:
                     async for d in self.worker(decode_addr).Decode(dreq, timeout=_left(deadline)):
+                        kv_unclaimed = False
                         if d.cached_tokens:
                             cached = d.cached_tokens
                         if d.token_ids:
@@ -404,6 +422,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
                             continue
                     code = exc.code() if exc.code() != grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE
                     raise RequestFailed(code, f"decode worker {decode_worker}: {exc.details()}") from None
+                except BaseException:  # cancelled (client gone) before the decode worker took the KV
+                    if kv_unclaimed:
+                        kv_unclaimed = False
+                        await self._cleanup(self.worker(placement.prefill.address).Abort(
+                            worker_pb2.AbortRequest(request_id=rid, kv=pre.kv), timeout=5), f"KV of {rid}")
+                    raise
         yield router_pb2.GenerateResponse(summary=router_pb2.GenerateSummary(
             request_id=rid, prompt_tokens=len(pre.prompt_token_ids), output_tokens=output_tokens,
             ttft_ms=token_times[0], token_times_ms=token_times, prefill_worker=placement.prefill.worker_id,

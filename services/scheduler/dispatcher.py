@@ -6,6 +6,10 @@ update: read queue entries (its own pending ones first after a restart), place e
 offline capacity (``duopool.core.colocation``), run prefill → KV → decode on the workers, and record the
 result — or, if the request was preempted or its worker died, re-queue it with the tokens it already
 produced so it resumes where it stopped (greedy decoding then yields exactly the uninterrupted output).
+
+Each job has its own queue (``duopool.common.jobs``); the dispatcher shares the offline capacity between the
+owners (API keys) of the active jobs in turn, one request each, and runs one owner's jobs oldest first
+(``FairQueue``). A cancelled job's queue is deleted by the cancel itself, so nothing waits behind it.
 """
 
 from __future__ import annotations
@@ -14,19 +18,113 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import deque
 
 import grpc
 from redis.exceptions import RedisError
 
-from duopool.common.jobs import JOB, JobStore, QueueEntry
+from duopool.common.jobs import JobStore, QueueEntry
 from duopool.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("duopool.dispatcher")
 
 REQUEUE_BACKOFF_S = 0.2
-JOB_STATE_TTL_S = 1.0  # how stale a job's state may be when deciding to drop its entries (cancel latency)
-DRAIN_READ = 1000  # entries read at once while a cancelled job's entries are being dropped
+ACTIVE_REFRESH_S = 0.5  # how often the list of active jobs (and their owners, states) is re-read while busy
+IDLE_REFRESH_S = 0.1  # ... and while nothing is buffered (how soon a new job's first request starts)
+MAX_READ = 64  # entries read per job at once
 STORE_RETRY_S = 120.0  # how long a finished request's queue update is retried while Redis is unreachable
+
+
+class FairQueue:
+    """Offline entries read but not yet placed, one FIFO per job. ``peek`` serves the owners (API keys) of the
+    active jobs in turn, one request each, and within one owner its oldest job first: a key with a 50,000-request
+    job does not hold back another key's ten requests, and one key's jobs run in the order it made them. Pure
+    (no I/O): the dispatcher feeds it."""
+
+    def __init__(self) -> None:
+        self.order: list[tuple[str, str]] = []  # (job_id, owner) of the active jobs, oldest first
+        self.owner_of: dict[str, str] = {}
+        self.owners: list[str] = []  # owners in the order of their oldest active job
+        self.buf: dict[str, deque[QueueEntry]] = {}
+        self.ids: set[str] = set()  # entry ids buffered
+        self.last_owner: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def set_jobs(self, jobs: list[tuple[str, str]]) -> list[QueueEntry]:
+        """The active jobs now, oldest first. Returns the buffered entries of jobs no longer active."""
+        self.order = list(jobs)
+        self.owner_of = dict(jobs)
+        self.owners = list(dict.fromkeys(o for _, o in jobs))
+        gone = [e for j in [j for j in self.buf if j not in self.owner_of] for e in self.buf.pop(j)]
+        self.ids.difference_update(e.entry_id for e in gone)
+        return gone
+
+    def add(self, entries: list[QueueEntry]) -> int:
+        """Buffers entries (an entry already buffered is ignored). Returns how many were new."""
+        new = 0
+        for e in entries:
+            if e.entry_id in self.ids:
+                continue
+            if e.job_id not in self.owner_of:  # not (yet) listed active: served last, as its own owner
+                self.order.append((e.job_id, ""))
+                self.owner_of[e.job_id] = ""
+                if "" not in self.owners:
+                    self.owners.append("")
+            self.buf.setdefault(e.job_id, deque()).append(e)
+            self.ids.add(e.entry_id)
+            new += 1
+        return new
+
+    def buffered(self, job_id: str) -> int:
+        return len(self.buf.get(job_id, ()))
+
+    def peek(self) -> QueueEntry | None:
+        """The entry to place next, or None."""
+        first: dict[str, str] = {}  # owner -> its oldest job with a buffered entry
+        for j, o in self.order:
+            if o not in first and self.buf.get(j):
+                first[o] = j
+        if not first:
+            return None
+        start = self.owners.index(self.last_owner) + 1 if self.last_owner in self.owners else 0
+        for k in range(len(self.owners)):
+            o = self.owners[(start + k) % len(self.owners)]
+            if o in first:
+                return self.buf[first[o]][0]
+        return None
+
+    def take(self, entry: QueueEntry) -> None:
+        """Removes ``entry`` (the one ``peek`` gave) and passes the turn to the next owner."""
+        q = self.buf.get(entry.job_id)
+        if q and q[0].entry_id == entry.entry_id:
+            q.popleft()
+        elif q:
+            q.remove(entry)
+        if q is not None and not q:
+            del self.buf[entry.job_id]
+        self.ids.discard(entry.entry_id)
+        self.last_owner = self.owner_of.get(entry.job_id, "")
+
+    def drop_job(self, job_id: str) -> list[QueueEntry]:
+        gone = list(self.buf.pop(job_id, ()))
+        self.ids.difference_update(e.entry_id for e in gone)
+        return gone
+
+    def to_read(self, target: int, dry: set[str]) -> list[str]:
+        """Jobs to read up to ``target`` more entries from: per owner, its oldest jobs until the owner would hold
+        ``target`` buffered (a younger job is read once the older ones run dry)."""
+        held: dict[str, int] = {}
+        for j, _ in self.order:
+            held[self.owner_of[j]] = held.get(self.owner_of[j], 0) + self.buffered(j)
+        want = []
+        for j, o in self.order:
+            if j in dry or held[o] >= target:
+                continue
+            want.append(j)
+            held[o] += target
+        return want
 
 
 class OfflineDispatcher:
@@ -35,27 +133,30 @@ class OfflineDispatcher:
         self.store = store
         self.consumer = consumer
         self.idle_claim_ms = idle_claim_ms
-        self.backlog: list[QueueEntry] = []  # read but not yet placed (still pending at this consumer)
+        self.fair = FairQueue()  # read but not yet placed (still pending at this consumer)
         self.running: dict[str, asyncio.Task] = {}  # entry id -> task
         self.completed = 0
         self.requeued = 0
         self.dropped = 0  # entries of cancelled jobs removed unrun
-        self._job_state: dict[str, tuple[float, str]] = {}  # job id -> (monotonic time read, state)
+        self.dry: set[str] = set()  # jobs whose queues had nothing new at the last read
+        self._refreshed = -1e9
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.store.ensure_group()
+        await self._refresh()
         # Entries this consumer held before a restart: run them again (results are exactly-once).
-        self.backlog = await self.store.read(self.consumer, count=100_000, block_ms=0, pending=True)
-        if self.backlog:
-            log.info("resuming %d offline request(s) pending from before a restart", len(self.backlog))
-        claim_tick = 0
+        pending = await self.store.read(self.consumer, [j for j, _ in self.fair.order], count=100_000, pending=True)
+        n = self.fair.add([e for es in pending.values() for e in es])
+        if n:
+            log.info("resuming %d offline request(s) pending from before a restart", n)
+        tick = 0
         while not stop.is_set():
             try:
-                await self._step(claim_tick % 100 == 0)
+                await self._step(tick % 100 == 0)
             except Exception:  # noqa: BLE001 - Redis blips must not kill the loop
                 log.exception("dispatcher step failed")
                 await asyncio.sleep(1.0)
-            claim_tick += 1
+            tick += 1
         for task in list(self.running.values()):
             task.cancel()
         await asyncio.gather(*self.running.values(), return_exceptions=True)
@@ -65,60 +166,44 @@ class OfflineDispatcher:
         if free <= 0:
             await asyncio.sleep(0.05)
             return
-        if not self.backlog:
-            if claim:
-                stale = await self.store.claim_stale(self.consumer, self.idle_claim_ms, count=free)
-                self.backlog = [e for e in stale if e.entry_id not in self.running]
-            if not self.backlog:
-                # After dropping a cancelled job's entries, read in bulk: a cancelled 50,000-request job
-                # must not hold later jobs back while its entries drain a few at a time.
-                count = max(free, DRAIN_READ) if self._draining else free
-                self.backlog = await self.store.read(self.consumer, count=count, block_ms=200)
-        if await self._drop_cancelled():
-            return
+        now = asyncio.get_running_loop().time()
+        if now - self._refreshed >= (ACTIVE_REFRESH_S if len(self.fair) else IDLE_REFRESH_S):
+            await self._refresh()
+        active = [j for j, _ in self.fair.order]
+        if claim and active:
+            stale = await self.store.claim_stale(self.consumer, active, self.idle_claim_ms, count=free)
+            self.fair.add([e for es in stale.values() for e in es if e.entry_id not in self.running])
+        owners = max(1, len(self.fair.owners))
+        target = min(MAX_READ, max(1, -(-free // owners)))
+        want = self.fair.to_read(target, self.dry)
+        if want:
+            got = await self.store.read(self.consumer, want, count=target)
+            self.dry.update(j for j in want if j not in got)
+            self.fair.add([e for es in got.values() for e in es if e.entry_id not in self.running])
         started = 0
-        while self.backlog and started < free:
-            entry = self.backlog[0]
+        while started < free and (entry := self.fair.peek()) is not None:
             placement = await self.service.place_offline(self._rid(entry))
             if placement is None:
                 break  # no worker has room right now
-            self.backlog.pop(0)
+            self.fair.take(entry)
             started += 1
             self.running[entry.entry_id] = asyncio.create_task(self._execute(entry, placement))
         if not started:
             await asyncio.sleep(0.05)
 
-    _draining = False
-
-    async def _job_states(self, job_ids: set[str]) -> dict[str, str]:
-        now = asyncio.get_running_loop().time()
-        stale = [j for j in job_ids if now - self._job_state.get(j, (-1e9, ""))[0] > JOB_STATE_TTL_S]
-        if stale:
-            async with self.store.r.pipeline(transaction=False) as p:
-                for j in stale:
-                    p.hget(JOB.format(j), "state")
-                states = await p.execute()
-            for j, st in zip(stale, states, strict=True):
-                self._job_state[j] = (now, st or "")
-            if len(self._job_state) > 10_000:
-                self._job_state.clear()
-        return {j: self._job_state.get(j, (0.0, ""))[1] for j in job_ids}
-
-    async def _drop_cancelled(self) -> bool:
-        """Removes backlog entries of cancelled (or vanished) jobs without running them. True if any went."""
-        if not self.backlog:
-            self._draining = False
-            return False
-        states = await self._job_states({e.job_id for e in self.backlog})
-        dead = [e for e in self.backlog if states.get(e.job_id) in ("cancelled", "")]
-        self._draining = bool(dead)
-        if not dead:
-            return False
-        await self.store.drop_many(dead)
-        self.dropped += len(dead)
-        gone = {e.entry_id for e in dead}
-        self.backlog = [e for e in self.backlog if e.entry_id not in gone]
-        return True
+    async def _refresh(self) -> None:
+        """Re-reads the active jobs; entries of jobs cancelled, finished or gone are dropped unrun (their queue
+        was deleted with the cancel, so nothing else is left to remove)."""
+        live = []
+        for j, owner, state in await self.store.active_jobs():
+            if state in ("enqueuing", "queued", "running"):
+                live.append((j, owner))
+            else:
+                await self.store.retire(j)
+        gone = self.fair.set_jobs(live)
+        self.dropped += len(gone)
+        self.dry.clear()
+        self._refreshed = asyncio.get_running_loop().time()
 
     @staticmethod
     def _rid(entry: QueueEntry) -> str:
@@ -132,6 +217,7 @@ class OfflineDispatcher:
             log.exception("offline request %s/%d failed unexpectedly; re-queued", entry.job_id, entry.index)
             await self._durably("requeue", entry, lambda: self.store.requeue(
                 entry, entry.prompt, entry.generated, entry.text, preempted=False))
+            self.dry.discard(entry.job_id)
         finally:
             self.service.release(rid)
             self.running.pop(entry.entry_id, None)
@@ -210,6 +296,7 @@ class OfflineDispatcher:
 
     async def _requeue(self, entry, prompt, generated, text, preempted: bool) -> None:
         self.requeued += 1
+        self.dry.discard(entry.job_id)
         await self._durably("requeue", entry, lambda: self.store.requeue(
             entry, prompt if generated else entry.prompt, generated, text, preempted))
 

@@ -52,6 +52,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.pull_dir = pathlib.Path(config.kv_dir) / f"pull-{self.worker_id}"  # KV pulled from other hosts
         self._pulled: dict[str, pathlib.Path] = {}  # transfer id -> local copy, unlinked once loaded
         self._kv_channel: grpc.aio.Channel | None = None
+        self._kv_down = False  # a call's reconnect wait failed; cleared by the next call that gets through
         self.channels = Channels()
         self.tracer = init_telemetry("worker")
         self.served = 0
@@ -245,15 +246,32 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def _kv_call(self, method: str, request, extra_s: float = 0.0):
         """One kvtransfer call, bounded by ``kv_rpc_timeout_s``. Fails fast when kvtransfer is down, but an
         UNAVAILABLE is retried once waiting up to ``KV_RECONNECT_WAIT_S`` for the connection: just after a
-        kvtransfer restart this channel may still be in its reconnect backoff."""
+        kvtransfer restart this channel may still be in its reconnect backoff. Once that wait has failed,
+        kvtransfer counts as down and later calls skip it (fail at once: prefills free their KV, decodes
+        recompute) until the channel is connected again — one request pays the wait, not every request."""
         call = getattr(self.kv, method)
         timeout = self.config.kv_rpc_timeout_s
         try:
-            return await call(request, timeout=timeout)
+            out = await call(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-        return await call(request, timeout=min(timeout, KV_RECONNECT_WAIT_S + extra_s), wait_for_ready=True)
+            if self._kv_down and self._kv_channel is not None and \
+                    self._kv_channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY:
+                raise
+            try:
+                out = await call(request, timeout=min(timeout, KV_RECONNECT_WAIT_S + extra_s), wait_for_ready=True)
+            except grpc.aio.AioRpcError as again:
+                if again.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    if not self._kv_down:
+                        log.warning("kvtransfer at %s is down (%s): KV calls fail fast until it is back",
+                                    self.config.kvtransfer, again.code().name)
+                    self._kv_down = True
+                raise
+        if self._kv_down:
+            log.info("kvtransfer at %s is reachable again", self.config.kvtransfer)
+            self._kv_down = False
+        return out
 
     def _is_remote(self, kv: common_pb2.KvHandle) -> bool:
         return bool(kv.source_host and kv.source_host != self.host) or not os.path.exists(kv.location)

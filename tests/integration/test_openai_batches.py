@@ -336,3 +336,23 @@ def test_grpc_jobs_belong_to_their_key_too(cluster, client, model):
         assert router.GetBatch(router_pb2.GetBatchRequest(job_id=b.id), metadata=md(KEY), timeout=10).done == 1
         with pytest.raises(grpc.RpcError):
             router.GetBatch(router_pb2.GetBatchRequest(job_id=b.id), metadata=md(OTHER), timeout=10)
+
+
+def test_keys_share_the_workers_fairly(client, model):
+    """A key with a long batch does not hold back another key's short one: the dispatcher serves the owners of
+    active jobs in turn (with one FIFO, the short batch would wait for every request of the long one to start)."""
+    big = [chat_line(f"big{i}", model, f"long backlog {i}", max_tokens=16) for i in range(300)]
+    a = client.batches.create(input_file_id=upload(client, big).id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    wait_status(client, a.id, ("in_progress",), timeout=60)
+    other = openai.OpenAI(base_url=client.base_url, api_key=OTHER, max_retries=0, timeout=60)
+    small = [chat_line(f"small{i}", model, f"short job {i}", max_tokens=16) for i in range(8)]
+    b = other.batches.create(input_file_id=upload(other, small).id, endpoint="/v1/chat/completions",
+                             completion_window="24h")
+    b = wait_status(other, b.id, ("completed",), timeout=120)
+    a_then = client.batches.retrieve(a.id).request_counts.completed
+    print(f"the other key's 8-request batch completed while the 300-request one had {a_then} done")
+    assert b.request_counts.completed == 8
+    assert a_then < 150, f"the short batch waited behind the long one ({a_then} of 300 done first)"
+    a = wait_status(client, a.id, ("completed",), timeout=300)
+    assert a.request_counts.completed == 300

@@ -1,0 +1,62 @@
+"""The dispatcher's ``FairQueue``: owners served in turn, one owner's jobs oldest first, reads bounded."""
+
+from __future__ import annotations
+
+from duopool.common.jobs import QueueEntry
+from duopool.scheduler.dispatcher import FairQueue
+
+
+def entries(job: str, n: int, start: int = 0) -> list[QueueEntry]:
+    return [QueueEntry(f"{job}-{i}", job, i) for i in range(start, start + n)]
+
+
+def drain(q: FairQueue, n: int) -> list[str]:
+    out = []
+    for _ in range(n):
+        e = q.peek()
+        if e is None:
+            break
+        q.take(e)
+        out.append(e.job_id)
+    return out
+
+
+def test_owners_take_turns_whatever_the_backlog():
+    q = FairQueue()
+    q.set_jobs([("big", "a"), ("small", "b")])
+    q.add(entries("big", 50))
+    q.add(entries("small", 3))
+    assert drain(q, 8) == ["big", "small", "big", "small", "big", "small", "big", "big"]
+
+
+def test_one_owner_runs_its_jobs_oldest_first_while_another_owner_keeps_its_turn():
+    q = FairQueue()
+    q.set_jobs([("a1", "a"), ("a2", "a"), ("b1", "b")])
+    q.add(entries("a2", 3) + entries("a1", 2) + entries("b1", 4))
+    assert drain(q, 9) == ["a1", "b1", "a1", "b1", "a2", "b1", "a2", "b1", "a2"]
+
+
+def test_jobs_no_longer_active_give_back_their_entries_and_duplicates_are_ignored():
+    q = FairQueue()
+    q.set_jobs([("x", "a"), ("y", "b")])
+    assert q.add(entries("x", 3) + entries("y", 2)) == 5
+    assert q.add(entries("x", 3)) == 0, "an entry already buffered (e.g. claimed again) is not added twice"
+    gone = q.set_jobs([("y", "b")])  # x cancelled
+    assert sorted(e.entry_id for e in gone) == ["x-0", "x-1", "x-2"] and len(q) == 2
+    assert drain(q, 5) == ["y", "y"]
+
+
+def test_reads_are_bounded_per_owner_and_skip_dry_queues():
+    q = FairQueue()
+    q.set_jobs([("a1", "a"), ("a2", "a"), ("b1", "b"), ("c1", "c")])
+    q.add(entries("b1", 4))
+    # a: its oldest job only; b already holds 4 >= target; c: its job
+    assert q.to_read(4, dry=set()) == ["a1", "c1"]
+    assert q.to_read(4, dry={"a1"}) == ["a2", "c1"], "a younger job is read once the older one is dry"
+
+
+def test_unlisted_job_is_served_not_lost():
+    q = FairQueue()
+    q.set_jobs([("x", "a")])
+    q.add(entries("x", 1) + entries("new", 1))
+    assert sorted(drain(q, 3)) == ["new", "x"]
