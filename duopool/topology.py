@@ -14,6 +14,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from duopool.common.redis_server import ADMIN_COMMANDS
+
 DEFAULT_PORTS = {"router": 50051, "router-http": 8000, "scheduler": 50052, "kvtransfer": 50053, "prefill-0": 50060, "decode-0": 50061}
 
 
@@ -109,12 +111,19 @@ def render_compose(topo: Topology | None = None) -> str:
         "# the same description `duopool up` runs locally. Do not edit by hand (a test compares them).",
         "# Only the router is published (on 127.0.0.1 unless DUOPOOL_PUBLISH_ADDR is set; set DUOPOOL_API_KEYS",
         "# before publishing it further); internal services are reachable on the compose network only.",
-        "# Workers and kvtransfer share KV segments through the `kv-shm` tmpfs volume.",
+        "# Workers and kvtransfer share KV segments through the `kv-shm` tmpfs volume. Secrets come from the",
+        "# host's environment: DUOPOOL_API_KEYS, DUOPOOL_CLUSTER_TOKEN, DUOPOOL_REDIS_PASSWORD (empty: none).",
         "version: \"3.8\"",
         "services:",
         "  redis:",
         '    image: "redis:7-alpine"',
-        '    command: ["redis-server", "--appendonly", "yes", "--appendfsync", "always"]',
+        # A password from the host's environment (empty: none) and no admin commands for clients.
+        "    command:",
+        _yaml_list(["redis-server", "--appendonly", "yes", "--appendfsync", "always",
+                    "--requirepass", "${DUOPOOL_REDIS_PASSWORD:-}",
+                    *[x for c in ADMIN_COMMANDS for x in ("--rename-command", c, "")]], 6),
+        "    environment:",
+        '      REDISCLI_AUTH: "${DUOPOOL_REDIS_PASSWORD:-}"',
         "    volumes:",
         '      - "redis-data:/data"',
         "    healthcheck:",
@@ -123,17 +132,21 @@ def render_compose(topo: Topology | None = None) -> str:
         "      retries: 15",
     ]
     for spec in compose_services(topo):
+        uses_redis = "redis-url" in spec.flags
+        flags = {k: v for k, v in spec.flags.items() if k != "redis-url"}  # by environment: it holds the password
         lines += [
             f"  {spec.name}:",
             "    build: .",
             '    image: "duopool:latest"',
             "    command:",
-            _yaml_list(spec.argv(), 6),
+            _yaml_list(ServiceSpec(spec.name, spec.service, flags).argv(), 6),
             "    environment:",
             '      OTEL_EXPORTER_OTLP_ENDPOINT: "http://otel-collector:4317"',
             f'      OTEL_SERVICE_NAME: "duopool-{spec.name}"',
             '      DUOPOOL_CLUSTER_TOKEN: "${DUOPOOL_CLUSTER_TOKEN:-}"',  # internal calls carry it (host env)
         ]
+        if uses_redis:
+            lines.append('      REDIS_URL: "redis://:${DUOPOOL_REDIS_PASSWORD:-}@redis:6379/0"')
         if spec.public:  # the API keys come from the host's environment (never the repo); empty: open + a warning
             lines.append('      DUOPOOL_API_KEYS: "${DUOPOOL_API_KEYS:-}"')
         if spec.service in ("worker", "kvtransfer"):  # one KV host: they share the kv-shm volume
@@ -142,7 +155,7 @@ def render_compose(topo: Topology | None = None) -> str:
             lines += ["    volumes:", '      - "kv-shm:/dev/shm/duopool-kv"', '      - "model-cache:/root/.cache/duopool"']
         if spec.service == "kvtransfer":
             lines += ["    volumes:", '      - "kv-shm:/dev/shm/duopool-kv"']
-        deps = ["redis", *spec.depends_on] if "redis-url" in spec.flags else list(spec.depends_on)
+        deps = ["redis", *spec.depends_on] if uses_redis else list(spec.depends_on)
         if deps:
             lines.append("    depends_on:")
             lines += [f"      - {d}" for d in dict.fromkeys(deps)]

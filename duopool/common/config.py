@@ -336,7 +336,8 @@ def _limits_and_secrets() -> list[str]:
         "`DUOPOOL_CLUSTER_TOKEN_FILE`; `duopool up` makes a random one per cluster |",
         "| Redis password | in `REDIS_URL` (`redis://:PASSWORD@host:port/0`); `duopool up` starts its Redis with a "
         "random one and the admin commands disabled, and passes the URL in the environment, not on command "
-        "lines |",
+        "lines; compose starts Redis with the host's `DUOPOOL_REDIS_PASSWORD` (admin commands disabled too) and "
+        "gives the services the URL with it |",
         "| TLS of the public ports | `--tls-cert` / `--tls-key` (PEM files) |", "",
     ]
 

@@ -53,6 +53,9 @@ def find_server_binary() -> str:
         "or pass --redis-url"
     )
 
+# Renamed away (made unusable) wherever duopool runs Redis with a password: no client can reconfigure it.
+ADMIN_COMMANDS = ("CONFIG", "DEBUG", "SHUTDOWN", "REPLICAOF", "SLAVEOF", "MODULE")
+
 
 class RedisServer:
     """A redis-server/valkey-server child process on 127.0.0.1."""
@@ -88,7 +91,7 @@ class RedisServer:
         secure: list[str] = []
         if self.password:
             secure = ["--requirepass", self.password]
-            for cmd in ("CONFIG", "DEBUG", "SHUTDOWN", "REPLICAOF", "SLAVEOF", "MODULE"):
+            for cmd in ADMIN_COMMANDS:
                 secure += ["--rename-command", cmd, ""]
         self._proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,

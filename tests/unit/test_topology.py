@@ -28,3 +28,17 @@ def test_every_compose_command_parses_with_the_cli():
         assert args.command == "serve" and callable(args.func)
     published = [n for n, s in doc["services"].items() if s.get("ports") and not n == "jaeger"]
     assert published == ["router"], "only the router may be public"
+
+
+def test_compose_redis_has_a_password_and_no_admin_commands():
+    yaml = pytest.importorskip("yaml")
+    doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    cmd = doc["services"]["redis"]["command"]
+    assert cmd[cmd.index("--requirepass") + 1] == "${DUOPOOL_REDIS_PASSWORD:-}"
+    renamed = {cmd[i + 1] for i, x in enumerate(cmd) if x == "--rename-command" and cmd[i + 2] == ""}
+    assert {"CONFIG", "DEBUG", "SHUTDOWN"} <= renamed
+    for name in {s.name for s in compose_services(Topology())}:
+        svc = doc["services"][name]
+        assert not any("redis://" in a for a in svc["command"]), f"{name}: the Redis URL must not be in argv"
+        if name != "kvtransfer":
+            assert svc["environment"]["REDIS_URL"] == "redis://:${DUOPOOL_REDIS_PASSWORD:-}@redis:6379/0", name
