@@ -64,6 +64,13 @@ class LocalCluster:
         ports["router-http"] = http or next(spare)
         return ports
 
+    def metrics_urls(self) -> dict[str, str]:
+        """Each service's Prometheus endpoint (the router's is on its HTTP port)."""
+        urls = {n: f"http://127.0.0.1:{p}/metrics" for n, p in getattr(self, "metrics_ports", {}).items()}
+        if self.specs:
+            urls["router"] = self.http_url.removesuffix("/v1") + "/metrics"
+        return urls
+
     @property
     def router_address(self) -> str:
         return f"127.0.0.1:{self.specs[-1].flags['port']}"
@@ -100,7 +107,8 @@ class LocalCluster:
         only: ``duopool stats`` / ``set-role`` / ``workers`` read it when given no address."""
         state = {"run_dir": str(self.run_dir), "router": self.router_address, "http_url": self.http_url,
                  "scheduler": self.address("scheduler"), "kvtransfer": self.address("kvtransfer"),
-                 "cluster_token": self.cluster_token, "pid": os.getpid()}
+                 "cluster_token": self.cluster_token, "pid": os.getpid(),
+                 "metrics": self.metrics_urls()}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -120,9 +128,12 @@ class LocalCluster:
                      f"({pathlib.Path(self.redis.binary).name})")
         ports = self._ports()
         names = [n for n in ports if n != "router-http"]
+        taken = set(ports.values())
+        spare = iter(p for p in free_ports(len(names) + len(taken)) if p not in taken)
+        self.metrics_ports = {n: next(spare) for n in names if n != "router"}
         self.specs = services(self.topology, bind={n: "127.0.0.1" for n in names}, port=ports,
                               addr={n: f"127.0.0.1:{p}" for n, p in ports.items()}, redis_url=self.redis_url,
-                              kv_dir=str(self.kv_dir))
+                              kv_dir=str(self.kv_dir), metrics=self.metrics_ports)
         for spec in self.specs:  # the URL may hold a password: in the environment, not on command lines
             spec.flags.pop("redis-url", None)
         self.extra_env["REDIS_URL"] = self.redis_url

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from duopool.common.redis_server import ADMIN_COMMANDS
 
+METRICS_PORT = 9400  # /metrics of each internal service in compose (the router: its HTTP port)
 DEFAULT_PORTS = {"router": 50051, "router-http": 8000, "scheduler": 50052, "kvtransfer": 50053, "prefill-0": 50060, "decode-0": 50061}
 
 
@@ -57,9 +58,10 @@ class Topology:
 
 
 def services(topo: Topology, bind: dict[str, str], port: dict[str, int], addr: dict[str, str],
-             redis_url: str, kv_dir: str) -> list[ServiceSpec]:
+             redis_url: str, kv_dir: str, metrics: dict[str, int] | None = None) -> list[ServiceSpec]:
     """The services of a cluster. ``bind[name]`` is the host to bind, ``port[name]`` the port,
-    ``addr[name]`` how the others reach it (host:port)."""
+    ``addr[name]`` how the others reach it (host:port), ``metrics[name]`` its Prometheus port (the router
+    serves /metrics on its HTTP port)."""
     specs = [
         ServiceSpec("scheduler", "scheduler", {
             "host": bind["scheduler"], "port": str(port["scheduler"]), "redis-url": redis_url,
@@ -80,6 +82,9 @@ def services(topo: Topology, bind: dict[str, str], port: dict[str, int], addr: d
         "host": bind["router"], "port": str(port["router"]), "http-port": str(port["router-http"]),
         "scheduler": addr["scheduler"], "redis-url": redis_url},
         depends_on=("scheduler",), public=True))
+    for spec in specs:
+        if metrics and spec.name in metrics:
+            spec.flags["metrics-port"] = str(metrics[spec.name])
     return specs
 
 
@@ -95,7 +100,8 @@ def compose_services(topo: Topology) -> list[ServiceSpec]:
     port = {n: DEFAULT_PORTS.get(n, 50060) for n in [*names, "router-http"]}
     return services(topo, bind={n: "0.0.0.0" for n in names}, port=port,
                     addr={n: f"{n}:{port[n]}" for n in names}, redis_url="redis://redis:6379/0",
-                    kv_dir="/dev/shm/duopool-kv")
+                    kv_dir="/dev/shm/duopool-kv",
+                    metrics={n: METRICS_PORT for n in names if n != "router"})  # one port: a container each
 
 
 def _yaml_list(items: list[str], indent: int) -> str:

@@ -35,10 +35,15 @@ def opt(default: Any, env: str, help: str, choices: tuple[str, ...] | None = Non
 class ServiceConfig:
     host: str = opt("127.0.0.1", "DUOPOOL_HOST", "address to bind (internal services: keep on a private network)")
     port: int = opt(0, "DUOPOOL_PORT", "port to bind (0: pick a free one)")
+    metrics_port: int = opt(-1, "DUOPOOL_METRICS_PORT",
+                            "port of this service's Prometheus /metrics on --host (0: a free one, -1: off; the "
+                            "router serves /metrics on its HTTP port too; `duopool up` and compose set one each)")
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError("port", f"{self.port} is not a TCP port")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ConfigError("metrics_port", f"{self.metrics_port} is not a TCP port (or -1 for off)")
         if not self.host:
             raise ConfigError("host", "must not be empty")
 

@@ -219,6 +219,10 @@ class JobStore:
             keys=[JOB.format(job_id), ITEMS.format(job_id), JOBS, QUEUE.format(job_id), ACTIVE],
             args=[job_id, now, len(items), owner, *[json.dumps(i, separators=(",", ":")) for i in items]],
         )
+        if created:
+            from duopool.common.metrics import JOBS as JOBS_MADE
+
+            JOBS_MADE.inc()
         return job_id, bool(created)
 
     async def append(self, job_id: str, start: int, total: int, items: list[dict], now: float | None = None,
@@ -226,10 +230,15 @@ class JobStore:
         """Enqueues ``items`` as requests ``start..`` of a job of ``total`` (made by the first chunk). Returns
         the job's new cursor; a cursor other than ``start + len(items)`` means the chunk was not taken
         (another builder is ahead: resume from the returned cursor); -2: the job was cancelled."""
-        return int(await self._append(
+        cursor = int(await self._append(
             keys=[JOB.format(job_id), ITEMS.format(job_id), JOBS, QUEUE.format(job_id), ACTIVE],
             args=[job_id, time.time() if now is None else now, total, start, len(items),
                   *[json.dumps(i, separators=(",", ":")) for i in items], owner]))
+        if start == 0 and cursor == len(items):  # this chunk made the job
+            from duopool.common.metrics import JOBS as JOBS_MADE
+
+            JOBS_MADE.inc()
+        return cursor
 
     async def results_of(self, job_id: str, indices: list[int]) -> list[dict | None]:
         """The results of these requests (None where none is recorded yet), in order."""

@@ -43,7 +43,9 @@ from dataclasses import dataclass
 
 import grpc
 
+from duopool.common import metrics
 from duopool.common.config import KvTransferConfig
+from duopool.common.metrics import start_metrics_server
 from duopool.common.rpc import Server
 from duopool.common.telemetry import init_telemetry
 from duopool.kv.pool import KvPool, PoolFull
@@ -122,8 +124,13 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
                S.PARKED: "parked"}.get(state)
         if key:
             self.counters[key] += 1
+        transport = "grpc" if t.readers else (t.kv.transport or "shm")  # read by a remote host: pulled over gRPC
+        if key and key != "parked":
+            metrics.KV_TRANSFERS.labels(transport, key).inc()
         if state == S.COMPLETED:
             self.counters["bytes_moved"] += t.kv.num_bytes
+            if not t.readers:  # pulled bytes are counted as they stream
+                metrics.KV_TRANSFER_BYTES.labels(transport).inc(t.kv.num_bytes)
         await self._notify()
 
     def _new_transfer(self, kv: common_pb2.KvHandle, destination_worker: str, destination_host: str,
@@ -230,6 +237,7 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
                                             f"kv: segment of transfer {t.kv.transfer_id} vanished mid-stream")
                     t.deadline = max(t.deadline, self.clock() + t.lease_s)  # progress renews the lease
                     self.counters["bytes_streamed"] += len(pending.data)
+                    metrics.KV_TRANSFER_BYTES.labels("grpc").inc(len(pending.data))
                     yield pending
                     pending = next(gen, None)
             finally:
@@ -372,6 +380,7 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
 
 async def serve(config: KvTransferConfig, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
     init_telemetry("kvtransfer")
+    start_metrics_server(config.host, config.metrics_port)
     os.makedirs(config.kv_dir, exist_ok=True)
     service = KvTransferService(config)
     server = Server(config.bind, [(kvtransfer_pb2_grpc.add_KvTransferServicer_to_server, service,
@@ -398,6 +407,11 @@ async def serve(config: KvTransferConfig, stop: asyncio.Event, ready: asyncio.Ev
         except TimeoutError:
             pass
         await service.sweep()
+        metrics.KV_ACTIVE.set(sum(1 for t in service.transfers.values() if t.state == S.READY))
+        if service.pool is not None:
+            st = service.pool.stats()
+            metrics.KV_PARKED_BYTES.set(st.used_bytes)
+            metrics.KV_PARKED.set(st.entries)
         if time.monotonic() >= next_orphans:
             service.remove_orphans(older_than_s=config.lease_s)
             next_orphans = time.monotonic() + orphan_every_s

@@ -392,6 +392,10 @@ def create_app(ctx: HttpContext) -> FastAPI:
         log.exception("HTTP %s %s failed", request.method, request.url.path)
         return ApiError(500, f"internal error: {type(exc).__name__}", None, "internal_error").response()
 
+    from duopool.common.metrics import asgi_app
+
+    app.mount("/metrics", asgi_app())  # Prometheus, unauthenticated like vLLM's (counts only, no content)
+
     @app.get("/health", include_in_schema=False)
     async def health():
         return {"status": "ok"}

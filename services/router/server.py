@@ -18,8 +18,10 @@ import uuid
 
 import grpc
 
+from duopool.common import metrics
 from duopool.common.config import RouterConfig
 from duopool.common.ids import MAX_CUSTOM_ID, check_id
+from duopool.common.metrics import start_metrics_server
 from duopool.common.rpc import Channels, Server
 from duopool.common.telemetry import current_trace_id, init_telemetry
 from duopool.v1 import (
@@ -229,18 +231,23 @@ class RouterService(router_pb2_grpc.RouterServicer):
         front ends both call this). A request with no class is online. Every worker call is bounded by the
         request's deadline: the client's (``timeout_s``) or ``request_timeout_s``, whichever is sooner."""
         arrived = time.perf_counter()
+        klass = "offline" if request.request_class == common_pb2.OFFLINE else "online"
         problem = validate(request)
         if problem:
+            metrics.REQUESTS.labels(klass, "invalid_argument").inc()
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, problem)
         if request.request_class == common_pb2.REQUEST_CLASS_UNSPECIFIED:
             request.request_class = common_pb2.ONLINE
         rid = request.request_id or uuid.uuid4().hex
         if rid in self.inflight:  # two requests with one id would share engine and KV state: refuse before work
+            metrics.REQUESTS.labels(klass, "already_exists").inc()
             raise RequestFailed(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already in flight")
         limit = self.config.request_timeout_s if timeout_s is None else min(timeout_s, self.config.request_timeout_s)
         deadline = time.monotonic() + limit
         self.inflight.add(rid)
+        metrics.ROUTER_INFLIGHT.labels(klass).inc()
         release = scheduler_pb2.ReleaseRequest(request_id=rid, slo=request.slo)
+        status = "cancelled"  # unless it ends otherwise: the client went away
         try:
             async for msg in self._resuming(rid, request, arrived, deadline):
                 if msg.HasField("summary"):  # what the request saw, for the SLO-aware preemption trigger
@@ -248,9 +255,19 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     release.ttft_ms = times[0]
                     if len(times) > 1:
                         release.tpot_ms = (times[-1] - times[0]) / (len(times) - 1)
+                    _observe(klass, msg.summary, (time.perf_counter() - arrived))
+                    status = "ok"
                 yield msg
+        except RequestFailed as exc:
+            status = exc.code.name.lower()
+            raise
+        except Exception:
+            status = "internal"
+            raise
         finally:
             self.inflight.discard(rid)
+            metrics.ROUTER_INFLIGHT.labels(klass).dec()
+            metrics.REQUESTS.labels(klass, status).inc()
             await self._cleanup(self.scheduler.Release(release, timeout=2), f"release of {rid}")
 
     async def _resuming(self, rid: str, request: router_pb2.GenerateRequest, arrived: float, deadline: float):
@@ -290,6 +307,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if left <= 0 or attempt == resumes or time.monotonic() >= deadline:
                 break
             log.info("offline request %s preempted after %d token(s); resuming (%d)", rid, len(ids), attempt + 1)
+            metrics.RESUMES.labels("preempted").inc()
             await asyncio.sleep(min(2.0, 0.1 * (attempt + 1)))  # the online burst that preempted it passes
             if seen:  # preempted in decode: what it produced becomes part of the prompt (else: run it again)
                 prompt_len = prompt_len or seen["prompt_len"]
@@ -415,6 +433,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                             log.warning("request %s: decode worker %s lost after %d token(s); continuing on %s",
                                         rid, decode_worker, len(generated), moved.decode.worker_id)
                             moves += 1
+                            metrics.RESUMES.labels("decode_lost").inc()
                             decode_worker, decode_addr = moved.decode.worker_id, moved.decode.address
                             dreq = worker_pb2.DecodeRequest(
                                 request_id=rid, prompt_token_ids=pre.prompt_token_ids, generated_token_ids=generated,
@@ -435,6 +454,23 @@ class RouterService(router_pb2_grpc.RouterServicer):
             kv_transferred_tokens=pre.kv.num_tokens if pre.HasField("kv") else 0, decode_cached_tokens=cached,
             kv_bytes=pre.kv.num_bytes if pre.HasField("kv") else 0, trace_id=current_trace_id(),
         ))
+
+
+def _observe(klass: str, summary: router_pb2.GenerateSummary, e2e_s: float) -> None:
+    """A finished request's latencies and tokens into the metrics."""
+    times = summary.token_times_ms
+    if times:
+        metrics.TTFT.labels(klass).observe(times[0] / 1e3)
+        if len(times) > 1:
+            metrics.TPOT.labels(klass).observe((times[-1] - times[0]) / (len(times) - 1) / 1e3)
+        chunk_times = sorted(set(times))  # the tokens of one chunk share its time
+        itl = metrics.ITL.labels(klass)
+        for a, b in zip(chunk_times, chunk_times[1:], strict=False):
+            itl.observe((b - a) / 1e3)
+    metrics.E2E.labels(klass).observe(e2e_s)
+    metrics.OUTPUT_TOKENS.labels(klass).inc(summary.output_tokens)
+    if klass == "offline":
+        metrics.OFFLINE_TOKENS.inc(summary.output_tokens)
 
 
 LIVENESS_S = 2.0  # the router refreshes its liveness key this often; it lapses after 3 missed refreshes
@@ -478,6 +514,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event, ready: asyncio.Event 
     from duopool.router.auth import ApiKeys, GrpcAuthInterceptor
 
     init_telemetry("router")
+    start_metrics_server(config.host, config.metrics_port)
     keys = ApiKeys.from_settings(os.environ.get("DUOPOOL_API_KEYS", ""), config.api_keys_file)
     service = RouterService(config)
     service.keys = keys

@@ -23,6 +23,7 @@ from collections import deque
 import grpc
 from redis.exceptions import RedisError
 
+from duopool.common import metrics
 from duopool.common.jobs import JobStore, QueueEntry
 from duopool.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -188,6 +189,8 @@ class OfflineDispatcher:
             self.fair.take(entry)
             started += 1
             self.running[entry.entry_id] = asyncio.create_task(self._execute(entry, placement))
+        metrics.OFFLINE_RUNNING.set(len(self.running))
+        metrics.OFFLINE_BUFFERED.set(len(self.fair))
         if not started:
             await asyncio.sleep(0.05)
 
@@ -202,6 +205,8 @@ class OfflineDispatcher:
                 await self.store.retire(j)
         gone = self.fair.set_jobs(live)
         self.dropped += len(gone)
+        metrics.OFFLINE_REQUESTS.labels("dropped").inc(len(gone))
+        metrics.ACTIVE_JOBS.set(len(live))
         self.dry.clear()
         self._refreshed = asyncio.get_running_loop().time()
 
@@ -275,6 +280,7 @@ class OfflineDispatcher:
                     return
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                metrics.OFFLINE_REQUESTS.labels("failed").inc()
                 error = {"custom_id": item["custom_id"], "error": exc.details(), "at": time.time()}
                 await self._durably("complete", entry, lambda: self.store.complete(entry, error, 0, failed=True))
                 return
@@ -286,6 +292,8 @@ class OfflineDispatcher:
             await self._requeue(entry, prompt, generated, text, preempted=preempted)
             return
         self.completed += 1
+        metrics.OFFLINE_REQUESTS.labels("completed").inc()
+        metrics.OFFLINE_TOKENS.inc(len(generated))
         result = {
             "custom_id": item["custom_id"], "text": text, "token_ids": generated, "finish_reason": finish,
             "prefill_worker": prefill_w.worker_id, "decode_worker": decode_w.worker_id,
@@ -296,6 +304,7 @@ class OfflineDispatcher:
 
     async def _requeue(self, entry, prompt, generated, text, preempted: bool) -> None:
         self.requeued += 1
+        metrics.OFFLINE_REQUESTS.labels("requeued").inc()
         self.dry.discard(entry.job_id)
         await self._durably("requeue", entry, lambda: self.store.requeue(
             entry, prompt if generated else entry.prompt, generated, text, preempted))

@@ -22,10 +22,11 @@ from collections import Counter, deque
 import grpc
 
 import duopool.core.policies  # noqa: F401 - registers every policy by name for live placement
-from duopool.common import registry
+from duopool.common import metrics, registry
 from duopool.common.config import SchedulerConfig
 from duopool.common.ids import check_id
 from duopool.common.jobs import JobStore, job_item
+from duopool.common.metrics import start_metrics_server
 from duopool.common.rpc import Channels, Server
 from duopool.common.telemetry import init_telemetry
 from duopool.common.wire import PB_POOL, PB_ROLE, POOL_PB, ROLE_PB, worker_info_pb
@@ -137,8 +138,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.release(rid)
         self.placed[rid] = (offline, worker_ids)
         counter = self.offline if offline else self.online
+        klass = "offline" if offline else "online"
         for wid in dict.fromkeys(worker_ids):
             counter[wid] += 1
+            metrics.INFLIGHT.labels(wid, klass).set(counter[wid])
 
     def release(self, rid: str) -> None:
         self.leases.pop(rid, None)
@@ -146,8 +149,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if placed:
             offline, worker_ids = placed
             counter = self.offline if offline else self.online
+            klass = "offline" if offline else "online"
             for wid in dict.fromkeys(worker_ids):
                 counter[wid] -= 1
+                metrics.INFLIGHT.labels(wid, klass).set(max(0, counter[wid]))
                 if counter[wid] <= 0:
                     del counter[wid]
 
@@ -161,6 +166,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         full = frozenset(w.worker_id for w in workers if offline_capacity(self.load(w.worker_id), self.limits) <= 0)
         req = PlacementRequest(request_id=rid, request_class=RequestClass.OFFLINE, exclude=full)
         decision = self.policy.place(req, self.views(workers), self.clock())
+        metrics.PLACEMENTS.labels("offline", "no_worker" if decision is None else "placed").inc()
         if decision is None:
             return None
         by_id = {w.worker_id: w for w in workers}
@@ -174,26 +180,30 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             return False
         self.preempted_at[worker_id] = time.monotonic()
         self.preempted += 1
+        metrics.PREEMPTIONS.labels("yield").inc()
         return True
 
-    def _preempt_for_online(self, worker_ids: tuple[str, ...], by_id: dict[str, registry.WorkerRecord]) -> None:
+    def _preempt_for_online(self, worker_ids: tuple[str, ...], by_id: dict[str, registry.WorkerRecord],
+                            reason: str = "online_placed") -> None:
         ids = dict.fromkeys(d for wid in worker_ids for d in self._domain(wid) if d in by_id)
         loads = {wid: self.load(wid) for wid in ids}
         for wid, count in preemptions(loads, self.limits).items():
             if wid not in self._preempting:
                 self._preempting.add(wid)
-                asyncio.create_task(self._preempt(by_id[wid], count))
+                asyncio.create_task(self._preempt(by_id[wid], count, reason))
 
-    async def _preempt(self, w: registry.WorkerRecord, count: int) -> None:
+    async def _preempt(self, w: registry.WorkerRecord, count: int, reason: str = "online_placed") -> None:
         t0 = time.perf_counter()
         try:
             stub = worker_pb2_grpc.WorkerStub(self.channels.get(w.address))
             resp = await stub.Preempt(worker_pb2.PreemptRequest(
-                request_class=common_pb2.OFFLINE, max_requests=count, reason="online request placed"), timeout=30)
+                request_class=common_pb2.OFFLINE, max_requests=count, reason=reason), timeout=30)
             if resp.request_ids:
                 self.preempted_at[w.worker_id] = time.monotonic()
                 self.preempted += len(resp.request_ids)
                 self.preemption_ms.append((time.perf_counter() - t0) * 1e3)
+                metrics.PREEMPTIONS.labels(reason).inc(len(resp.request_ids))
+                metrics.PREEMPTION_LATENCY.observe(time.perf_counter() - t0)
         except grpc.aio.AioRpcError as exc:
             log.warning("preempting offline work on %s failed: %s", w.worker_id, exc.code().name)
         finally:
@@ -216,6 +226,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             exclude=frozenset(request.exclude_workers),
         )
         decision = self.policy.place(preq, self.views(workers), self.clock())
+        metrics.PLACEMENTS.labels("online" if online else "offline", "no_worker" if decision is None else "placed").inc()
         if decision is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"no worker can take this request ({len(workers)} registered, "
@@ -247,9 +258,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         tpot_slo = request.slo.tpot_ms or self.config.tpot_slo_ms
         if request.ttft_ms > 0:
             self.pressure[prefill] = update_pressure(self.pressure.get(prefill), request.ttft_ms, ttft_slo)
+            metrics.SLO_PRESSURE.labels(prefill).set(self.pressure[prefill])
         if request.tpot_ms > 0:
             self.pressure[decode] = update_pressure(self.pressure.get(decode), request.tpot_ms, tpot_slo)
-        self._preempt_for_online(worker_ids, {w.worker_id: w for w in self._workers})
+            metrics.SLO_PRESSURE.labels(decode).set(self.pressure[decode])
+        if request.ttft_ms > 0:  # it produced a token: did it meet its SLO?
+            met = request.ttft_ms <= ttft_slo and (request.tpot_ms <= tpot_slo or request.tpot_ms == 0)
+            metrics.SLO.labels("online", "true" if met else "false").inc()
+        self._preempt_for_online(worker_ids, {w.worker_id: w for w in self._workers}, "slo_pressure")
 
     async def expire_leases(self) -> int:
         """Releases the placements of routers whose liveness key has lapsed (a router killed mid-request
@@ -331,6 +347,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         """Records the desired role/pool in Redis first (so it survives the worker restarting), then applies
         it; returns the worker's new info, or None if it was unreachable (``reconcile_roles`` retries)."""
         await registry.set_desired(self.redis, w.worker_id, role, pool, reason, self.clock())
+        if role != w.role:
+            metrics.ROLE_CHANGES.labels(role, "balancer" if reason.startswith("role balance") else "operator").inc()
         info = await self._apply_role(w, role, pool)
         self._refreshed = 0.0  # the next placement sees the change
         return info
@@ -390,6 +408,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
 async def serve(config: SchedulerConfig, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
     init_telemetry("scheduler")
+    start_metrics_server(config.host, config.metrics_port)
     r = registry.connect(config.redis_url)
     await r.ping()
     service = SchedulerService(config, r)

@@ -17,10 +17,11 @@ import time
 
 import grpc
 
-from duopool.common import registry
+from duopool.common import metrics, registry
 from duopool.common.clusterauth import aio_channel
 from duopool.common.config import WorkerConfig
 from duopool.common.ids import check_id, safe_key
+from duopool.common.metrics import start_metrics_server
 from duopool.common.rpc import CHANNEL_OPTIONS, Channels, Server
 from duopool.common.telemetry import init_telemetry
 from duopool.common.wire import PB_POOL, PB_ROLE, worker_info_pb
@@ -74,6 +75,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def record(self) -> registry.WorkerRecord:
         load = self.engine.load()
+        offline = sum(1 for off, _ in self.active.values() if off)
+        metrics.WORKER_RUNNING.labels(self.worker_id, "online").set(len(self.active) - offline)
+        metrics.WORKER_RUNNING.labels(self.worker_id, "offline").set(offline)
+        metrics.WORKER_WAITING.labels(self.worker_id).set(load.waiting)
+        metrics.WORKER_KV_USAGE.labels(self.worker_id).set(load.kv_usage)
         return registry.WorkerRecord(
             worker_id=self.worker_id, address=self.address, role=self.role,
             pool=self.pool, engine=self.engine.name, model=self.engine.model_name,
@@ -158,6 +164,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         engine_ms = (time.perf_counter() - t0) * 1e3
         self.served += 1
         self.tokens += 1
+        klass = "offline" if ereq.offline else "online"
+        metrics.WORKER_TOKENS.labels(self.worker_id, klass).inc()
+        metrics.WORKER_PHASE.labels(self.worker_id, "prefill").observe(engine_ms / 1e3)
         finished = out.finish_reason == "stop" or request.max_tokens <= 1
         resp = worker_pb2.PrefillResponse(
             prompt_token_ids=ids, first_token_id=out.token_ids[0], first_token_text=out.text, finished=finished,
@@ -173,6 +182,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 await self._release_transfer(handle.transfer_id)
             elif await self._start_transfer(handle, request, context):
                 resp.kv.CopyFrom(handle)
+                metrics.KV_EXPORTS.labels(self.worker_id).inc()
+                metrics.KV_EXPORT_BYTES.labels(self.worker_id).inc(handle.num_bytes)
         return resp
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
@@ -197,13 +208,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             offline=request.request_class == common_pb2.OFFLINE,
         )
         completed = False
+        tokens = metrics.WORKER_TOKENS.labels(self.worker_id, "offline" if ereq.offline else "online")
+        t0 = time.perf_counter()
         try:
             async for o in self._run(ereq):
                 if transfer_id and not completed:
                     # The engine has taken the KV (or recomputed): the source segment can go.
                     completed = True
                     await self._complete_transfer(transfer_id, ok=o.num_cached_tokens > 0)
+                    metrics.KV_LOADS.labels(self.worker_id, "loaded" if o.num_cached_tokens > 0 else "recomputed").inc()
                 self.tokens += len(o.token_ids)
+                tokens.inc(len(o.token_ids))
                 yield worker_pb2.DecodeResponse(
                     text=o.text, token_ids=o.token_ids, finished=o.finished, finish_reason=o.finish_reason,
                     cached_tokens=o.num_cached_tokens,
@@ -216,6 +231,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             if transfer_id and not completed:
                 await self._complete_transfer(transfer_id, ok=False, error="decode ended before loading")
             self.served += 1
+            metrics.WORKER_PHASE.labels(self.worker_id, "decode").observe(time.perf_counter() - t0)
 
     # -- KV transfer (kvtransfer service) ---------------------------------------------------------------
     async def _kv_failed(self, context, transfer_id: str, error: str) -> None:
@@ -405,6 +421,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         stop_ms = (time.perf_counter() - t0) * 1e3
         if victims:
             log.info("preempted %d offline request(s) in %.1f ms (%s)", len(victims), stop_ms, request.reason)
+            metrics.WORKER_PREEMPTED.labels(self.worker_id).inc(len(victims))
         return worker_pb2.PreemptResponse(request_ids=[v.rsplit(":", 1)[0] for v in victims], stop_ms=stop_ms)
 
     async def SetRole(self, request: worker_pb2.SetRoleRequest, context):
@@ -454,11 +471,13 @@ async def _heartbeat_loop(service: WorkerService, stop: asyncio.Event) -> None:
 
 async def serve(config: WorkerConfig, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
     init_telemetry("worker")
+    start_metrics_server(config.host, config.metrics_port)
     engine = create_engine(config)
     log.info("starting %s engine (model %s)%s", engine.name, config.model,
              " — SIMULATED" if engine.simulated else "")
     await engine.start()
     service = WorkerService(config, engine, "")
+    engine.step_observer = metrics.ENGINE_STEP.labels(service.worker_id).observe
     server = Server(config.bind, [(worker_pb2_grpc.add_WorkerServicer_to_server, service, "duopool.v1.Worker")])
     service.server = server
     service.address = config.advertise or f"{config.host}:{server.port}"

@@ -83,6 +83,7 @@ class EngineFailure(RuntimeError):
 class Engine(abc.ABC):
     name: str = "engine"
     simulated: bool = False
+    step_observer = None  # called with each engine step's seconds where the engine has steps of its own
 
     @property
     def vocab_size(self) -> int:

@@ -252,8 +252,11 @@ class SimEngine(Engine):
         prefill_lens = [len(r.req.prompt_token_ids) - r.cached for r in admitted]
         decode_ctxs = [len(r.req.prompt_token_ids) + r.generated for r in self._running]
         if prefill_lens or decode_ctxs:
-            await asyncio.sleep(self.timer.step_s(prefill_lens, decode_ctxs))
+            step_s = self.timer.step_s(prefill_lens, decode_ctxs)
+            await asyncio.sleep(step_s)
             self.steps += 1
+            if self.step_observer is not None:
+                self.step_observer(step_s)
 
     def _update(self, admitted: list[_Req]) -> None:
         batch = self._running + admitted
