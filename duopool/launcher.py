@@ -108,7 +108,8 @@ class LocalCluster:
         state = {"run_dir": str(self.run_dir), "router": self.router_address, "http_url": self.http_url,
                  "scheduler": self.address("scheduler"), "kvtransfer": self.address("kvtransfer"),
                  "cluster_token": self.cluster_token, "pid": os.getpid(),
-                 "metrics": self.metrics_urls()}
+                 "metrics": self.metrics_urls(),
+                 "traces": str(getattr(self, "trace_file", "") or "")}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `duopool --help` lists them.
-COMMAND_MODULES = ["up", "generate", "batch", "workers", "serve", "sim", "compare", "profile", "bench"]
+COMMAND_MODULES = ["up", "generate", "trace", "batch", "workers", "serve", "sim", "compare", "profile", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default=None, help="send this prompt once the cluster is up and stream the answer")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens for --prompt [128]")
     p.add_argument("--exit", action="store_true", help="stop the cluster after --prompt instead of serving")
+    p.add_argument("--no-trace-sink", action="store_true",
+                   help="do not keep traces locally (by default, unless OTEL_EXPORTER_OTLP_ENDPOINT names a "
+                        "collector, the services export spans to a receiver in this process that writes "
+                        "RUN_DIR/traces.jsonl, read by `duopool trace ID`)")
     p.set_defaults(func=run)
 
 
@@ -58,6 +62,15 @@ def run(args: argparse.Namespace) -> int:
     cluster = LocalCluster(topo, run_dir, redis_url=args.redis_url, router_port=args.port,
                            http_port=args.http_port, kv_root=args.kv_root)
     cluster.log = lambda m: print(m, file=sys.stderr, flush=True)
+    sink = None
+    if not args.no_trace_sink and not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from duopool.common.otlp_sink import OtlpSink
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cluster.trace_file = run_dir / "traces.jsonl"
+        sink = OtlpSink(jsonl_path=str(cluster.trace_file)).start()
+        cluster.extra_env.update(OTEL_EXPORTER_OTLP_ENDPOINT=sink.endpoint, OTEL_TRACES_EXPORTER="otlp",
+                                 OTEL_BSP_SCHEDULE_DELAY="500")
     label = "SIMULATED engine" if args.engine == "sim" else f"vLLM, model {args.model}"
     print(f"duopool: starting a local cluster ({label}; logs in {run_dir})", file=sys.stderr, flush=True)
     t0 = time.monotonic()
@@ -78,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"duopool is up in {up_s:.0f}s: router at {cluster.router_address} (gRPC), "
               f"OpenAI base URL {cluster.http_url}\n"
               f"  try: duopool generate --router {cluster.router_address} \"Why is the sky blue?\"\n"
-              f"   or: curl {cluster.http_url}/models",
+              f"   or: curl {cluster.http_url}/models\n"
+              + (f"  traces: duopool trace TRACE_ID (kept in {cluster.trace_file})\n" if sink else "")
+              + f"  metrics: {cluster.metrics_urls().get('router')} (and each service's, in {state_file()})",
               file=sys.stderr, flush=True)
         if args.prompt:
             from duopool.cli.generate import stream
@@ -113,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         _forget_state(cluster)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         cluster.stop()
+        if sink is not None:
+            sink.stop()
         print("duopool: stopped", file=sys.stderr, flush=True)
 
 

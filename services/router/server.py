@@ -17,6 +17,7 @@ import time
 import uuid
 
 import grpc
+from opentelemetry import trace
 
 from duopool.common import metrics
 from duopool.common.config import RouterConfig
@@ -308,6 +309,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 break
             log.info("offline request %s preempted after %d token(s); resuming (%d)", rid, len(ids), attempt + 1)
             metrics.RESUMES.labels("preempted").inc()
+            trace.get_current_span().add_event("duopool.resume", {"duopool.reason": "preempted",
+                                                                  "duopool.tokens_so_far": len(ids),
+                                                                  "duopool.attempt": attempt + 1})
             await asyncio.sleep(min(2.0, 0.1 * (attempt + 1)))  # the online burst that preempted it passes
             if seen:  # preempted in decode: what it produced becomes part of the prompt (else: run it again)
                 prompt_len = prompt_len or seen["prompt_len"]
@@ -434,6 +438,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                         rid, decode_worker, len(generated), moved.decode.worker_id)
                             moves += 1
                             metrics.RESUMES.labels("decode_lost").inc()
+                            trace.get_current_span().add_event("duopool.resume", {
+                                "duopool.reason": "decode_lost", "duopool.lost_worker": decode_worker,
+                                "duopool.worker": moved.decode.worker_id, "duopool.tokens_so_far": len(generated)})
                             decode_worker, decode_addr = moved.decode.worker_id, moved.decode.address
                             dreq = worker_pb2.DecodeRequest(
                                 request_id=rid, prompt_token_ids=pre.prompt_token_ids, generated_token_ids=generated,

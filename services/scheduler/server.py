@@ -20,6 +20,7 @@ import time
 from collections import Counter, deque
 
 import grpc
+from opentelemetry import trace
 
 import duopool.core.policies  # noqa: F401 - registers every policy by name for live placement
 from duopool.common import metrics, registry
@@ -194,6 +195,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     async def _preempt(self, w: registry.WorkerRecord, count: int, reason: str = "online_placed") -> None:
         t0 = time.perf_counter()
+        trace.get_current_span().add_event("duopool.preempt", {"duopool.worker": w.worker_id,
+                                                               "duopool.max_requests": count,
+                                                               "duopool.reason": reason})
         try:
             stub = worker_pb2_grpc.WorkerStub(self.channels.get(w.address))
             resp = await stub.Preempt(worker_pb2.PreemptRequest(
@@ -225,7 +229,16 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             ttft_slo_ms=request.slo.ttft_ms, tpot_slo_ms=request.slo.tpot_ms,
             exclude=frozenset(request.exclude_workers),
         )
-        decision = self.policy.place(preq, self.views(workers), self.clock())
+        with trace.get_tracer("duopool.scheduler").start_as_current_span("duopool.schedule") as span:
+            decision = self.policy.place(preq, self.views(workers), self.clock())
+            span.set_attributes({
+                "duopool.class": "online" if online else "offline", "duopool.policy": self.policy.name,
+                "duopool.workers_registered": len(workers), "duopool.workers_excluded": len(request.exclude_workers),
+                "duopool.placed": decision is not None})
+            if decision is not None:
+                span.set_attributes({"duopool.prefill_worker": decision.prefill_worker_id,
+                                     "duopool.decode_worker": decision.decode_worker_id,
+                                     "duopool.reason": decision.reason or decision.policy})
         metrics.PLACEMENTS.labels("online" if online else "offline", "no_worker" if decision is None else "placed").inc()
         if decision is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE,

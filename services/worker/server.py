@@ -16,6 +16,7 @@ import socket
 import time
 
 import grpc
+from opentelemetry import trace
 
 from duopool.common import metrics, registry
 from duopool.common.clusterauth import aio_channel
@@ -148,9 +149,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
         t0 = time.perf_counter()
         out = None
+        span = self.tracer.start_span("duopool.engine.prefill", attributes={
+            "duopool.worker": self.worker_id, "duopool.class": "offline" if ereq.offline else "online",
+            "duopool.prompt_tokens": len(ids), "duopool.export_kv": bool(transfer_id)})
         try:
-            async for o in self._run(ereq):
-                out = o
+            with trace.use_span(span, end_on_exit=True):
+                async for o in self._run(ereq):
+                    if out is None:
+                        span.add_event("duopool.first_token")
+                    out = o
+                if out is not None:
+                    span.set_attributes({"duopool.output_tokens": len(out.token_ids),
+                                         "duopool.finish_reason": out.finish_reason or ""})
         except EngineError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # noqa: BLE001 - the engine failed this request: it fails alone, clearly
@@ -180,7 +190,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
             if finished:
                 await self._release_transfer(handle.transfer_id)
-            elif await self._start_transfer(handle, request, context):
+            elif await self._traced_start(handle, request, context):
                 resp.kv.CopyFrom(handle)
                 metrics.KV_EXPORTS.labels(self.worker_id).inc()
                 metrics.KV_EXPORT_BYTES.labels(self.worker_id).inc(handle.num_bytes)
@@ -201,7 +211,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if check_id("kv.transfer_id", transfer_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, check_id("kv.transfer_id", transfer_id))
         if transfer_id:
-            kv_load = await self._fetch_kv(request.kv, context)
+            with self.tracer.start_as_current_span("duopool.kv.load", attributes={
+                    "duopool.worker": self.worker_id, "duopool.kv.transfer_id": transfer_id,
+                    "duopool.kv.bytes": request.kv.num_bytes, "duopool.kv.tokens": request.kv.num_tokens,
+                    "duopool.kv.source_worker": request.kv.source_worker}) as span:
+                kv_load = await self._fetch_kv(request.kv, context)
+                span.set_attributes({"duopool.kv.transport": ("grpc" if self._is_remote(request.kv) else "shm")
+                                     if kv_load else "none", "duopool.kv.loadable": kv_load is not None})
         ereq = EngineRequest(
             request_id=f"{request.request_id}:decode", prompt_token_ids=tuple(prompt),
             max_tokens=request.max_tokens, sampling=sampling_from_pb(request.sampling), kv_load=kv_load,
@@ -210,8 +226,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         completed = False
         tokens = metrics.WORKER_TOKENS.labels(self.worker_id, "offline" if ereq.offline else "online")
         t0 = time.perf_counter()
+        span = self.tracer.start_span("duopool.engine.decode", attributes={
+            "duopool.worker": self.worker_id, "duopool.class": "offline" if ereq.offline else "online",
+            "duopool.context_tokens": len(prompt), "duopool.max_tokens": request.max_tokens,
+            "duopool.kv.offered": bool(transfer_id)})
+        produced, cached, reason = 0, 0, ""
         try:
             async for o in self._run(ereq):
+                produced += len(o.token_ids)
+                cached = cached or o.num_cached_tokens
+                reason = o.finish_reason or reason
                 if transfer_id and not completed:
                     # The engine has taken the KV (or recomputed): the source segment can go.
                     completed = True
@@ -228,6 +252,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except Exception as exc:  # noqa: BLE001
             await context.abort(*self._engine_failure(exc))
         finally:
+            span.set_attributes({"duopool.output_tokens": produced, "duopool.cached_tokens": cached,
+                                 "duopool.finish_reason": reason})
+            span.end()
             if transfer_id and not completed:
                 await self._complete_transfer(transfer_id, ok=False, error="decode ended before loading")
             self.served += 1
@@ -241,6 +268,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await self._complete_transfer(transfer_id, ok=False, error=error)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv: transfer {transfer_id} not loadable: {error}")
         log.warning("transfer %s not loadable (%s); recomputing the prompt", transfer_id, error)
+
+    async def _traced_start(self, handle: common_pb2.KvHandle, request: worker_pb2.PrefillRequest,
+                            context) -> bool:
+        with self.tracer.start_as_current_span("duopool.kv.export", attributes={
+                "duopool.worker": self.worker_id, "duopool.kv.transfer_id": handle.transfer_id,
+                "duopool.kv.bytes": handle.num_bytes, "duopool.kv.tokens": handle.num_tokens,
+                "duopool.kv.blocks": handle.num_blocks, "duopool.kv.transport": handle.transport,
+                "duopool.decode_worker": request.decode_worker}) as span:
+            ok = await self._start_transfer(handle, request, context)
+            span.set_attribute("duopool.kv.announced", ok)
+            return ok
 
     async def _start_transfer(self, handle: common_pb2.KvHandle, request: worker_pb2.PrefillRequest,
                               context) -> bool:
@@ -419,6 +457,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if waits:
             await asyncio.wait_for(asyncio.gather(*waits), timeout=30)
         stop_ms = (time.perf_counter() - t0) * 1e3
+        trace.get_current_span().add_event("duopool.preempted", {
+            "duopool.requests": len(victims), "duopool.stop_ms": stop_ms, "duopool.reason": request.reason})
         if victims:
             log.info("preempted %d offline request(s) in %.1f ms (%s)", len(victims), stop_ms, request.reason)
             metrics.WORKER_PREEMPTED.labels(self.worker_id).inc(len(victims))

@@ -34,6 +34,27 @@ def test_up_serves_generate_then_stops_cleanly_on_ctrl_c(tmp_path):
                               "--max-tokens", "5", "one two three"], capture_output=True, text=True, timeout=60)
         assert gen.returncode == 0, gen.stderr
         assert len(gen.stdout.split()) == 5 and "SIMULATED" in gen.stderr
+        # its trace, kept by `duopool up`, as a tree in the terminal (found without flags)
+        tid = re.search(r"trace ([0-9a-f]{32})", gen.stderr).group(1)
+        env_cli = {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": ""}
+
+        def tree():
+            t = subprocess.run([sys.executable, "-m", "duopool.cli.main", "trace", tid], capture_output=True,
+                               text=True, timeout=30, env=env_cli)
+            return t.stdout if t.returncode == 0 and "duopool.engine.decode" in t.stdout else None
+        from tests.conftest import wait_for
+
+        out = wait_for(tree, 20, interval=0.5, what=f"`duopool trace {tid}`")
+        for name in ("/duopool.v1.Router/Generate", "duopool.schedule", "duopool.engine.prefill", "duopool.engine.decode"):
+            assert name in out, out
+        assert re.search(r"\d+\.\d ms", out)
+        # metrics: the router's /metrics (on its HTTP port) counts the request
+        import json
+        import urllib.request
+
+        state = json.loads((tmp_path / "cache" / "current-cluster.json").read_text())
+        page = urllib.request.urlopen(state["metrics"]["router"], timeout=10).read().decode()
+        assert 'duopool_requests_total{class="online",status="ok"} 1.0' in page
         up.send_signal(signal.SIGINT)
         assert up.wait(60) == 0
         rest = up.stderr.read()

@@ -136,6 +136,30 @@ def test_one_trace_spans_all_four_services(router, otlp_sink):
     assert len(roots) == 1 and roots[0].service == "duopool-router"
 
 
+def test_a_trace_holds_our_own_spans_with_their_attributes(router, otlp_sink):
+    _, s = generate(router, text=LONG_PROMPT, max_tokens=6)
+    own = {"duopool.schedule", "duopool.engine.prefill", "duopool.kv.export", "duopool.kv.load",
+           "duopool.engine.decode"}
+    wait_for(lambda: own <= {sp.name for sp in otlp_sink.spans(s.trace_id)}, timeout=15,
+             what=f"our spans in trace {s.trace_id}")
+    by = {sp.name: sp for sp in otlp_sink.spans(s.trace_id)}
+    sched = by["duopool.schedule"].attributes
+    assert sched["duopool.class"] == "online" and sched["duopool.placed"] is True
+    assert sched["duopool.prefill_worker"] == s.prefill_worker and sched["duopool.decode_worker"] == s.decode_worker
+    assert sched["duopool.policy"]
+    pre = by["duopool.engine.prefill"]
+    assert pre.attributes["duopool.prompt_tokens"] == s.prompt_tokens and pre.attributes["duopool.output_tokens"] == 1
+    assert [e["name"] for e in pre.events] == ["duopool.first_token"]
+    exp, load = by["duopool.kv.export"].attributes, by["duopool.kv.load"].attributes
+    assert exp["duopool.kv.bytes"] == s.kv_bytes > 0 and exp["duopool.kv.tokens"] == s.kv_transferred_tokens
+    assert load["duopool.kv.transport"] == "shm" and load["duopool.kv.loadable"] is True
+    dec = by["duopool.engine.decode"].attributes
+    assert dec["duopool.output_tokens"] == s.output_tokens - 1 and dec["duopool.cached_tokens"] == s.decode_cached_tokens
+    assert dec["duopool.worker"] == s.decode_worker
+    for name in own:  # each inside the automatic gRPC span of its service
+        assert by[name].parent_span_id, name
+
+
 def test_killed_worker_leaves_registry_and_next_request_goes_elsewhere(cluster, router):
     def workers():
         return {w.worker_id for w in router.ListWorkers(common_pb2.ListWorkersRequest(), timeout=5).workers}
