@@ -14,12 +14,46 @@ over services counts each thing once (``duopool_offline_tokens_total``: the rout
 from __future__ import annotations
 
 import logging
+import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as _Counter
+from prometheus_client import Gauge as _Gauge
+from prometheus_client import Histogram as _Histogram
 
 log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+ENABLED = os.environ.get("DUOPOOL_METRICS", "1") not in ("0", "false", "off")
+
+
+class _Off:
+    """A metric that records nothing (``DUOPOOL_METRICS=0``: the overhead benchmark's baseline)."""
+
+    def __init__(self, real) -> None:
+        self._real = real  # kept for the docs (name, type, labels, help); never registered
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            return getattr(self._real, name)
+        return self._nothing
+
+    def labels(self, *a, **k):
+        return self
+
+    def _nothing(self, *a, **k):
+        return None
+
+
+def _metric(cls):
+    def make(name, documentation, labelnames=(), registry=None, **kw):
+        if ENABLED:
+            return cls(name, documentation, labelnames, registry=registry, **kw)
+        return _Off(cls(name, documentation, labelnames, registry=None, **kw))
+    return make
+
+
+Counter, Gauge, Histogram = _metric(_Counter), _metric(_Gauge), _metric(_Histogram)
 
 # Latency buckets (seconds): TTFT from ~5 ms to minutes (a CPU machine, offline work queued for long).
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 40, 80, 160)
@@ -129,7 +163,7 @@ def exposed_name(metric) -> str:
 def start_metrics_server(host: str, port: int) -> int | None:
     """Serves ``/metrics`` of this process on ``host:port`` (0: a free port). Returns the port, None when off
     (port < 0)."""
-    if port < 0:
+    if port < 0 or not ENABLED:
         return None
     from prometheus_client import start_http_server
 
