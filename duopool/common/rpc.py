@@ -9,8 +9,9 @@ import signal
 from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,120 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         return handler._replace(request_deserializer=safe, unary_stream=stream)
 
 
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """``grpc.health.v1.Health``: Check, List and Watch.
+
+    grpcio-health-checking's asyncio servicer has no List, and its Watch writes with ``context.write``
+    (a coroutine handler), which server interceptors that expect streaming handlers to be async
+    generators (OpenTelemetry's among them) turn into UNKNOWN. Watch here is an async generator: the
+    current status at once, then every change, until the client goes or ``close()``.
+    """
+
+    def __init__(self) -> None:
+        self._status: dict[str, int] = {"": _SERVING}
+        self._changed = asyncio.Condition()
+        self._closed = False
+
+    def _current(self, service: str) -> int:
+        return self._status.get(service, _SERVICE_UNKNOWN)
+
+    async def set(self, service: str, status: int) -> None:
+        async with self._changed:
+            self._status[service] = status
+            self._changed.notify_all()
+
+    async def close(self) -> None:
+        """Ends every Watch (after it has sent the latest status); for a server that is stopping."""
+        async with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    async def Check(self, request, context):
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def List(self, request, context):
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._status.items()})
+
+    async def Watch(self, request, context):
+        service, sent = request.service, None
+        while True:
+            async with self._changed:  # not held across the yield: a slow watcher never holds up set()
+                while self._current(service) == sent and not self._closed:
+                    await self._changed.wait()
+                status = self._current(service)
+            if status == sent:  # woken only by close()
+                return
+            sent = status
+            yield health_pb2.HealthCheckResponse(status=status)
+
+
+REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
+_V1ALPHA = reflection_pb2.DESCRIPTOR.package  # grpc.reflection.v1alpha
+
+
+def _ensure_reflection_v1_descriptor() -> None:
+    """Puts ``grpc/reflection/v1/reflection.proto`` in the default descriptor pool (so reflection can
+    describe the v1 service it lists). grpcio-reflection 1.85 ships only v1alpha; v1 has the same
+    messages, fields and numbers in package ``grpc.reflection.v1``, so its descriptor is v1alpha's renamed."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(REFLECTION_V1_SERVICE)
+        return
+    except KeyError:
+        pass
+    try:  # a grpcio-reflection that ships v1 registers the real descriptor on import
+        from grpc_reflection.v1 import reflection_pb2 as _v1  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    fdp = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(fdp)
+    fdp.name = "grpc/reflection/v1/reflection.proto"
+    fdp.package = "grpc.reflection.v1"
+    fdp.options.Clear()
+    fdp.options.java_package = "io.grpc.reflection.v1"
+    fdp.options.java_outer_classname = "ServerReflectionProto"
+    fdp.options.java_multiple_files = True
+    fdp.options.go_package = "google.golang.org/grpc/reflection/grpc_reflection_v1"
+    old, new = f".{_V1ALPHA}.", ".grpc.reflection.v1."
+    for message in fdp.message_type:
+        for field in message.field:
+            if field.type_name.startswith(old):
+                field.type_name = new + field.type_name[len(old):]
+    for service in fdp.service:
+        for method in service.method:
+            method.input_type = new + method.input_type[len(old):]
+            method.output_type = new + method.output_type[len(old):]
+    pool.AddSerializedFile(fdp.SerializeToString())
+
+
+def _add_reflection(service_names: list[str], server: grpc.aio.Server) -> None:
+    """Server reflection v1alpha and v1 (wire-identical: the v1 method runs on v1alpha's messages)."""
+    _ensure_reflection_v1_descriptor()
+    servicer = reflection.aio.ReflectionServicer(service_names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1_SERVICE, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString),
+    }),))
+
+
 class Server:
-    """A grpc.aio server with the health service (every listed service SERVING) and server reflection."""
+    """A grpc.aio server with the health service (Check, List, Watch; every listed service SERVING) and
+    server reflection (v1 and v1alpha)."""
 
     def __init__(self, bind: str, registrations: Iterable[tuple[Callable, object, str]],
                  interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
@@ -84,15 +197,15 @@ class Server:
 
             guards.append(ClusterAuthInterceptor(cluster_token(), bind))
         self._server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[*guards, *interceptors])
-        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-        names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        self.health = HealthServicer()
+        names = [HEALTH_SERVICE, REFLECTION_V1_SERVICE, reflection.SERVICE_NAME]
         self._service_names = []
         for add, servicer, full_name in registrations:
             add(servicer, self._server)
             names.append(full_name)
             self._service_names.append(full_name)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(names, self._server)
+        _add_reflection(names, self._server)
         if tls is not None:
             creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
             self.port = self._server.add_secure_port(bind, creds)
@@ -109,24 +222,20 @@ class Server:
     async def start(self) -> None:
         await self._server.start()
         for name in ["", *self._service_names]:
-            await _maybe_await(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
+            await self.health.set(name, _SERVING)
 
     async def not_serving(self) -> None:
         """Health turns NOT_SERVING (probes and orchestrators see it; the server keeps answering)."""
         for name in ["", *self._service_names]:
-            await _maybe_await(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
+            await self.health.set(name, _NOT_SERVING)
 
     async def stop(self, grace: float = 2.0) -> None:
         await self.not_serving()
+        await self.health.close()  # Watch streams end (NOT_SERVING sent) instead of holding up the grace
         await self._server.stop(grace)
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
-
-
-async def _maybe_await(value: object) -> None:
-    if asyncio.iscoroutine(value):
-        await value
 
 
 class Channels:

@@ -7,7 +7,9 @@ is set, else ``none``), ``OTEL_EXPORTER_OTLP_ENDPOINT`` (OTLP/gRPC, e.g. http://
 Exports to a dead collector must not stall shutdown, so the export timeouts default low (2 s).
 
 gRPC instrumentation is switched on here, before any channel or server exists, so trace context
-propagates over gRPC metadata and one ``Generate`` is one trace across all services.
+propagates over gRPC metadata and one ``Generate`` is one trace across all services. Health checks and
+server reflection (probes, grpcurl) are not traced, on the server side nor the client side; nor are the
+services named in ``OTEL_PYTHON_GRPC_EXCLUDED_SERVICES`` (comma-separated full names).
 """
 
 from __future__ import annotations
@@ -21,11 +23,26 @@ log = logging.getLogger(__name__)
 
 _initialised = False
 
+UNTRACED_SERVICE_PREFIXES = ("grpc.health.v1.", "grpc.reflection.")
+
+
+def grpc_trace_filter():
+    """The ``filter_`` of the gRPC instrumentation: true for a call to trace (not health, not reflection,
+    not a service in ``OTEL_PYTHON_GRPC_EXCLUDED_SERVICES``)."""
+    from opentelemetry.instrumentation.grpc import filters
+
+    excluded = [filters.service_prefix(p) for p in UNTRACED_SERVICE_PREFIXES]
+    excluded += [filters.service_name(s.strip())
+                 for s in os.environ.get("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", "").split(",") if s.strip()]
+    return filters.negate(filters.any_of(*excluded))
+
 
 def init_telemetry(service: str) -> trace.Tracer:
     global _initialised
     if not _initialised:
         _initialised = True
+        if os.environ.get("DUOPOOL_TRACING", "1") in ("0", "false", "off"):
+            return trace.get_tracer(f"duopool.{service}")  # no-op tracer, no gRPC instrumentation, no spans
         os.environ.setdefault("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
         os.environ.setdefault("OTEL_BSP_EXPORT_TIMEOUT", "2000")
         from opentelemetry.sdk.resources import Resource
@@ -52,8 +69,12 @@ def init_telemetry(service: str) -> trace.Tracer:
         trace.set_tracer_provider(provider)
         from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer
 
-        GrpcAioInstrumentorServer().instrument()
-        GrpcAioInstrumentorClient().instrument()
+        traced = grpc_trace_filter()
+        for instrumentor in (GrpcAioInstrumentorServer(filter_=traced), GrpcAioInstrumentorClient(filter_=traced)):
+            # With OTEL_PYTHON_GRPC_EXCLUDED_SERVICES set the instrumentor ORs its own exclusion into filter_
+            # (any_of), which would trace health and reflection again; our filter already has those services.
+            instrumentor._filter = traced
+            instrumentor.instrument()
     return trace.get_tracer(f"duopool.{service}")
 
 

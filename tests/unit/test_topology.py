@@ -5,7 +5,7 @@ import pathlib
 import pytest
 
 from duopool.cli.main import build_parser
-from duopool.topology import Topology, compose_services, render_compose
+from duopool.topology import Topology, compose_services, render_compose, render_prometheus
 
 pytestmark = pytest.mark.unit
 
@@ -17,6 +17,11 @@ def test_committed_compose_file_is_the_rendered_topology():
         "docker-compose.yml is stale: python -m duopool.topology > docker-compose.yml"
 
 
+def test_committed_prometheus_config_is_the_rendered_topology():
+    assert (ROOT / "deploy" / "prometheus.yml").read_text() == render_prometheus(), \
+        "deploy/prometheus.yml is stale: python -m duopool.topology prometheus > deploy/prometheus.yml"
+
+
 def test_every_compose_command_parses_with_the_cli():
     yaml = pytest.importorskip("yaml")
     doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -26,8 +31,11 @@ def test_every_compose_command_parses_with_the_cli():
     for name in names:
         args = parser.parse_args(doc["services"][name]["command"])
         assert args.command == "serve" and callable(args.func)
-    published = [n for n, s in doc["services"].items() if s.get("ports") and not n == "jaeger"]
+    loopback_uis = ("jaeger", "prometheus", "grafana")  # observability UIs: on 127.0.0.1 only
+    published = [n for n, s in doc["services"].items() if s.get("ports") and n not in loopback_uis]
     assert published == ["router"], "only the router may be public"
+    for name in loopback_uis:
+        assert all(p.startswith("127.0.0.1:") for p in doc["services"][name].get("ports", [])), name
 
 
 def test_compose_redis_has_a_password_and_no_admin_commands():
