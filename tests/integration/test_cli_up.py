@@ -41,7 +41,9 @@ def test_up_serves_generate_then_stops_cleanly_on_ctrl_c(tmp_path):
         def tree():
             t = subprocess.run([sys.executable, "-m", "duopool.cli.main", "trace", tid], capture_output=True,
                                text=True, timeout=30, env=env_cli)
-            return t.stdout if t.returncode == 0 and "duopool.engine.decode" in t.stdout else None
+            names = ("/duopool.v1.Router/Generate", "duopool.schedule", "duopool.engine.prefill",
+                     "duopool.engine.decode")  # each service exports in its own batches: wait for all
+            return t.stdout if t.returncode == 0 and all(n in t.stdout for n in names) else None
         from tests.conftest import wait_for
 
         out = wait_for(tree, 20, interval=0.5, what=f"`duopool trace {tid}`")
