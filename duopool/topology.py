@@ -170,7 +170,7 @@ def render_compose(topo: Topology | None = None) -> str:
             lines += [f"      - {d}" for d in dict.fromkeys(deps)]
         lines += [
             "    healthcheck:",
-            f'      test: ["CMD", "duopool", "health", "127.0.0.1:{spec.flags["port"]}"]',
+            f'      test: ["CMD", "duopool", "health", "--quiet", "127.0.0.1:{spec.flags["port"]}"]',
             "      interval: 5s",
             "      retries: 60",
         ]

@@ -16,6 +16,19 @@ else
 fi
 ruff check duopool services tests scripts
 
+# An outside gRPC client for the reflection tests (buf curl, from the npm registry): reflection v1 must be
+# readable by a client nobody here wrote.
+BUF_VERSION=1.75.0
+if [ ! -x .cache/tools/node_modules/.bin/buf ] && command -v npm >/dev/null 2>&1; then
+  echo "installing buf $BUF_VERSION (npm) for the reflection tests"
+  mkdir -p .cache/tools
+  npm install --silent --no-audit --no-fund --prefix .cache/tools "@bufbuild/buf@$BUF_VERSION" \
+    || echo "buf could not be installed: the buf reflection test will say so" >&2
+fi
+if [ -x .cache/tools/node_modules/.bin/buf ]; then
+  export DUOPOOL_BUF="$PWD/.cache/tools/node_modules/.bin/buf"
+fi
+
 set +e
 python -m pytest -p no:cacheprovider -ra "$@"
 rc=$?

@@ -42,9 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--scheduler", default=None, help=SCHEDULER_HELP)
     st.add_argument("--json", action="store_true", help="print JSON instead of text")
     st.set_defaults(func=run_stats)
-    h = sub.add_parser("health", help="check a service's gRPC health (exit 0 when SERVING)")
+    h = sub.add_parser("health", help="check a service's gRPC health: Watch until SERVING, then List every "
+                                      "service (exit 0 when all SERVING)")
     h.add_argument("address", help="host:port")
-    h.add_argument("--timeout", type=float, default=3.0)
+    h.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for SERVING (default 3)")
+    h.add_argument("-q", "--quiet", action="store_true", help="print nothing; the exit status says it")
     h.set_defaults(func=run_health)
 
 
@@ -69,14 +71,21 @@ def run_workers(args: argparse.Namespace) -> int:
 
 
 def run_health(args: argparse.Namespace) -> int:
-    from duopool.common.rpc import wait_healthy
+    import grpc
+
+    from duopool.common.rpc import health_report
 
     try:
-        asyncio.run(wait_healthy(args.address, timeout=args.timeout))
-    except TimeoutError as exc:
-        print(exc, file=sys.stderr)
+        statuses = asyncio.run(health_report(args.address, timeout=args.timeout))
+    except (TimeoutError, grpc.aio.AioRpcError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    if not args.quiet:
+        print(f"{args.address}: SERVING")
+        for name, status in statuses.items():
+            if name:
+                print(f"  {name}: {status}")
+    return 0 if all(s == "SERVING" for s in statuses.values()) else 1
 
 
 def run_set_role(args: argparse.Namespace) -> int:

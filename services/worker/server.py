@@ -8,6 +8,7 @@ engine, and tells the broker when it is done so the segment is freed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pathlib
@@ -154,10 +155,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             "duopool.prompt_tokens": len(ids), "duopool.export_kv": bool(transfer_id)})
         try:
             with trace.use_span(span, end_on_exit=True):
-                async for o in self._run(ereq):
-                    if out is None:
-                        span.add_event("duopool.first_token")
-                    out = o
+                async with contextlib.aclosing(self._run(ereq)) as outputs:
+                    async for o in outputs:
+                        if out is None:
+                            span.add_event("duopool.first_token")
+                        out = o
                 if out is not None:
                     span.set_attributes({"duopool.output_tokens": len(out.token_ids),
                                          "duopool.finish_reason": out.finish_reason or ""})
@@ -231,8 +233,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             "duopool.context_tokens": len(prompt), "duopool.max_tokens": request.max_tokens,
             "duopool.kv.offered": bool(transfer_id)})
         produced, cached, reason = 0, 0, ""
+        outputs = self._run(ereq)
         try:
-            async for o in self._run(ereq):
+            async for o in outputs:
                 produced += len(o.token_ids)
                 cached = cached or o.num_cached_tokens
                 reason = o.finish_reason or reason
@@ -252,6 +255,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except Exception as exc:  # noqa: BLE001
             await context.abort(*self._engine_failure(exc))
         finally:
+            await outputs.aclose()  # a cancelled stream stops its engine request now
             span.set_attributes({"duopool.output_tokens": produced, "duopool.cached_tokens": cached,
                                  "duopool.finish_reason": reason})
             span.end()
@@ -431,15 +435,25 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         """The engine's outputs, tracked for preemption: an abort caused by Preempt ends as "preempted"."""
         ended = asyncio.Event()
         self.active[ereq.request_id] = (ereq.offline, ended)
+        finished = False
+        stream = self.engine.generate(ereq)
         try:
-            async for o in self.engine.generate(ereq):
+            async for o in stream:
                 if o.finished and ereq.request_id in self.preempted:
                     o.finish_reason = "preempted"
+                finished = finished or o.finished
                 yield o
         finally:
-            ended.set()
-            self.active.pop(ereq.request_id, None)
-            self.preempted.discard(ereq.request_id)
+            # Closed early (the caller went away while this was suspended at a yield): the engine request
+            # must stop now, not whenever the garbage collector finalizes the abandoned generators.
+            try:
+                if not finished:
+                    await self.engine.abort(ereq.request_id)
+                await stream.aclose()
+            finally:
+                ended.set()
+                self.active.pop(ereq.request_id, None)
+                self.preempted.discard(ereq.request_id)
 
     async def Preempt(self, request: worker_pb2.PreemptRequest, context):
         if request.request_class != common_pb2.OFFLINE:

@@ -10,6 +10,7 @@ does the rest.
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import grpc
 import pytest
@@ -299,3 +300,54 @@ def test_health_and_reflection_make_no_spans_while_generate_is_one_trace(cluster
     assert len(roots) == 1 and roots[0].name == "/duopool.v1.Router/Generate"
     untraced = {sp.name for sp in otlp_sink.spans() if sp.name.startswith(UNTRACED)}
     assert not untraced, untraced
+
+
+def test_duopool_health_watches_then_lists_like_the_compose_healthcheck(cluster):
+    """The compose healthcheck's command: exit 0 with every service listed SERVING; a port nobody serves
+    fails within its timeout, naming the address."""
+    import subprocess
+    import sys
+
+    for name, service in SERVICES.items():
+        out = subprocess.run([sys.executable, "-m", "duopool", "health", cluster.address(name)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert f"{service}: SERVING" in out.stdout, out.stdout
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    out = subprocess.run([sys.executable, "-m", "duopool", "health", "--quiet", "--timeout", "1", dead],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and dead in out.stderr and not out.stdout, (out.returncode, out.stderr)
+
+
+def _buf() -> str:
+    """buf (npm's @bufbuild/buf), which scripts/test.sh installs: a gRPC client nobody here wrote."""
+    import os
+    import shutil
+
+    path = os.environ.get("DUOPOOL_BUF") or shutil.which("buf")
+    if not path:
+        if os.environ.get("CI"):
+            pytest.fail("buf is not installed (scripts/test.sh installs it with npm into .cache/tools)")
+        pytest.skip("buf is not installed (scripts/test.sh installs it with npm into .cache/tools)")
+    return path
+
+
+@pytest.mark.parametrize("protocol", ["grpc-v1", "grpc-v1alpha"])
+def test_buf_curl_reads_reflection_and_calls_the_router(cluster, protocol):
+    """``buf curl`` lists the router's methods through reflection (each protocol forced in turn), then calls
+    ListWorkers with the schema it downloaded: the registered workers come back as JSON."""
+    import json
+    import subprocess
+
+    base = ["--protocol", "grpc", "--http2-prior-knowledge", "--reflect-protocol", protocol]
+    url = f"http://{cluster.address('router')}"
+    out = subprocess.run([_buf(), "curl", *base, "--list-methods", url], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    methods = set(out.stdout.split())
+    assert {"duopool.v1.Router/Generate", "duopool.v1.Router/ListWorkers", "duopool.v1.Router/SubmitBatch"} <= methods
+    out = subprocess.run([_buf(), "curl", *base, "-d", "{}", f"{url}/duopool.v1.Router/ListWorkers"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert {w["workerId"] for w in json.loads(out.stdout)["workers"]} == {"prefill-0", "decode-0"}

@@ -22,13 +22,14 @@ class VllmEngine(Engine):
     simulated = False
 
     def __init__(self, model: str, max_model_len: int, kv_dir: str, kv_cache_gib: float = 1.0,
-                 threads: int = 1, block_size: int = BLOCK_SIZE) -> None:
+                 threads: int = 1, block_size: int = BLOCK_SIZE, dtype: str = "auto") -> None:
         self._model_arg = model
         self._max_model_len = max_model_len
         self._kv_dir = kv_dir
         self._kv_cache_gib = kv_cache_gib
         self._threads = threads
         self._block_size = block_size
+        self._dtype = dtype
         self._llm = None
         self._tokenizer = None
         self._model_path = ""
@@ -36,7 +37,8 @@ class VllmEngine(Engine):
 
     @classmethod
     def from_config(cls, config) -> VllmEngine:
-        return cls(config.model, config.max_model_len, config.kv_dir, config.kv_cache_gib, config.threads)
+        return cls(config.model, config.max_model_len, config.kv_dir, config.kv_cache_gib, config.threads,
+                   dtype=config.dtype)
 
     async def start(self) -> None:
         from duopool.models import resolve_model
@@ -59,6 +61,7 @@ class VllmEngine(Engine):
             model=self._model_path,
             max_model_len=self._max_model_len,
             block_size=self._block_size,
+            dtype=self._dtype,
             enforce_eager=True,
             enable_prefix_caching=True,
             disable_log_stats=True,
