@@ -43,14 +43,16 @@ def otel_env(sink: OtlpSink) -> dict[str, str]:
     }
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+def wait_for(predicate, timeout: float, interval: float = 0.1, what="condition"):
+    """Poll `predicate` until it is truthy. `what` names the condition; a callable is evaluated at the timeout,
+    so the message shows the state the wait ended in, not the one it started from."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
 
 
 @pytest.fixture()

@@ -130,7 +130,7 @@ def test_one_trace_spans_all_four_services(router, otlp_sink):
     wait_for(lambda: {"duopool-router", "duopool-scheduler", "duopool-kvtransfer"} <= services()
              and any(x.startswith("duopool-prefill") for x in services()) and "duopool-decode-0" in services()
              and want <= names(), timeout=15,
-             what=f"spans of all services in trace {s.trace_id} (have {services()}, {names()})")
+             what=lambda: f"spans of all services in trace {s.trace_id} (have {services()}, {names()})")
     spans = otlp_sink.spans(s.trace_id)
     roots = [sp for sp in spans if not sp.parent_span_id]
     assert len(roots) == 1 and roots[0].service == "duopool-router"

@@ -76,7 +76,7 @@ def wait_idle(cluster) -> None:
         return running, scheduler_inflight(cluster)
 
     wait_for(lambda: busy() == ({}, 0), 10, interval=0.1,
-             what=f"abandoned requests to leave the engines and the scheduler (still: {busy()})")
+             what=lambda: f"abandoned requests to leave the engines and the scheduler (still: {busy()})")
 
 
 def decoding(cluster) -> bool:

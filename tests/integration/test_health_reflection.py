@@ -292,11 +292,15 @@ def test_health_and_reflection_make_no_spans_while_generate_is_one_trace(cluster
     def services():
         return {sp.service for sp in otlp_sink.spans(trace_id)}
 
-    # every service exports in order, so once the Generate trace is in, the health calls' spans would be too
+    def roots():
+        return [sp for sp in otlp_sink.spans(trace_id) if not sp.parent_span_id]
+
+    # every service exports in order, so once the Generate trace is in (its root span, which the router ends
+    # last, included), the health calls' spans would be too
     wait_for(lambda: {"duopool-router", "duopool-scheduler", "duopool-kvtransfer", "duopool-prefill-0",
-                      "duopool-decode-0"} <= services(), timeout=15,
-             what=f"the spans of trace {trace_id} (have {services()})")
-    roots = [sp for sp in otlp_sink.spans(trace_id) if not sp.parent_span_id]
+                      "duopool-decode-0"} <= services() and roots(), timeout=15,
+             what=lambda: f"the spans of trace {trace_id} (have {services()}, roots {[sp.name for sp in roots()]})")
+    roots = roots()
     assert len(roots) == 1 and roots[0].name == "/duopool.v1.Router/Generate"
     untraced = {sp.name for sp in otlp_sink.spans() if sp.name.startswith(UNTRACED)}
     assert not untraced, untraced

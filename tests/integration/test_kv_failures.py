@@ -145,7 +145,7 @@ def deleted_segments_held(pid: int, dirs: list[pathlib.Path]) -> list[str]:
 def assert_no_leaks(cluster) -> None:
     """Once leases (and the orphan sweep) have passed: no segment file left, no process holding one."""
     wait_for(lambda: not segment_files(cluster), timeout=6 * LEASE_S + 5,
-             what=f"kv dirs to be empty (left: {segment_files(cluster)})")
+             what=lambda: f"kv dirs to be empty (left: {segment_files(cluster)})")
     dirs = [cluster.kv_dir, cluster.host_b_kv_dir]
     for name, proc in cluster.procs.items():
         if proc.spec.service in ("worker", "kvtransfer") and proc.popen.poll() is None:
@@ -190,7 +190,7 @@ def test_cross_host_decode_pulls_through_read_then_loads(cluster):
     for i in range(3):
         p = prefill(cluster, f"xh-s{i}", prompt(f"s{i}"), decode="decode-2")
         assert decode(cluster, "decode-2", p, f"xh-s{i}")[1] == 192
-    wait_for(lambda: sockets() <= n0, timeout=5, what=f"decode-2's sockets back to {n0} (now {sockets()})")
+    wait_for(lambda: sockets() <= n0, timeout=5, what=lambda: f"decode-2's sockets back to {n0} (now {sockets()})")
     assert_no_leaks(cluster)
 
 

@@ -45,7 +45,7 @@ def test_prefill_pressure_moves_a_decode_worker_to_prefill(cluster, redis_server
                 text=f"question {i} " * 8, max_tokens=4, request_class=common_pb2.ONLINE,
                 slo=common_pb2.Slo(ttft_ms=0.01, tpot_ms=60_000)), timeout=30))
         wait_for(lambda: sorted(roles().values()) == ["DECODE", "PREFILL", "PREFILL"], timeout=15,
-                 what=f"a decode worker to become prefill (roles {roles()})")
+                 what=lambda: f"a decode worker to become prefill (roles {roles()})")
         st = sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
         assert st.role_moves == 1
         moved = next(w for w, r in roles().items() if r == "PREFILL" and w != "prefill-0")
