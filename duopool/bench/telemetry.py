@@ -1,16 +1,18 @@
 """``duopool bench telemetry``: what metrics and tracing cost the serving path, measured in one run.
 
-Two local clusters with SIMULATED workers (sped up, so the serving layers — router, scheduler, gRPC, Redis —
-are what is timed, not the simulated model) run side by side:
+Local clusters with SIMULATED workers (sped up, so the serving layers — router, scheduler, gRPC, Redis — are
+what is timed, not the simulated model) run side by side:
 
 * **on**: every service updates its Prometheus metrics and serves ``/metrics`` (scraped every second during
   the run), and traces every request (our spans inside the gRPC ones) to an OTLP receiver in this process;
-* **off**: ``DUOPOOL_METRICS=0`` (metric updates are no-ops, no ``/metrics``) and ``DUOPOOL_TRACING=0`` (no
-  gRPC instrumentation, no spans).
+* **sampled**: the same, with head sampling (``OTEL_TRACES_SAMPLER=parentbased_traceidratio``,
+  ``OTEL_TRACES_SAMPLER_ARG`` = ``--sample``): the router decides per request, every other service follows;
+* **metrics**: metrics on, ``DUOPOOL_TRACING=0`` (no gRPC instrumentation, no spans);
+* **off**: ``DUOPOOL_METRICS=0`` (metric updates are no-ops, no ``/metrics``) and ``DUOPOOL_TRACING=0``.
 
-The same load (``--requests`` Generate calls, ``--concurrency`` at a time) goes to each in alternating rounds
-(on, off, on, off, ...) so drift of a noisy machine hits both; the medians over rounds and their ratios are
-printed and written to ``DIR/telemetry.json``.
+The same load (``--requests`` Generate calls, ``--concurrency`` at a time) goes to each in rotating rounds
+so drift of a noisy machine hits all; the medians over rounds and their ratios to **off** are printed and
+written to ``DIR/telemetry.json``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=3, help="rounds per side, alternating [3]")
     p.add_argument("--sim-speedup", type=float, default=50.0,
                    help="divide the simulated step times by this (so the serving layers dominate) [50]")
+    p.add_argument("--sample", type=float, default=0.1,
+                   help="trace sampling ratio of the `sampled` side [0.1]")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/bench"), help="output dir")
     p.set_defaults(func=main)
 
@@ -84,7 +88,11 @@ def main(a: argparse.Namespace) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     sink = OtlpSink().start()
     base = {"DUOPOOL_SIM_SPEEDUP": str(a.sim_speedup)}
-    envs = {"on": {**base, "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint, "OTEL_TRACES_EXPORTER": "otlp"},
+    traced = {**base, "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint, "OTEL_TRACES_EXPORTER": "otlp"}
+    envs = {"on": traced,
+            "sampled": {**traced, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                        "OTEL_TRACES_SAMPLER_ARG": str(a.sample)},
+            "metrics": {**base, "DUOPOOL_TRACING": "0", "OTEL_TRACES_EXPORTER": "none"},
             "off": {**base, "DUOPOOL_METRICS": "0", "DUOPOOL_TRACING": "0", "OTEL_TRACES_EXPORTER": "none"}}
     clusters = {}
     stop = threading.Event()
@@ -96,17 +104,18 @@ def main(a: argparse.Namespace) -> int:
             c.start(timeout=120)
             clusters[side] = c
             print(f"{side}: cluster up (router {c.router_address})", file=sys.stderr, flush=True)
-        scraper = threading.Thread(target=_scraper, args=(list(clusters["on"].metrics_urls().values()), stop),
-                                   daemon=True)
+        urls = [u for side in ("on", "sampled", "metrics") for u in clusters[side].metrics_urls().values()]
+        scraper = threading.Thread(target=_scraper, args=(urls, stop), daemon=True)
         scraper.start()
         for c in clusters.values():  # warm up: channels, first placements
             _round(c.router_address, 20, a.concurrency, a.max_tokens)
-        rounds: dict[str, list[dict]] = {"on": [], "off": []}
+        sides = list(envs)
+        rounds: dict[str, list[dict]] = {side: [] for side in sides}
         for r in range(a.rounds):
-            for side in ("on", "off") if r % 2 == 0 else ("off", "on"):
+            for side in sides[r % len(sides):] + sides[:r % len(sides)]:  # rotate who goes first
                 res = _round(clusters[side].router_address, a.requests, a.concurrency, a.max_tokens)
                 rounds[side].append(res)
-                print(f"round {r + 1} {side:>3}: {res['req_s']:.1f} req/s, TTFT p50 {res['ttft_ms_p50']:.1f} ms, "
+                print(f"round {r + 1} {side:>7}: {res['req_s']:.1f} req/s, TTFT p50 {res['ttft_ms_p50']:.1f} ms, "
                       f"e2e p50 {res['e2e_ms_p50']:.1f} ms", file=sys.stderr, flush=True)
     finally:
         stop.set()
@@ -115,15 +124,18 @@ def main(a: argparse.Namespace) -> int:
         spans = len(sink.spans())
         sink.stop()
     med = {side: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for side, rs in rounds.items()}
-    ratio = {k: med["on"][k] / med["off"][k] for k in med["on"]}
+    over_off = {side: {k: med[side][k] / med["off"][k] for k in med["off"]} for side in med if side != "off"}
     out = {"requests_per_round": a.requests, "concurrency": a.concurrency, "max_tokens": a.max_tokens,
-           "rounds": rounds, "median": med, "on_over_off": ratio, "spans_received": spans,
-           "engine": "SIMULATED", "sim_speedup": a.sim_speedup}
+           "sample_ratio": a.sample, "rounds": rounds, "median": med, "on_over_off": over_off["on"],
+           "over_off": over_off, "spans_received": spans, "engine": "SIMULATED", "sim_speedup": a.sim_speedup}
     (a.out / "telemetry.json").write_text(json.dumps(out, indent=2))
-    print(f"metrics+tracing on vs off (medians of {a.rounds} rounds, SIMULATED workers):\n"
-          f"  throughput {med['on']['req_s']:.1f} vs {med['off']['req_s']:.1f} req/s ({ratio['req_s']:.3f}x)\n"
-          f"  TTFT p50   {med['on']['ttft_ms_p50']:.1f} vs {med['off']['ttft_ms_p50']:.1f} ms "
-          f"({ratio['ttft_ms_p50']:.3f}x)\n"
-          f"  e2e p50    {med['on']['e2e_ms_p50']:.1f} vs {med['off']['e2e_ms_p50']:.1f} ms ({ratio['e2e_ms_p50']:.3f}x)\n"
-          f"  {spans} spans received; wrote {a.out / 'telemetry.json'}")
+    print(f"medians of {a.rounds} rounds, SIMULATED workers; ratio to off (metrics and tracing off):")
+    for side in sides:
+        m, r = med[side], over_off.get(side)
+        rel = (f"  ({r['req_s']:.3f}x req/s, {r['ttft_ms_p50']:.3f}x TTFT, {r['e2e_ms_p50']:.3f}x e2e)"
+               if r else "")
+        label = f"sampled {a.sample:g}" if side == "sampled" else side
+        print(f"  {label:>12}: {m['req_s']:6.1f} req/s, TTFT p50 {m['ttft_ms_p50']:5.1f} ms, "
+              f"e2e p50 {m['e2e_ms_p50']:5.1f} ms{rel}")
+    print(f"  {spans} spans received; wrote {a.out / 'telemetry.json'}")
     return 0
