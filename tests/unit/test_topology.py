@@ -5,7 +5,7 @@ import pathlib
 import pytest
 
 from duopool.cli.main import build_parser
-from duopool.topology import Topology, compose_services, render_compose, render_prometheus
+from duopool.topology import Topology, compose_services, render_compose, render_compose_gpu, render_prometheus
 
 pytestmark = pytest.mark.unit
 
@@ -15,6 +15,53 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def test_committed_compose_file_is_the_rendered_topology():
     assert (ROOT / "docker-compose.yml").read_text() == render_compose(), \
         "docker-compose.yml is stale: python -m duopool.topology > docker-compose.yml"
+
+
+def test_committed_gpu_override_is_the_rendered_topology():
+    assert (ROOT / "docker-compose.gpu.yml").read_text() == render_compose_gpu(), \
+        "docker-compose.gpu.yml is stale: python -m duopool.topology gpu > docker-compose.gpu.yml"
+
+
+def test_compose_services_restart_wait_for_health_and_keep_the_baked_model():
+    yaml = pytest.importorskip("yaml")
+    doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    ours = {s.name: s for s in compose_services(Topology())}
+    for name, svc in doc["services"].items():
+        assert svc.get("restart") == "unless-stopped", name
+    for name, spec in ours.items():
+        svc = doc["services"][name]
+        hc = svc["healthcheck"]
+        assert hc["test"][-1] == f"127.0.0.1:{spec.flags['port']}" and hc["timeout"] and hc["start_period"], name
+        assert svc["deploy"]["resources"]["limits"]["memory"], name
+        for dep, cond in svc.get("depends_on", {}).items():  # started once healthy, not merely started
+            assert cond == {"condition": "service_healthy"} and "healthcheck" in doc["services"][dep], (name, dep)
+        mounts = [v.split(":")[1] for v in svc.get("volumes", [])]
+        assert not any(m.startswith("/root") or m.startswith("/opt/duopool") for m in mounts), \
+            f"{name}: a volume would shadow the image's model checkpoint"
+        if spec.service == "worker":  # vLLM's CPU engine needs more than Docker's 64 MiB of /dev/shm
+            assert svc.get("shm_size") or svc.get("ipc") == "host", name
+    assert set(doc["services"]["prefill-0"]["depends_on"]) == {"redis", "scheduler", "kvtransfer"}
+    router = doc["services"]["router"]
+    assert router["environment"]["DUOPOOL_PUBLISH_ADDR"] == "${DUOPOOL_PUBLISH_ADDR:-127.0.0.1}"
+    assert all(p.startswith("${DUOPOOL_PUBLISH_ADDR:-127.0.0.1}:") for p in router["ports"])
+    # every user of the kv-shm volume may write it (the services run as an unprivileged user)
+    assert "mode=1777" in doc["volumes"]["kv-shm"]["driver_opts"]["o"]
+
+
+def test_gpu_override_gives_each_worker_its_own_gpu_and_the_cuda_image():
+    yaml = pytest.importorskip("yaml")
+    doc = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())
+    workers = [s.name for s in compose_services(Topology()) if s.service == "worker"]
+    assert set(doc["services"]) == set(workers)
+    devices = []
+    for name in workers:
+        svc = doc["services"][name]
+        assert svc["build"]["args"]["ENGINE"].startswith("vllm==") and svc["build"]["args"]["TORCH"] == ""
+        (res,) = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert res["driver"] == "nvidia" and res["capabilities"] == ["gpu"]
+        devices.append(res["device_ids"][0].rsplit(":-", 1)[1].rstrip("}"))
+        assert "NCCL_SOCKET_IFNAME" in svc["environment"] and "UCX_TLS" in svc["environment"]
+    assert len(set(devices)) == len(workers), f"workers share a GPU by default: {devices}"
 
 
 def test_committed_prometheus_config_is_the_rendered_topology():
