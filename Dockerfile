@@ -41,6 +41,7 @@ RUN --mount=type=secret,id=pip_cert \
  && (dpip uninstall -y torchvision torchaudio torchcodec || true)
 
 FROM engine AS deps
+ARG PIP_INDEX_URL= PIP_EXTRA_INDEX_URL= PIP_FIND_LINKS=
 COPY pyproject.toml /tmp/pyproject.toml
 RUN --mount=type=secret,id=pip_cert \
     python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]["dependencies"]))' \
@@ -54,6 +55,7 @@ COPY duopool/models.py /tmp/dpmodels/models.py
 RUN python3 -c 'import sys; sys.path.insert(0, "/tmp/dpmodels"); import models; print(models.smollm2_checkpoint())'
 
 FROM deps
+ARG PIP_INDEX_URL= PIP_EXTRA_INDEX_URL= PIP_FIND_LINKS=
 ENV DUOPOOL_CACHE_DIR=/opt/duopool/cache HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin duopool \
  && mkdir -p /opt/duopool /dev/shm/duopool-kv && chown duopool /opt/duopool

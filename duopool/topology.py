@@ -135,7 +135,9 @@ def render_compose(topo: Topology | None = None) -> str:
         "    restart: unless-stopped",
         # A password from the host's environment (empty: none) and no admin commands for clients.
         "    command:",
-        _yaml_list(["redis-server", "--appendonly", "yes", "--appendfsync", "always",
+        # Protected mode off (as the official image's entrypoint does): it would refuse the other containers
+        # when no password is set; Redis is reachable on the compose network only.
+        _yaml_list(["redis-server", "--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "no",
                     "--requirepass", "${DUOPOOL_REDIS_PASSWORD:-}",
                     *[x for c in ADMIN_COMMANDS for x in ("--rename-command", c, "")]], 6),
         "    environment:",

@@ -37,4 +37,9 @@ if [ "$rc" = 5 ]; then
   echo "pytest collected no tests: failing" >&2
   exit 1
 fi
-exit "$rc"
+[ "$rc" = 0 ] || exit "$rc"
+# CI also runs the compose stack for real (podman; installs what it needs, bounded, removes what it built).
+# Elsewhere: DUOPOOL_COMPOSE_SMOKE=1 bash scripts/test.sh, or bash scripts/compose_smoke.sh on its own.
+if [ "${DUOPOOL_COMPOSE_SMOKE:-${CI:-false}}" = true ] || [ "${DUOPOOL_COMPOSE_SMOKE:-}" = 1 ]; then
+  bash scripts/compose_smoke.sh
+fi
