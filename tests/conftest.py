@@ -43,6 +43,18 @@ def otel_env(sink: OtlpSink) -> dict[str, str]:
     }
 
 
+def traced_sim_cluster(tmp_path_factory, redis_server, otlp_sink, **topology):
+    """A started local cluster of SIMULATED workers tracing to ``otlp_sink`` (stop it when done)."""
+    from duopool.launcher import LocalCluster
+    from duopool.topology import Topology
+
+    c = LocalCluster(Topology(engine="sim", **topology), tmp_path_factory.mktemp("run"),
+                     redis_url=redis_server.url, router_port=0, extra_env=otel_env(otlp_sink))
+    c.log = lambda m: None
+    c.start(timeout=120)
+    return c
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.1, what="condition"):
     """Poll `predicate` until it is truthy. `what` names the condition; a callable is evaluated at the timeout,
     so the message shows the state the wait ended in, not the one it started from."""

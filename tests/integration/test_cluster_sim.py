@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from duopool.launcher import LocalCluster
 from duopool.topology import Topology
 from duopool.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.conftest import otel_env, wait_for
+from tests.conftest import traced_sim_cluster, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -20,10 +20,7 @@ LONG_PROMPT = " ".join(f"word{i}" for i in range(40))  # 40 sim tokens: 2 full b
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, redis_server, otlp_sink):
-    c = LocalCluster(Topology(engine="sim", prefill_workers=2, decode_workers=1), tmp_path_factory.mktemp("run"),
-                     redis_url=redis_server.url, router_port=0, extra_env=otel_env(otlp_sink))
-    c.log = lambda m: None
-    c.start(timeout=120)
+    c = traced_sim_cluster(tmp_path_factory, redis_server, otlp_sink, prefill_workers=2, decode_workers=1)
     yield c
     c.stop()
 

@@ -25,10 +25,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from duopool.common.rpc import Server
 from duopool.common.telemetry import grpc_trace_filter
-from duopool.launcher import LocalCluster
-from duopool.topology import Topology
 from duopool.v1 import common_pb2, router_pb2, router_pb2_grpc
-from tests.conftest import otel_env, wait_for
+from tests.conftest import traced_sim_cluster, wait_for
 
 grpc_requests = pytest.importorskip("grpc_requests")
 
@@ -242,10 +240,7 @@ async def test_grpc_requests_reads_reflection_v1_and_v1alpha(traced_server):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, redis_server, otlp_sink):
-    c = LocalCluster(Topology(engine="sim", prefill_workers=1, decode_workers=1), tmp_path_factory.mktemp("run"),
-                     redis_url=redis_server.url, router_port=0, extra_env=otel_env(otlp_sink))
-    c.log = lambda m: None
-    c.start(timeout=120)
+    c = traced_sim_cluster(tmp_path_factory, redis_server, otlp_sink, prefill_workers=1, decode_workers=1)
     yield c
     c.stop()
 
