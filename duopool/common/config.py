@@ -92,6 +92,12 @@ class SchedulerConfig(ServiceConfig):
                                 "online work there for this long (keeps preempt/re-dispatch from thrashing)")
     ttft_slo_ms: float = opt(1000.0, "DUOPOOL_TTFT_SLO_MS", "TTFT SLO for online requests that carry none, ms")
     tpot_slo_ms: float = opt(100.0, "DUOPOOL_TPOT_SLO_MS", "TPOT SLO for online requests that carry none, ms")
+    perf_hardware: str = opt("H100-SXM", "DUOPOOL_PERF_HARDWARE",
+                             "research policies: the hardware the decision core's performance model predicts "
+                             "step times for (the workers' accelerator; the sim engine's --sim-hardware)")
+    perf_model: str = opt("llama-3.1-8b", "DUOPOOL_PERF_MODEL",
+                          "research policies: the model the decision core's performance model predicts for "
+                          "(built-in name or config.json path; the sim engine's --sim-model)")
 
     @property
     def role_balance_interval_s(self) -> float:
@@ -108,9 +114,11 @@ class SchedulerConfig(ServiceConfig):
             raise ConfigError("worker_ttl_s", "must be > 0")
         import duopool.core.policies  # noqa: F401 - registers the policies' names
         from duopool.core.placement import placement_policy_names
+        from duopool.core.policies import policy_names
 
-        if self.policy not in placement_policy_names():
-            raise ConfigError("policy", f"unknown policy {self.policy!r}; known: {', '.join(placement_policy_names())}")
+        known = placement_policy_names() + policy_names()
+        if self.policy not in known:
+            raise ConfigError("policy", f"unknown policy {self.policy!r}; known: {', '.join(known)}")
         if self.offline_per_worker < 0:
             raise ConfigError("offline_per_worker", "must be >= 0")
         if not 0 <= self.offline_with_online <= self.offline_per_worker:

@@ -102,6 +102,8 @@ OFFLINE_BUFFERED = Gauge("duopool_offline_buffered_requests", "batch requests re
 ACTIVE_JOBS = Gauge("duopool_offline_active_jobs", "batch jobs with work queued or running", registry=REGISTRY)
 JOBS = Counter("duopool_jobs", "batch jobs made (gRPC SubmitBatch: scheduler; OpenAI batches: router)",
                registry=REGISTRY)
+DECISIONS = Counter("duopool_scheduler_decisions", "decisions of the decision core (research policies) by kind "
+                    "(place|hold|reject|preempt|move|set_role) and reason", ["kind", "reason"], registry=REGISTRY)
 ROLE_CHANGES = Counter("duopool_role_changes", "worker role changes ordered (to=prefill|decode|mixed, "
                        "source=operator|balancer)", ["to", "source"], registry=REGISTRY)
 SLO_PRESSURE = Gauge("duopool_slo_pressure_ratio", "per worker: moving average of observed / SLO latency "
@@ -140,14 +142,14 @@ KV_PARKED_BYTES = Gauge("duopool_kv_parked_bytes", "bytes of KV parked in the ho
 KV_PARKED = Gauge("duopool_kv_parked_segments", "KV segments parked in the host pool", registry=REGISTRY)
 
 METRICS = [REQUESTS, TTFT, TPOT, ITL, E2E, SLO, OUTPUT_TOKENS, OFFLINE_TOKENS, ROUTER_INFLIGHT, RESUMES,
-           PLACEMENTS, PREEMPTIONS, PREEMPTION_LATENCY, INFLIGHT, OFFLINE_REQUESTS, OFFLINE_RUNNING,
+           PLACEMENTS, DECISIONS, PREEMPTIONS, PREEMPTION_LATENCY, INFLIGHT, OFFLINE_REQUESTS, OFFLINE_RUNNING,
            OFFLINE_BUFFERED, ACTIVE_JOBS, JOBS, ROLE_CHANGES, SLO_PRESSURE, WORKER_RUNNING, WORKER_WAITING,
            WORKER_KV_USAGE, WORKER_TOKENS, WORKER_PHASE, ENGINE_STEP, WORKER_PREEMPTED, KV_EXPORTS,
            KV_EXPORT_BYTES, KV_LOADS, KV_TRANSFERS, KV_TRANSFER_BYTES, KV_ACTIVE, KV_PARKED_BYTES, KV_PARKED]
 
 SERVICE_OF = {  # which service updates which metric (the docs table)
     "router": [REQUESTS, TTFT, TPOT, ITL, E2E, OUTPUT_TOKENS, OFFLINE_TOKENS, ROUTER_INFLIGHT, RESUMES, JOBS],
-    "scheduler": [SLO, PLACEMENTS, PREEMPTIONS, PREEMPTION_LATENCY, INFLIGHT, OFFLINE_REQUESTS, OFFLINE_RUNNING,
+    "scheduler": [SLO, PLACEMENTS, DECISIONS, PREEMPTIONS, PREEMPTION_LATENCY, INFLIGHT, OFFLINE_REQUESTS, OFFLINE_RUNNING,
                   OFFLINE_BUFFERED, ACTIVE_JOBS, JOBS, ROLE_CHANGES, SLO_PRESSURE, OFFLINE_TOKENS],
     "worker": [WORKER_RUNNING, WORKER_WAITING, WORKER_KV_USAGE, WORKER_TOKENS, WORKER_PHASE, ENGINE_STEP,
                WORKER_PREEMPTED, KV_EXPORTS, KV_EXPORT_BYTES, KV_LOADS],

@@ -43,6 +43,9 @@ class WorkerRecord:
     waiting: int = 0
     kv_usage: float = 0.0
     last_heartbeat: float = 0.0
+    steps: int = -1  # engine steps run (the decision core advances its decode batches by them)
+    step_ms: float = 0.0  # the engine's last step
+    kv_capacity: int = 0  # KV tokens the engine holds (0: not reported)
 
     def to_hash(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -54,7 +57,8 @@ class WorkerRecord:
             engine=h["engine"], model=h["model"], max_model_len=int(h["max_model_len"]),
             block_size=int(h["block_size"]), host=h["host"], running=int(h.get("running", 0)),
             waiting=int(h.get("waiting", 0)), kv_usage=float(h.get("kv_usage", 0.0)),
-            last_heartbeat=float(h.get("last_heartbeat", 0.0)),
+            last_heartbeat=float(h.get("last_heartbeat", 0.0)), steps=int(h.get("steps", -1)),
+            step_ms=float(h.get("step_ms", 0.0)), kv_capacity=int(h.get("kv_capacity", 0)),
         )
 
 

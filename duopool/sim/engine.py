@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from duopool.core.brain import Brain
 from duopool.core.perfmodel import Efficiency, PerfModel
 from duopool.core.placement import Role
 from duopool.core.policies import PolicyConfig, SchedulingPolicy, get_policy
@@ -112,6 +113,9 @@ class Simulator:
             inst.inbox_online = 0  # type: ignore[attr-defined]  # online requests in inst.inbox
             insts.append(inst)
         self.cluster = Cluster(insts)
+        # the decision core (duopool.core.brain): the same routing, decode-target, step-plan and control
+        # questions the live scheduler asks, here over the simulator's own state and virtual clock
+        self.brain = Brain(self.policy, cluster=self.cluster, log_requests=0)
         self.events: list = []
         self._seq = itertools.count(1)  # FIFO among events at the same time
         self.now = 0.0
@@ -297,7 +301,7 @@ class Simulator:
             self.online_left -= 1
             self._kv_stats["rejected_online"] += 1
             return
-        inst = self.cluster.instances[self.policy.route(r, self.cluster, self.now)]
+        inst = self.brain.route(r, self.now)[0]
         self._enqueue_online(inst, r)
 
     def _enqueue_online(self, inst: Instance, r: Req) -> None:
@@ -355,7 +359,7 @@ class Simulator:
             self._join_inbox(inst)
         if len(self.cluster.backlog) < 2048:
             self._refill_backlog()
-        plan = self.policy.plan(inst, self.cluster, now)
+        plan = self.brain.plan(inst, now)
         for r in plan.evict:
             if r.phase == Phase.DECODING and r.inst == inst.idx:
                 self._evict(inst, r)
@@ -462,7 +466,7 @@ class Simulator:
             if r.cls == ONLINE:
                 self.online_left -= 1
             return
-        dst = self.policy.decode_target(r, inst, self.cluster, now)
+        dst = self.brain.decode_target(r, inst, now)
         r.kv_res = r.prompt + 1 + inst.block_size  # prompt + first token: exactly what joining the batch takes
         inst.kv_reserved += r.kv_res
         if dst == inst.idx:
@@ -766,7 +770,7 @@ class Simulator:
 
     # ================================================================ control
     def _tick(self) -> None:
-        acts = self.policy.tick(self.cluster, self.now)
+        acts = self.brain.control(self.now)
         for a in acts:
             if isinstance(a, SetRole):
                 inst = self.cluster.instances[a.instance]
@@ -796,7 +800,7 @@ class Simulator:
                 inst.queued_prefill_tokens -= r.prompt
                 inst.kv_reserved -= r.kv_res
                 r.kv_res = 0
-                self._enqueue_online(self.cluster.instances[self.policy.route(r, self.cluster, now)], r)
+                self._enqueue_online(self.brain.route(r, now)[0], r)
             for r in list(inst.waiting_off):
                 inst.waiting_off.remove(r)
                 self._back_to_backlog(inst, r)
@@ -804,7 +808,7 @@ class Simulator:
             for r in list(inst.decoding.values()):
                 if r.moving:
                     continue  # already leaving (a pull released at this boundary)
-                dst = self.policy.decode_target(r, inst, self.cluster, now)
+                dst = self.brain.decode_target(r, inst, now)
                 if dst != inst.idx:
                     self._move_out(inst, r, self.cluster.instances[dst])
 

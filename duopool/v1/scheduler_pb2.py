@@ -26,7 +26,7 @@ from duopool.v1 import common_pb2 as duopool_dot_v1_dot_common__pb2
 from duopool.v1 import router_pb2 as duopool_dot_v1_dot_router__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64uopool/v1/scheduler.proto\x12\nduopool.v1\x1a\x17\x64uopool/v1/common.proto\x1a\x17\x64uopool/v1/router.proto\"\x7f\n\x14SetWorkerRoleRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.duopool.v1.WorkerRole\x12\x1e\n\x04pool\x18\x03 \x01(\x0e\x32\x10.duopool.v1.Pool\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xc8\x01\n\x0cPlaceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\rrequest_class\x18\x02 \x01(\x0e\x32\x18.duopool.v1.RequestClass\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x1c\n\x03slo\x18\x05 \x01(\x0b\x32\x0f.duopool.v1.Slo\x12\x17\n\x0f\x65xclude_workers\x18\x06 \x03(\t\x12\x11\n\tclient_id\x18\x07 \x01(\t\"\x80\x01\n\tPlacement\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x07prefill\x18\x02 \x01(\x0b\x32\x16.duopool.v1.WorkerInfo\x12&\n\x06\x64\x65\x63ode\x18\x03 \x01(\x0b\x32\x16.duopool.v1.WorkerInfo\x12\x0e\n\x06policy\x18\x04 \x01(\t\"d\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x03 \x01(\x01\x12\x1c\n\x03slo\x18\x04 \x01(\x0b\x32\x0f.duopool.v1.Slo\"\x11\n\x0fReleaseResponse\"\x17\n\x15SchedulerStatsRequest\"\x8e\x03\n\x0eSchedulerStats\x12\x17\n\x0fonline_inflight\x18\x01 \x01(\x05\x12\x18\n\x10offline_inflight\x18\x02 \x01(\x05\x12\x13\n\x0bpreemptions\x18\x03 \x01(\x03\x12\x19\n\x11preemption_ms_p50\x18\x04 \x01(\x01\x12\x19\n\x11preemption_ms_p99\x18\x05 \x01(\x01\x12\x19\n\x11offline_completed\x18\x06 \x01(\x03\x12\x18\n\x10offline_requeued\x18\x07 \x01(\x03\x12\x0e\n\x06policy\x18\x08 \x01(\t\x12\x15\n\rpreemption_ms\x18\t \x03(\x01\x12\x17\n\x0fpreempt_trigger\x18\n \x01(\t\x12\x41\n\x0cslo_pressure\x18\x0b \x03(\x0b\x32+.duopool.v1.SchedulerStats.SloPressureEntry\x12\x12\n\nrole_moves\x18\x0c \x01(\x03\x1a\x32\n\x10SloPressureEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x86\x05\n\tScheduler\x12\x38\n\x05Place\x12\x18.duopool.v1.PlaceRequest\x1a\x15.duopool.v1.Placement\x12\x42\n\x07Release\x12\x1a.duopool.v1.ReleaseRequest\x1a\x1b.duopool.v1.ReleaseResponse\x12N\n\x0bListWorkers\x12\x1e.duopool.v1.ListWorkersRequest\x1a\x1f.duopool.v1.ListWorkersResponse\x12\x46\n\x0bSubmitBatch\x12\x1e.duopool.v1.SubmitBatchRequest\x1a\x17.duopool.v1.BatchStatus\x12@\n\x08GetBatch\x12\x1b.duopool.v1.GetBatchRequest\x1a\x17.duopool.v1.BatchStatus\x12I\n\x0fGetBatchResults\x12\x1b.duopool.v1.GetBatchRequest\x1a\x17.duopool.v1.BatchResult0\x01\x12\x43\n\x0b\x43\x61ncelBatch\x12\x1b.duopool.v1.GetBatchRequest\x1a\x17.duopool.v1.BatchStatus\x12\x46\n\x05Stats\x12!.duopool.v1.SchedulerStatsRequest\x1a\x1a.duopool.v1.SchedulerStats\x12I\n\rSetWorkerRole\x12 .duopool.v1.SetWorkerRoleRequest\x1a\x16.duopool.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64uopool/v1/scheduler.proto\x12\nduopool.v1\x1a\x17\x64uopool/v1/common.proto\x1a\x17\x64uopool/v1/router.proto\"\x7f\n\x14SetWorkerRoleRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.duopool.v1.WorkerRole\x12\x1e\n\x04pool\x18\x03 \x01(\x0e\x32\x10.duopool.v1.Pool\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xc8\x01\n\x0cPlaceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\rrequest_class\x18\x02 \x01(\x0e\x32\x18.duopool.v1.RequestClass\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x1c\n\x03slo\x18\x05 \x01(\x0b\x32\x0f.duopool.v1.Slo\x12\x17\n\x0f\x65xclude_workers\x18\x06 \x03(\t\x12\x11\n\tclient_id\x18\x07 \x01(\t\"\x9c\x01\n\tPlacement\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x07prefill\x18\x02 \x01(\x0b\x32\x16.duopool.v1.WorkerInfo\x12&\n\x06\x64\x65\x63ode\x18\x03 \x01(\x0b\x32\x16.duopool.v1.WorkerInfo\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x1a\n\x12report_first_token\x18\x05 \x01(\x08\"\'\n\x11\x46irstTokenRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"d\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x03 \x01(\x01\x12\x1c\n\x03slo\x18\x04 \x01(\x0b\x32\x0f.duopool.v1.Slo\"\x11\n\x0fReleaseResponse\"+\n\x15SchedulerStatsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x99\x04\n\x0eSchedulerStats\x12\x17\n\x0fonline_inflight\x18\x01 \x01(\x05\x12\x18\n\x10offline_inflight\x18\x02 \x01(\x05\x12\x13\n\x0bpreemptions\x18\x03 \x01(\x03\x12\x19\n\x11preemption_ms_p50\x18\x04 \x01(\x01\x12\x19\n\x11preemption_ms_p99\x18\x05 \x01(\x01\x12\x19\n\x11offline_completed\x18\x06 \x01(\x03\x12\x18\n\x10offline_requeued\x18\x07 \x01(\x03\x12\x0e\n\x06policy\x18\x08 \x01(\t\x12\x15\n\rpreemption_ms\x18\t \x03(\x01\x12\x17\n\x0fpreempt_trigger\x18\n \x01(\t\x12\x41\n\x0cslo_pressure\x18\x0b \x03(\x0b\x32+.duopool.v1.SchedulerStats.SloPressureEntry\x12\x12\n\nrole_moves\x18\x0c \x01(\x03\x12<\n\tdecisions\x18\r \x03(\x0b\x32).duopool.v1.SchedulerStats.DecisionsEntry\x12\x19\n\x11request_decisions\x18\x0e \x03(\t\x1a\x32\n\x10SloPressureEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x30\n\x0e\x44\x65\x63isionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xd0\x05\n\tScheduler\x12\x38\n\x05Place\x12\x18.duopool.v1.PlaceRequest\x1a\x15.duopool.v1.Placement\x12\x42\n\x07Release\x12\x1a.duopool.v1.ReleaseRequest\x1a\x1b.duopool.v1.ReleaseResponse\x12H\n\nFirstToken\x12\x1d.duopool.v1.FirstTokenRequest\x1a\x1b.duopool.v1.ReleaseResponse\x12N\n\x0bListWorkers\x12\x1e.duopool.v1.ListWorkersRequest\x1a\x1f.duopool.v1.ListWorkersResponse\x12\x46\n\x0bSubmitBatch\x12\x1e.duopool.v1.SubmitBatchRequest\x1a\x17.duopool.v1.BatchStatus\x12@\n\x08GetBatch\x12\x1b.duopool.v1.GetBatchRequest\x1a\x17.duopool.v1.BatchStatus\x12I\n\x0fGetBatchResults\x12\x1b.duopool.v1.GetBatchRequest\x1a\x17.duopool.v1.BatchResult0\x01\x12\x43\n\x0b\x43\x61ncelBatch\x12\x1b.duopool.v1.GetBatchRequest\x1a\x17.duopool.v1.BatchStatus\x12\x46\n\x05Stats\x12!.duopool.v1.SchedulerStatsRequest\x1a\x1a.duopool.v1.SchedulerStats\x12I\n\rSetWorkerRole\x12 .duopool.v1.SetWorkerRoleRequest\x1a\x16.duopool.v1.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,22 +35,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCHEDULERSTATS_SLOPRESSUREENTRY']._loaded_options = None
   _globals['_SCHEDULERSTATS_SLOPRESSUREENTRY']._serialized_options = b'8\001'
+  _globals['_SCHEDULERSTATS_DECISIONSENTRY']._loaded_options = None
+  _globals['_SCHEDULERSTATS_DECISIONSENTRY']._serialized_options = b'8\001'
   _globals['_SETWORKERROLEREQUEST']._serialized_start=92
   _globals['_SETWORKERROLEREQUEST']._serialized_end=219
   _globals['_PLACEREQUEST']._serialized_start=222
   _globals['_PLACEREQUEST']._serialized_end=422
   _globals['_PLACEMENT']._serialized_start=425
-  _globals['_PLACEMENT']._serialized_end=553
-  _globals['_RELEASEREQUEST']._serialized_start=555
-  _globals['_RELEASEREQUEST']._serialized_end=655
-  _globals['_RELEASERESPONSE']._serialized_start=657
-  _globals['_RELEASERESPONSE']._serialized_end=674
-  _globals['_SCHEDULERSTATSREQUEST']._serialized_start=676
-  _globals['_SCHEDULERSTATSREQUEST']._serialized_end=699
-  _globals['_SCHEDULERSTATS']._serialized_start=702
-  _globals['_SCHEDULERSTATS']._serialized_end=1100
-  _globals['_SCHEDULERSTATS_SLOPRESSUREENTRY']._serialized_start=1050
-  _globals['_SCHEDULERSTATS_SLOPRESSUREENTRY']._serialized_end=1100
-  _globals['_SCHEDULER']._serialized_start=1103
-  _globals['_SCHEDULER']._serialized_end=1749
+  _globals['_PLACEMENT']._serialized_end=581
+  _globals['_FIRSTTOKENREQUEST']._serialized_start=583
+  _globals['_FIRSTTOKENREQUEST']._serialized_end=622
+  _globals['_RELEASEREQUEST']._serialized_start=624
+  _globals['_RELEASEREQUEST']._serialized_end=724
+  _globals['_RELEASERESPONSE']._serialized_start=726
+  _globals['_RELEASERESPONSE']._serialized_end=743
+  _globals['_SCHEDULERSTATSREQUEST']._serialized_start=745
+  _globals['_SCHEDULERSTATSREQUEST']._serialized_end=788
+  _globals['_SCHEDULERSTATS']._serialized_start=791
+  _globals['_SCHEDULERSTATS']._serialized_end=1328
+  _globals['_SCHEDULERSTATS_SLOPRESSUREENTRY']._serialized_start=1228
+  _globals['_SCHEDULERSTATS_SLOPRESSUREENTRY']._serialized_end=1278
+  _globals['_SCHEDULERSTATS_DECISIONSENTRY']._serialized_start=1280
+  _globals['_SCHEDULERSTATS_DECISIONSENTRY']._serialized_end=1328
+  _globals['_SCHEDULER']._serialized_start=1331
+  _globals['_SCHEDULER']._serialized_end=2051
 # @@protoc_insertion_point(module_scope)

@@ -39,16 +39,24 @@ class PlaceRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., request_class: _Optional[_Union[_common_pb2.RequestClass, str]] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., slo: _Optional[_Union[_common_pb2.Slo, _Mapping]] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., client_id: _Optional[str] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("request_id", "prefill", "decode", "policy")
+    __slots__ = ("request_id", "prefill", "decode", "policy", "report_first_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prefill: _common_pb2.WorkerInfo
     decode: _common_pb2.WorkerInfo
     policy: str
-    def __init__(self, request_id: _Optional[str] = ..., prefill: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., decode: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., policy: _Optional[str] = ...) -> None: ...
+    report_first_token: bool
+    def __init__(self, request_id: _Optional[str] = ..., prefill: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., decode: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., policy: _Optional[str] = ..., report_first_token: _Optional[bool] = ...) -> None: ...
+
+class FirstTokenRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_id", "ttft_ms", "tpot_ms", "slo")
@@ -67,11 +75,13 @@ class ReleaseResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class SchedulerStatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class SchedulerStats(_message.Message):
-    __slots__ = ("online_inflight", "offline_inflight", "preemptions", "preemption_ms_p50", "preemption_ms_p99", "offline_completed", "offline_requeued", "policy", "preemption_ms", "preempt_trigger", "slo_pressure", "role_moves")
+    __slots__ = ("online_inflight", "offline_inflight", "preemptions", "preemption_ms_p50", "preemption_ms_p99", "offline_completed", "offline_requeued", "policy", "preemption_ms", "preempt_trigger", "slo_pressure", "role_moves", "decisions", "request_decisions")
     class SloPressureEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +89,13 @@ class SchedulerStats(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class DecisionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     ONLINE_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     OFFLINE_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +108,8 @@ class SchedulerStats(_message.Message):
     PREEMPT_TRIGGER_FIELD_NUMBER: _ClassVar[int]
     SLO_PRESSURE_FIELD_NUMBER: _ClassVar[int]
     ROLE_MOVES_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_DECISIONS_FIELD_NUMBER: _ClassVar[int]
     online_inflight: int
     offline_inflight: int
     preemptions: int
@@ -103,4 +122,6 @@ class SchedulerStats(_message.Message):
     preempt_trigger: str
     slo_pressure: _containers.ScalarMap[str, float]
     role_moves: int
-    def __init__(self, online_inflight: _Optional[int] = ..., offline_inflight: _Optional[int] = ..., preemptions: _Optional[int] = ..., preemption_ms_p50: _Optional[float] = ..., preemption_ms_p99: _Optional[float] = ..., offline_completed: _Optional[int] = ..., offline_requeued: _Optional[int] = ..., policy: _Optional[str] = ..., preemption_ms: _Optional[_Iterable[float]] = ..., preempt_trigger: _Optional[str] = ..., slo_pressure: _Optional[_Mapping[str, float]] = ..., role_moves: _Optional[int] = ...) -> None: ...
+    decisions: _containers.ScalarMap[str, int]
+    request_decisions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, online_inflight: _Optional[int] = ..., offline_inflight: _Optional[int] = ..., preemptions: _Optional[int] = ..., preemption_ms_p50: _Optional[float] = ..., preemption_ms_p99: _Optional[float] = ..., offline_completed: _Optional[int] = ..., offline_requeued: _Optional[int] = ..., policy: _Optional[str] = ..., preemption_ms: _Optional[_Iterable[float]] = ..., preempt_trigger: _Optional[str] = ..., slo_pressure: _Optional[_Mapping[str, float]] = ..., role_moves: _Optional[int] = ..., decisions: _Optional[_Mapping[str, int]] = ..., request_decisions: _Optional[_Iterable[str]] = ...) -> None: ...

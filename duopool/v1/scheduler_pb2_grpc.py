@@ -46,6 +46,11 @@ class SchedulerStub:
                 request_serializer=duopool_dot_v1_dot_scheduler__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=duopool_dot_v1_dot_scheduler__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.FirstToken = channel.unary_unary(
+                '/duopool.v1.Scheduler/FirstToken',
+                request_serializer=duopool_dot_v1_dot_scheduler__pb2.FirstTokenRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_scheduler__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
         self.ListWorkers = channel.unary_unary(
                 '/duopool.v1.Scheduler/ListWorkers',
                 request_serializer=duopool_dot_v1_dot_common__pb2.ListWorkersRequest.SerializeToString,
@@ -95,6 +100,14 @@ class SchedulerServicer:
 
     def Release(self, request, context):
         """Tells the scheduler a placed request has ended (frees its in-flight accounting).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FirstToken(self, request, context):
+        """Tells the scheduler a placed request produced its first token (its prefill is done and it joins its
+        decode worker's batch). Sent, fire and forget, only when the Placement asked for it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,6 +169,11 @@ def add_SchedulerServicer_to_server(servicer, server):
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
                     request_deserializer=duopool_dot_v1_dot_scheduler__pb2.ReleaseRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_scheduler__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'FirstToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.FirstToken,
+                    request_deserializer=duopool_dot_v1_dot_scheduler__pb2.FirstTokenRequest.FromString,
                     response_serializer=duopool_dot_v1_dot_scheduler__pb2.ReleaseResponse.SerializeToString,
             ),
             'ListWorkers': grpc.unary_unary_rpc_method_handler(
@@ -247,6 +265,33 @@ class Scheduler:
             target,
             '/duopool.v1.Scheduler/Release',
             duopool_dot_v1_dot_scheduler__pb2.ReleaseRequest.SerializeToString,
+            duopool_dot_v1_dot_scheduler__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FirstToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duopool.v1.Scheduler/FirstToken',
+            duopool_dot_v1_dot_scheduler__pb2.FirstTokenRequest.SerializeToString,
             duopool_dot_v1_dot_scheduler__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,

@@ -122,14 +122,16 @@ class StatsResponse(_message.Message):
     def __init__(self, info: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., requests_served: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., simulated: _Optional[bool] = ..., running_online: _Optional[int] = ..., running_offline: _Optional[int] = ...) -> None: ...
 
 class PreemptRequest(_message.Message):
-    __slots__ = ("request_class", "max_requests", "reason")
+    __slots__ = ("request_class", "max_requests", "reason", "request_ids")
     REQUEST_CLASS_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     request_class: _common_pb2.RequestClass
     max_requests: int
     reason: str
-    def __init__(self, request_class: _Optional[_Union[_common_pb2.RequestClass, str]] = ..., max_requests: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_class: _Optional[_Union[_common_pb2.RequestClass, str]] = ..., max_requests: _Optional[int] = ..., reason: _Optional[str] = ..., request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PreemptResponse(_message.Message):
     __slots__ = ("request_ids", "stop_ms")

@@ -140,6 +140,18 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.client_id = ""  # this router's liveness key id, once it keeps one (serve(), with Redis)
         self._cleanups: set[asyncio.Task] = set()
 
+    def _notify(self, coro, what: str) -> None:
+        """Sends a notice the request does not wait for (fire and forget; failures only logged)."""
+        async def run():
+            try:
+                await coro
+            except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+                log.debug("%s failed: %s", what, exc)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
     async def _cleanup(self, coro, what: str) -> None:
         """Runs a clean-up call (release a placement, free KV) to its end even when the request that needs it
         was cancelled: in a task of its own, awaited shielded — an HTTP client that goes away cancels its
@@ -385,6 +397,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     await self.channels.drop(placement.prefill.address)
                     continue
                 raise RequestFailed(exc.code(), exc.details() or exc.code().name) from None
+        if placement.report_first_token:  # the decision core follows the request into its decode batch
+            self._notify(self.scheduler.FirstToken(scheduler_pb2.FirstTokenRequest(request_id=rid), timeout=2),
+                         f"first-token notice of {rid}")
         max_tokens = pre.max_tokens if fit and pre.max_tokens else request.max_tokens
         generated = [pre.first_token_id]
         seen.update(prompt_ids=list(pre.prompt_token_ids), prompt_len=len(pre.prompt_token_ids),

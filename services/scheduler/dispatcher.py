@@ -183,7 +183,12 @@ class OfflineDispatcher:
             self.fair.add([e for es in got.values() for e in es if e.entry_id not in self.running])
         started = 0
         while started < free and (entry := self.fair.peek()) is not None:
-            placement = await self.service.place_offline(self._rid(entry))
+            if getattr(self.service, "driver", None) is not None:  # the decision core sizes its admission
+                prompt, max_tokens = await self._size(entry)
+                placement = await self.service.place_offline(self._rid(entry), prompt, max_tokens,
+                                                             key=f"{entry.job_id}/{entry.index}")
+            else:
+                placement = await self.service.place_offline(self._rid(entry))
             if placement is None:
                 break  # no worker has room right now
             self.fair.take(entry)
@@ -209,6 +214,19 @@ class OfflineDispatcher:
         metrics.ACTIVE_JOBS.set(len(live))
         self.dry.clear()
         self._refreshed = asyncio.get_running_loop().time()
+
+    async def _size(self, entry: QueueEntry) -> tuple[int, int]:
+        """(prompt tokens, tokens still to generate) of a queued request, for the decision core's offline
+        admission (KV and token budgets). Text prompts count ~4 characters a token."""
+        item = await self.store.item(entry.job_id, entry.index) or {}
+        max_tokens = max(1, int(item.get("max_tokens", 0) or 0) - len(entry.generated))
+        if entry.prompt:
+            return len(entry.prompt) + len(entry.generated), max_tokens
+        if "token_ids" in item:
+            return len(item["token_ids"]), max_tokens
+        if "messages" in item:
+            return sum(len(m.get("content", "")) for m in item["messages"]) // 4 + 8, max_tokens
+        return len(item.get("text", "")) // 4 + 1, max_tokens
 
     @staticmethod
     def _rid(entry: QueueEntry) -> str:
@@ -258,7 +276,7 @@ class OfflineDispatcher:
             generated.append(pre.first_token_id)
             text += pre.first_token_text
             finish = pre.finish_reason
-            if not pre.finished and self.service.offline_must_yield(decode_w.worker_id):
+            if not pre.finished and self.service.offline_must_yield(decode_w.worker_id, rid):
                 # Online work landed on the decode worker while this request was prefilling: step back
                 # before decoding (the worker could not preempt what it was not yet running).
                 await self._abandon(prefill_w, rid, pre.kv if pre.HasField("kv") else None)

@@ -1,7 +1,10 @@
 """The scheduler service: knows the workers (from Redis heartbeats), places requests, runs offline work.
 
-* Placement: a policy from the pure core (``duopool.core.placement``) decides from ``WorkerView``
-  dataclasses and the time; protobuf and Redis stay at this edge. The worker list is read from Redis at
+* Placement: the research policies (pd-static, online-priority, hygen, tropical, ooco, dopd, ooco+dopd)
+  run the decision core (``duopool.core.brain``) through ``BrainDriver``: the same routing, decode targets,
+  offline admission, evictions and role changes as the simulator, driven by the wall clock, its effects
+  applied over gRPC. ``least-loaded`` is the role-aware least-loaded rule (``duopool.core.placement``) with
+  the co-location limits below. Protobuf and Redis stay at this edge. The worker list is read from Redis at
   most every ``REFRESH_S``; in-flight counts (by class) are this service's own, released when requests end.
 * Co-location (``duopool.core.colocation``): an online request placed on workers that hold offline work
   beyond the limit triggers ``Worker.Preempt`` there at once; the time from that decision until the worker
@@ -22,7 +25,6 @@ from collections import Counter, deque
 import grpc
 from opentelemetry import trace
 
-import duopool.core.policies  # noqa: F401 - registers every policy by name for live placement
 from duopool.common import metrics, registry
 from duopool.common.config import SchedulerConfig
 from duopool.common.ids import check_id
@@ -31,6 +33,7 @@ from duopool.common.metrics import start_metrics_server
 from duopool.common.rpc import Channels, Server
 from duopool.common.telemetry import init_telemetry
 from duopool.common.wire import PB_POOL, PB_ROLE, POOL_PB, ROLE_PB, worker_info_pb
+from duopool.core.brain import Place
 from duopool.core.colocation import (
     ColocationLimits,
     WorkerLoad,
@@ -40,6 +43,7 @@ from duopool.core.colocation import (
     update_pressure,
 )
 from duopool.core.placement import (
+    PlacementDecision,
     PlacementRequest,
     PoolName,
     RequestClass,
@@ -47,13 +51,16 @@ from duopool.core.placement import (
     WorkerView,
     get_placement_policy,
 )
+from duopool.core.policies import policy_names
 from duopool.core.rolebalance import RoleBalanceConfig, RoleBalancer, RoleView
+from duopool.scheduler.brain_driver import TICK_S, BrainDriver, build_brain
 from duopool.scheduler.dispatcher import OfflineDispatcher
 from duopool.v1 import common_pb2, router_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("duopool.scheduler")
 
 REFRESH_S = 0.25
+OFFER_PER_WORKER = 8  # decision core: offline requests offered per worker and dispatcher step (each admitted or held)
 ROUTER_KEY = "duopool:router:{}"  # a router's liveness (set with a TTL by the router)
 STATE_PB = {"enqueuing": router_pb2.QUEUED, "queued": router_pb2.QUEUED, "running": router_pb2.RUNNING, "done": router_pb2.DONE,
             "cancelled": router_pb2.CANCELLED}
@@ -75,7 +82,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.config = config
         self.redis = redis
         self.clock = clock
-        self.policy = get_placement_policy(config.policy)
+        self.policy_name = config.policy
+        # the research policies: the decision core; least-loaded: the placement rule + co-location limits
+        self.driver = BrainDriver(self, build_brain(config), clock) if config.policy in policy_names() else None
+        self.policy = None if self.driver else get_placement_policy(config.policy)
         self.limits = ColocationLimits(config.offline_per_worker, config.offline_with_online,
                                        trigger=config.preempt_trigger, slo_low=config.slo_low,
                                        slo_high=config.slo_high, online_queue=config.online_queue,
@@ -106,6 +116,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             if now - self._refreshed > REFRESH_S:
                 self._workers = await registry.live_workers(self.redis, self.config.worker_ttl_s, now)
                 self._refreshed = now
+                if self.driver is not None:
+                    self.driver.sync(self._workers)
             return self._workers
 
     def views(self, workers: list[registry.WorkerRecord]) -> list[WorkerView]:
@@ -146,6 +158,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     def release(self, rid: str) -> None:
         self.leases.pop(rid, None)
+        if self.driver is not None:
+            self.driver.finished(rid)
         placed = self.placed.pop(rid, None)
         if placed:
             offline, worker_ids = placed
@@ -159,11 +173,22 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     async def offline_free_slots(self) -> int:
         workers = await self.workers()
+        if self.driver is not None:  # how many to offer per dispatcher step; the brain admits or holds each
+            return OFFER_PER_WORKER * len(workers)
         return sum(offline_capacity(self.load(w.worker_id), self.limits) for w in workers)
 
-    async def place_offline(self, rid: str):
+    async def place_offline(self, rid: str, prompt_tokens: int = 0, max_tokens: int = 0, key: str = ""):
         """Places an offline request on workers with offline capacity: (rid, prefill, decode) or None."""
         workers = await self.workers()
+        if self.driver is not None:
+            d = self.driver.place(rid, False, prompt_tokens, max_tokens, key=key)
+            by_id = {w.worker_id: w for w in workers}
+            if not isinstance(d, Place) or d.prefill not in by_id or d.decode not in by_id:
+                metrics.PLACEMENTS.labels("offline", "held").inc()
+                return None
+            metrics.PLACEMENTS.labels("offline", "placed").inc()
+            self._record(rid, True, (d.prefill, d.decode))
+            return rid, by_id[d.prefill], by_id[d.decode]
         full = frozenset(w.worker_id for w in workers if offline_capacity(self.load(w.worker_id), self.limits) <= 0)
         req = PlacementRequest(request_id=rid, request_class=RequestClass.OFFLINE, exclude=full)
         decision = self.policy.place(req, self.views(workers), self.clock())
@@ -174,18 +199,32 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self._record(rid, True, (decision.prefill_worker_id, decision.decode_worker_id))
         return rid, by_id[decision.prefill_worker_id], by_id[decision.decode_worker_id]
 
-    def offline_must_yield(self, worker_id: str) -> bool:
+    def offline_must_yield(self, worker_id: str, rid: str = "") -> bool:
         """An offline request between phases must not start its next phase on this worker (online work
-        landed there meanwhile). Counted as a preemption; no latency sample (nothing had to stop)."""
-        if not must_yield(self.load(worker_id), self.limits):
+        landed there meanwhile; with the decision core: its decode worker's step plan evicts it as it joins).
+        Counted as a preemption; no latency sample (nothing had to stop)."""
+        if self.driver is not None:
+            if rid not in self.driver.first_token(rid):
+                return False
+        elif not must_yield(self.load(worker_id), self.limits):
             return False
         self.preempted_at[worker_id] = time.monotonic()
         self.preempted += 1
         metrics.PREEMPTIONS.labels("yield").inc()
         return True
 
+    def note_preempted(self, worker_id: str, n: int, seconds: float, reason: str) -> None:
+        """Accounts ``n`` offline requests stopped on a worker ``seconds`` after the decision."""
+        self.preempted_at[worker_id] = time.monotonic()
+        self.preempted += n
+        self.preemption_ms.append(seconds * 1e3)
+        metrics.PREEMPTIONS.labels(reason).inc(n)
+        metrics.PREEMPTION_LATENCY.observe(seconds)
+
     def _preempt_for_online(self, worker_ids: tuple[str, ...], by_id: dict[str, registry.WorkerRecord],
                             reason: str = "online_placed") -> None:
+        if self.driver is not None:  # the decision core's step plans decide what stops
+            return
         ids = dict.fromkeys(d for wid in worker_ids for d in self._domain(wid) if d in by_id)
         loads = {wid: self.load(wid) for wid in ids}
         for wid, count in preemptions(loads, self.limits).items():
@@ -203,11 +242,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             resp = await stub.Preempt(worker_pb2.PreemptRequest(
                 request_class=common_pb2.OFFLINE, max_requests=count, reason=reason), timeout=30)
             if resp.request_ids:
-                self.preempted_at[w.worker_id] = time.monotonic()
-                self.preempted += len(resp.request_ids)
-                self.preemption_ms.append((time.perf_counter() - t0) * 1e3)
-                metrics.PREEMPTIONS.labels(reason).inc(len(resp.request_ids))
-                metrics.PREEMPTION_LATENCY.observe(time.perf_counter() - t0)
+                self.note_preempted(w.worker_id, len(resp.request_ids), time.perf_counter() - t0, reason)
         except grpc.aio.AioRpcError as exc:
             log.warning("preempting offline work on %s failed: %s", w.worker_id, exc.code().name)
         finally:
@@ -230,9 +265,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             exclude=frozenset(request.exclude_workers),
         )
         with trace.get_tracer("duopool.scheduler").start_as_current_span("duopool.schedule") as span:
-            decision = self.policy.place(preq, self.views(workers), self.clock())
+            decision = self._decide(preq, workers)
             span.set_attributes({
-                "duopool.class": "online" if online else "offline", "duopool.policy": self.policy.name,
+                "duopool.class": "online" if online else "offline", "duopool.policy": self.policy_name,
                 "duopool.workers_registered": len(workers), "duopool.workers_excluded": len(request.exclude_workers),
                 "duopool.placed": decision is not None})
             if decision is not None:
@@ -254,7 +289,23 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.Placement(
             request_id=request.request_id, prefill=worker_info_pb(by_id[decision.prefill_worker_id]),
             decode=worker_info_pb(by_id[decision.decode_worker_id]), policy=decision.policy,
+            report_first_token=self.driver is not None,
         )
+
+    def _decide(self, preq: PlacementRequest, workers: list[registry.WorkerRecord]) -> PlacementDecision | None:
+        if self.driver is None:
+            return self.policy.place(preq, self.views(workers), self.clock())
+        d = self.driver.place(preq.request_id, preq.request_class == RequestClass.ONLINE, preq.prompt_tokens,
+                              preq.max_tokens, preq.exclude, key=preq.request_id)
+        ids = {w.worker_id for w in workers}
+        if not isinstance(d, Place) or d.prefill not in ids or d.decode not in ids:
+            return None
+        return PlacementDecision(d.prefill, d.decode, self.policy_name, d.reason)
+
+    async def FirstToken(self, request: scheduler_pb2.FirstTokenRequest, context):
+        if self.driver is not None and request.request_id:
+            self.driver.first_token(request.request_id)
+        return scheduler_pb2.ReleaseResponse()
 
     async def Release(self, request, context):
         placed = self.placed.get(request.request_id)
@@ -414,8 +465,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             online_inflight=sum(self.online.values()), offline_inflight=sum(self.offline.values()),
             preemptions=self.preempted, preemption_ms_p50=p50, preemption_ms_p99=p99,
             offline_completed=d.completed if d else 0, offline_requeued=d.requeued if d else 0,
-            policy=self.policy.name, preemption_ms=samples, preempt_trigger=self.limits.trigger,
+            policy=self.policy_name, preemption_ms=samples, preempt_trigger=self.limits.trigger,
             slo_pressure=self.pressure, role_moves=self.role_moves,
+            decisions=self.driver.counts() if self.driver else {},
+            request_decisions=self.driver.why(request.request_id) if self.driver and request.request_id else [],
         )
 
 
@@ -431,6 +484,7 @@ async def serve(config: SchedulerConfig, stop: asyncio.Event, ready: asyncio.Eve
     consumer = config.scheduler_id or f"scheduler-{socket.gethostname()}"
     service.dispatcher = OfflineDispatcher(service, service.jobs, consumer)
     dispatch = asyncio.create_task(service.dispatcher.run(stop))
+    ticking = asyncio.create_task(_tick_loop(service, stop)) if service.driver is not None else None
     log.info("scheduler serving on %s:%d (policy %s, offline dispatcher %s)", config.host, server.port,
              config.policy, consumer)
     if ready is not None:
@@ -450,6 +504,24 @@ async def serve(config: SchedulerConfig, stop: asyncio.Event, ready: asyncio.Eve
             except Exception:  # noqa: BLE001 - Redis blips: try again next second
                 log.debug("role reconciliation failed", exc_info=True)
     await dispatch
+    if ticking is not None:
+        await ticking
+        await service.driver.close()
     await server.stop()
     await service.channels.close()
     await r.aclose()
+
+
+async def _tick_loop(service: SchedulerService, stop: asyncio.Event) -> None:
+    """The decision core's periodic control: refreshes the workers (heartbeats into the brain) and ticks
+    (evictions from each worker's step plan, the policy's layout and role changes)."""
+    while not stop.is_set():
+        try:
+            await service.workers()
+            service.driver.tick()
+        except Exception:  # noqa: BLE001 - Redis blips: tick again
+            log.debug("decision-core tick failed", exc_info=True)
+        try:
+            await asyncio.wait_for(stop.wait(), TICK_S)
+        except TimeoutError:
+            pass

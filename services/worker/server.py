@@ -87,6 +87,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             pool=self.pool, engine=self.engine.name, model=self.engine.model_name,
             max_model_len=self.engine.max_model_len, block_size=self.engine.block_size, host=self.host,
             running=load.running, waiting=load.waiting, kv_usage=load.kv_usage, last_heartbeat=time.time(),
+            steps=load.steps, step_ms=load.step_ms, kv_capacity=load.kv_capacity,
         )
 
     async def not_serving(self) -> None:
@@ -461,6 +462,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         t0 = time.perf_counter()
         victims = [rid for rid, (offline, _) in self.active.items() if offline and rid not in self.preempted]
         victims.reverse()  # newest first: they have produced the least
+        if request.request_ids:  # the scheduler named them (its decision core's eviction order)
+            wanted = set(request.request_ids)
+            victims = [v for v in victims if v.rsplit(":", 1)[0] in wanted]
         if request.max_requests > 0:
             victims = victims[: request.max_requests]
         waits = []

@@ -5,11 +5,8 @@ import pytest
 
 from duopool.core.perfmodel import PerfModel
 from duopool.core.placement import (
-    PlacementRequest,
     PoolName,
-    RequestClass,
     Role,
-    WorkerView,
     get_placement_policy,
     placement_policy_names,
 )
@@ -36,15 +33,14 @@ def sim(policy, online, offline, n=4, **kw):
     return Simulator(SimConfig(policy=policy, instances=n, policy_cfg=pc, **kw), online, offline)
 
 
-def test_all_policies_registered_for_sim_and_placement():
+def test_all_policies_registered_and_none_keeps_a_separate_live_rule():
     assert set(ALL) <= set(policy_names())
-    assert set(ALL) | {"least-loaded"} <= set(placement_policy_names())
-    workers = [WorkerView("p0", Role.PREFILL, PoolName.RELAXED, running=3),
-               WorkerView("p1", Role.PREFILL, PoolName.RELAXED),
-               WorkerView("d0", Role.DECODE, PoolName.STRICT)]
+    # the research policies run through the decision core live, never through the least-loaded rule
+    assert not set(ALL) & set(placement_policy_names())
+    assert "least-loaded" in placement_policy_names()
     for name in ALL:
-        d = get_placement_policy(name).place(PlacementRequest("r", RequestClass.ONLINE), workers, 0.0)
-        assert d.prefill_worker_id == "p1" and d.decode_worker_id == "d0" and d.policy == name
+        with pytest.raises(ValueError):
+            get_placement_policy(name)
 
 
 def test_layouts():

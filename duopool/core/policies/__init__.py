@@ -1,7 +1,8 @@
 """Scheduling policies, registered by name (``get_policy("ooco", perf, cfg)``).
 
-Importing this package registers every policy, both as a scheduling policy (simulator, scheduler service)
-and as a live placement policy of the same name (``duopool.core.placement.get_placement_policy``).
+Importing this package registers every policy by name. The simulator and the scheduler service run each one
+through the decision core (``duopool.core.brain``); ``least-loaded`` (``duopool.core.placement``) is the
+one rule outside it.
 """
 
 from duopool.core.policies import dopd, hygen, online_priority, ooco, pd_static, tropical  # noqa: F401

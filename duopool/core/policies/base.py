@@ -7,30 +7,21 @@ One interface for all policies (the simulator and the live scheduler load the sa
 * ``route(req, cluster, now)`` — the instance that prefills a new online request;
 * ``decode_target(req, inst, cluster, now)`` — where a request decodes once its prefill is done;
 * ``plan(inst, cluster, now)`` — the :class:`StepPlan` of the instance's next step;
-* ``tick(cluster, now)`` — periodic control (every ``tick_s`` seconds), returns actions (DOPD role changes);
-* ``place(request, workers, now)`` — live placement over :class:`WorkerView` (the placement protocol).
+* ``tick(cluster, now)`` — periodic control (every ``tick_s`` seconds), returns actions (DOPD role changes).
+
+The decision core (``duopool.core.brain``) asks these questions for the simulator and the live scheduler alike.
 
 Policies are pure: no I/O, no clock (``now`` is passed in), no mutation of the cluster state.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from duopool.core.perfmodel import PerfModel
-from duopool.core.placement import (
-    LeastLoaded,
-    PlacementDecision,
-    PlacementRequest,
-    PoolName,
-    RequestClass,
-    Role,
-    WorkerView,
-    register_placement,
-)
+from duopool.core.placement import PoolName, RequestClass, Role, placement_policy_names
 from duopool.core.state import OFFLINE, ONLINE, Cluster, Instance, Req, SetRole, StepPlan
 
 
@@ -288,33 +279,20 @@ class SchedulingPolicy:
                 break
         return tuple(out)
 
-    # ---------------------------------------------------------------- live placement
-    @classmethod
-    def place_workers(cls, request: PlacementRequest, workers: Sequence[WorkerView]) -> PlacementDecision | None:
-        """Default live placement: the role-aware least-loaded rule of ``duopool.core.placement``."""
-        decision = LeastLoaded().place(request, workers, 0.0)
-        return None if decision is None else dataclasses.replace(decision, policy=cls.name)
-
 
 # -------------------------------------------------------------------- registry
 _POLICIES: dict[str, type[SchedulingPolicy]] = {}
 
 
 def register_policy(name: str) -> Callable[[type], type]:
-    """Register a scheduling policy; it is also registered as a live placement policy of the same name."""
+    """Register a scheduling policy. The simulator and the live scheduler both run it through the decision
+    core (``duopool.core.brain``); it has no separate live placement rule."""
 
     def wrap(cls: type) -> type:
-        if name in _POLICIES:
+        if name in _POLICIES or name in placement_policy_names():
             raise ValueError(f"scheduling policy {name!r} registered twice")
         cls.name = name
         _POLICIES[name] = cls
-
-        class _Placement:
-            def place(self, request, workers, now):
-                return cls.place_workers(request, workers)
-
-        _Placement.__name__ = f"{cls.__name__}Placement"
-        register_placement(name)(_Placement)
         return cls
 
     return wrap

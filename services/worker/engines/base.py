@@ -66,6 +66,9 @@ class EngineLoad:
     running: int
     waiting: int
     kv_usage: float
+    steps: int = -1  # engine steps run since it started (-1: not known)
+    step_ms: float = 0.0  # the last step's duration
+    kv_capacity: int = 0  # KV tokens the engine can hold (0: not known)
 
 
 class EngineError(RuntimeError):

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 SIM_VOCAB = 32000
 SIM_BLOCK_SIZE = 16
+MAX_BATCH = 256  # sequences in one step: vLLM's default max_num_seqs (the simulator's instances use it too)
+DEFAULT_BLOCKS = 4096  # KV blocks without a roofline model (or if it holds less)
 SIM_BLOCK_BYTES = 1024  # per block of the simulated segment (real models carry far more; kept small)
 
 
@@ -74,6 +76,10 @@ class StepTimer:
             log.warning("sim engine: no roofline model for %s/%s (%s); using a linear step model",
                         hardware, model, exc)
 
+    def kv_capacity_tokens(self) -> int:
+        """KV tokens the imitated hardware holds for the model (0: no roofline model)."""
+        return self._model.kv_capacity_tokens() if self._model is not None else 0
+
     def step_s(self, prefill_lens: list[int], decode_ctxs: list[int]) -> float:
         if self._model is not None:
             t = self._model.step_time_s(prefill_lens, decode_ctxs)
@@ -101,14 +107,19 @@ class SimEngine(Engine):
     name = "sim"
     simulated = True
 
-    def __init__(self, kv_dir: str, max_model_len: int = 4096, num_blocks: int = 4096, max_batch: int = 64,
-                 hardware: str = "H100-SXM", model: str = "llama-3.1-8b", speedup: float = 1.0) -> None:
+    def __init__(self, kv_dir: str, max_model_len: int = 4096, num_blocks: int | None = None,
+                 max_batch: int = MAX_BATCH, hardware: str = "H100-SXM", model: str = "llama-3.1-8b",
+                 speedup: float = 1.0) -> None:
         self._kv_dir = pathlib.Path(kv_dir)
         self._max_model_len = max_model_len
-        self._num_blocks = num_blocks
         self._max_batch = max_batch
         self._model = model
         self.timer = StepTimer(hardware, model, speedup)
+        if num_blocks is None:  # the imitated GPU's KV memory (what the simulator's instances hold)
+            cap = self.timer.kv_capacity_tokens()
+            num_blocks = max(DEFAULT_BLOCKS, cap // SIM_BLOCK_SIZE) if cap else DEFAULT_BLOCKS
+        self._num_blocks = num_blocks
+        self.last_step_ms = 0.0
         self._waiting: deque[_Req] = deque()
         self._running: list[_Req] = []
         self._by_id: dict[str, _Req] = {}
@@ -169,7 +180,9 @@ class SimEngine(Engine):
         return sim_tokenize(" ".join(f"{m['role']}: {m['content']}" for m in messages))
 
     def load(self) -> EngineLoad:
-        return EngineLoad(len(self._running), len(self._waiting), self._used_blocks / self._num_blocks)
+        return EngineLoad(len(self._running), len(self._waiting), self._used_blocks / self._num_blocks,
+                          steps=self.steps, step_ms=self.last_step_ms,
+                          kv_capacity=self._num_blocks * SIM_BLOCK_SIZE)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if len(request.prompt_token_ids) + request.max_tokens > self._max_model_len:
@@ -255,6 +268,7 @@ class SimEngine(Engine):
             step_s = self.timer.step_s(prefill_lens, decode_ctxs)
             await asyncio.sleep(step_s)
             self.steps += 1
+            self.last_step_ms = step_s * 1e3
             if self.step_observer is not None:
                 self.step_observer(step_s)
 

@@ -1,0 +1,568 @@
+"""The decision core: one scheduler state machine for the simulator and the live cluster.
+
+Events go in (a worker's report, a request arriving, its first token, its end, a periodic tick); effects
+come out (place a request, hold offline work, preempt offline requests on a worker, move an offline decode
+to another worker, set a worker's role and pool), each with a short reason. No I/O; the clock is passed in
+(``now``) by whoever drives it:
+
+* the simulator (``duopool.sim.engine``) owns the :class:`~duopool.core.state.Cluster` and its physics and
+  asks the brain the routing, decode-target and control questions with its virtual clock
+  (:meth:`Brain.route`, :meth:`Brain.decode_target`, :meth:`Brain.control`);
+* the scheduler service (``services/scheduler/brain_driver.py``) converts protobuf and Redis state into the
+  events below with the wall clock, calls :meth:`Brain.handle`, and applies the effects over gRPC. Its
+  brain keeps the same ``Cluster`` as a *mirror* of the live cluster: a ``Req`` per request it placed, on
+  the instance that holds it (queued for prefill until its first token, then in its decode instance's
+  batch), and the engine step counts the workers report.
+
+Both ask the same questions of the same policy object (``duopool.core.policies``): ``layout`` gives the
+pools, ``route``/``decode_target`` place online work, the policy's own step plan (``plan``) decides which
+offline request an instance admits, which offline decodes it evicts (preemption) and which it pulls
+(OOCO), and ``tick`` changes roles (DOPD). A policy's named pieces are exactly those hooks; nothing live
+bypasses them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter, OrderedDict, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from duopool.core.placement import PoolName, RequestClass, Role
+from duopool.core.state import OFFLINE, ONLINE, Cluster, Instance, Phase, Req
+
+DEFAULT_PROMPT = 256  # tokens assumed for a request whose prompt was not tokenized before placement
+DEFAULT_OUTPUT = 256  # ... and for one that gave no max_tokens
+LOG_REQUESTS = 20_000  # requests whose decisions are kept for ``why``
+
+
+# -------------------------------------------------------------------- events
+@dataclass(frozen=True, slots=True)
+class WorkerReport:
+    """A worker's heartbeat: its role and pool, and its engine's load."""
+
+    worker_id: str
+    role: Role
+    pool: PoolName
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    kv_capacity: int = 0  # KV tokens the engine holds (0: unknown, the performance model's figure is used)
+    steps: int = -1  # engine steps run so far (-1: not reported)
+    step_ms: float = 0.0  # the engine's last step
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerGone:
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Arrived:
+    """A request to place. Offline requests come from the batch queue, one at a time, as they are offered."""
+
+    request_id: str
+    request_class: RequestClass
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+    exclude: frozenset[str] = frozenset()
+    key: str = ""  # a stable name of the work item across retries (offline: job and index)
+
+
+@dataclass(frozen=True, slots=True)
+class FirstToken:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    pass
+
+
+Event = WorkerReport | WorkerGone | Arrived | FirstToken | Finished | Tick
+
+
+# -------------------------------------------------------------------- effects
+@dataclass(frozen=True, slots=True)
+class Place:
+    request_id: str
+    prefill: str
+    decode: str
+    reason: str
+    kind: str = "place"
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """No worker can take the request now (online: the caller answers UNAVAILABLE)."""
+
+    request_id: str
+    reason: str
+    kind: str = "reject"
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Offline work stays queued: no instance's plan admits it now."""
+
+    request_id: str
+    reason: str
+    kind: str = "hold"
+
+
+@dataclass(frozen=True, slots=True)
+class Preempt:
+    """Stop these offline requests on ``worker`` (they resume later, possibly elsewhere)."""
+
+    worker: str
+    request_ids: tuple[str, ...]
+    reason: str
+    kind: str = "preempt"
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Move offline decode ``request_id`` from ``src`` to ``dst`` (OOCO's pull)."""
+
+    request_id: str
+    src: str
+    dst: str
+    reason: str
+    kind: str = "move"
+
+
+@dataclass(frozen=True, slots=True)
+class SetRole:
+    worker: str
+    role: Role
+    pool: PoolName
+    reason: str
+    kind: str = "set_role"
+
+
+Effect = Place | Reject | Hold | Preempt | Move | SetRole
+
+
+@dataclass
+class _Live:
+    """What the mirror keeps of one live request beside its ``Req``."""
+
+    request_id: str
+    decode: int  # instance chosen to decode it
+    key: str = ""
+
+
+@dataclass
+class Decisions:
+    """Counts by (kind, reason) and the recent decisions per request (what ``duopool stats`` shows)."""
+
+    counts: Counter = field(default_factory=Counter)
+    log: OrderedDict = field(default_factory=OrderedDict)
+    keep: int = LOG_REQUESTS
+
+    def note(self, e: Effect, now: float) -> None:
+        self.counts[(e.kind, e.reason)] += 1
+        if self.keep <= 0:
+            return
+        if isinstance(e, Preempt):
+            ids: Iterable[str] = e.request_ids
+        elif isinstance(e, SetRole):
+            return
+        else:
+            ids = (e.request_id,)
+        for rid in ids:
+            entry = self.log.get(rid)
+            if entry is None:
+                entry = self.log[rid] = []
+                if len(self.log) > self.keep:
+                    self.log.popitem(last=False)
+            entry.append((now, describe(e)))
+
+    def why(self, request_id: str) -> list[tuple[float, str]]:
+        return list(self.log.get(request_id, ()))
+
+
+def describe(e: Effect) -> str:
+    if isinstance(e, Place):
+        return f"placed: prefill {e.prefill}, decode {e.decode} ({e.reason})"
+    if isinstance(e, Preempt):
+        return f"preempted on {e.worker} ({e.reason})"
+    if isinstance(e, Move):
+        return f"moved {e.src} -> {e.dst} ({e.reason})"
+    if isinstance(e, SetRole):
+        return f"{e.worker} -> {e.role}/{e.pool} ({e.reason})"
+    return f"{e.kind} ({e.reason})"
+
+
+class Brain:
+    """The scheduling state machine around one policy. ``cluster`` given: the caller (the simulator) owns
+    the state and the brain only decides; none: the brain keeps a mirror of the live cluster from events."""
+
+    def __init__(self, policy, cluster: Cluster | None = None, apply_layout: bool = True,
+                 log_requests: int = LOG_REQUESTS, moves: bool = True) -> None:
+        self.policy = policy
+        self.moves = moves  # the data plane can move a running offline decode's KV (OOCO's pull)
+        self.live = cluster is None
+        self.cluster = cluster if cluster is not None else Cluster(instances=[])
+        self.apply_layout = apply_layout
+        self.decisions = Decisions(keep=log_requests)
+        self.names: list[str] = [f"i{i.idx}" for i in self.cluster.instances]
+        self.index: dict[str, int] = {n: i for i, n in enumerate(self.names)}
+        self.reqs: dict[str, Req] = {}
+        self.meta: dict[str, _Live] = {}
+        self.pinned: dict[str, int] = {}  # work-item key -> instance it was pulled to (resumes there)
+        self.reported_steps: dict[int, int] = {}
+        self.next_tick = 0.0
+        self._laid_out: tuple[str, ...] = ()
+        self._ids = itertools.count()
+        self._tpot = policy.cfg.tpot_slo_s
+
+    # ================================================================ decisions shared by both drivers
+    def route(self, r: Req, now: float, exclude: frozenset[int] = frozenset()) -> tuple[Instance | None, str]:
+        """The instance that prefills a new online request (the policy's ``route``), and why."""
+        insts = self.cluster.instances
+        usable = [i for i in insts if i.idx not in exclude]
+        if not usable:
+            return None, "no worker"
+        if exclude:
+            saved = [(i, i.accepting) for i in insts if i.idx in exclude]
+            for i, _ in saved:
+                i.accepting = False
+            try:
+                idx = self.policy.route(r, self.cluster, now)
+            finally:
+                for i, a in saved:
+                    i.accepting = a
+            if idx in exclude:  # the policy's fallback reached an excluded instance: the least queued other
+                inst = min((i for i in usable if not i.offline_only) or usable,
+                           key=lambda i: (i.queued_prefill_tokens, i.idx))
+                return inst, "excluded: least queued other"
+        else:
+            idx = self.policy.route(r, self.cluster, now)
+        inst = insts[idx]
+        return inst, _route_reason(inst, r)
+
+    def decode_target(self, r: Req, inst: Instance, now: float, exclude: frozenset[int] = frozenset()) -> int:
+        """Where a request prefilled on ``inst`` decodes (the policy's ``decode_target``)."""
+        dst = self.policy.decode_target(r, inst, self.cluster, now)
+        if dst in exclude:
+            others = [i for i in self.cluster.instances if i.idx not in exclude and i.role != Role.PREFILL
+                      and not i.offline_only]
+            dst = min(others, key=lambda i: (i.n_dec[ONLINE] + i.incoming, i.idx)).idx if others else inst.idx
+        return dst
+
+    def plan(self, inst: Instance, now: float):
+        """The instance's next step (the policy's ``plan``): prefill chunks, offline admission, evictions,
+        pulls."""
+        return self.policy.plan(inst, self.cluster, now)
+
+    def control(self, now: float) -> list:
+        """The policy's periodic control (DOPD's role changes): ``state.SetRole`` actions by instance."""
+        return self.policy.tick(self.cluster, now)
+
+    # ================================================================ live driver API
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        self.cluster.now = now
+        if isinstance(event, WorkerReport):
+            out = self._report(event, now)
+        elif isinstance(event, Arrived):
+            out = self._arrived(event, now)
+        elif isinstance(event, FirstToken):
+            out = self._first_token(event.request_id, now)
+        elif isinstance(event, Finished):
+            self._forget(event.request_id)
+            out = []
+        elif isinstance(event, WorkerGone):
+            out = self._gone(event.worker_id)
+        elif isinstance(event, Tick):
+            out = self._tick(now)
+        else:
+            raise TypeError(f"not a brain event: {event!r}")
+        for e in out:
+            self.decisions.note(e, now)
+        return out
+
+    def why(self, request_id: str) -> list[tuple[float, str]]:
+        return self.decisions.why(request_id)
+
+    def counts(self) -> dict[str, int]:
+        return {f"{k}:{r}": n for (k, r), n in sorted(self.decisions.counts.items())}
+
+    # ---------------------------------------------------------------- workers
+    def _report(self, w: WorkerReport, now: float) -> list[Effect]:
+        idx = self.index.get(w.worker_id)
+        if idx is None:
+            idx = len(self.names)
+            cap = w.kv_capacity or self.policy.kv_capacity
+            self.cluster.instances.append(Instance(idx, Role(w.role), PoolName(w.pool), kv_capacity=cap))
+            self.names.append(w.worker_id)
+            self.index[w.worker_id] = idx
+        inst = self.cluster.instances[idx]
+        inst.role, inst.pool = Role(w.role), PoolName(w.pool)
+        if w.kv_capacity:
+            inst.kv_capacity = w.kv_capacity
+        if w.steps >= 0:  # the lazy decode batch advances by the steps the engine ran (a restart counts anew)
+            last = self.reported_steps.get(idx)
+            delta = w.steps - last if last is not None and w.steps >= last else (0 if last is None else w.steps)
+            inst.steps += delta
+            self.reported_steps[idx] = w.steps
+        return []
+
+    def _gone(self, worker_id: str) -> list[Effect]:
+        """A worker left: its requests leave the mirror (their callers retry them) and the instances are
+        re-indexed so that an instance's ``idx`` stays its position."""
+        idx = self.index.pop(worker_id, None)
+        if idx is None:
+            return []
+        for rid in [rid for rid, r in self.reqs.items() if r.inst == idx or self.meta[rid].decode == idx]:
+            self._forget(rid)
+        insts = self.cluster.instances
+        del insts[idx]
+        del self.names[idx]
+        remap = {}
+        for pos, inst in enumerate(insts):
+            remap[inst.idx] = pos
+            inst.idx = pos
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.reported_steps = {remap[k]: v for k, v in self.reported_steps.items() if k in remap}
+        for rid, r in self.reqs.items():
+            r.inst = remap.get(r.inst, -1)
+            self.meta[rid].decode = remap.get(self.meta[rid].decode, r.inst)
+        self.pinned = {k: remap[v] for k, v in self.pinned.items() if v in remap}
+        self._laid_out = ()
+        return []
+
+    def layout_effects(self) -> list[SetRole]:
+        """The policy's layout for the workers there now, as role changes (only when the set of workers
+        changed since the last layout): existing roles are kept where the layout has a slot for them."""
+        names = tuple(sorted(self.names))
+        if not self.apply_layout or names == self._laid_out or not names:
+            return []
+        self._laid_out = names
+        slots = list(self.policy.layout(len(names)))
+        insts = [self.cluster.instances[self.index[n]] for n in names]
+        assigned: dict[int, tuple] = {}
+        for inst in insts:  # keep what already fits a free slot (no restart of a worker that is right)
+            for k, s in enumerate(slots):
+                if s is not None and (s[0], s[1]) == (inst.role, inst.pool):
+                    assigned[inst.idx] = s
+                    slots[k] = None
+                    break
+        rest = [s for s in slots if s is not None]
+        out = []
+        for inst in insts:
+            s = assigned.get(inst.idx) or rest.pop(0)
+            inst.offline_only = bool(s[2])
+            if (s[0], s[1]) != (inst.role, inst.pool):
+                out.append(SetRole(self.names[inst.idx], s[0], s[1], "policy layout"))
+                inst.role, inst.pool = s[0], s[1]
+        return out
+
+    # ---------------------------------------------------------------- requests
+    def _arrived(self, a: Arrived, now: float) -> list[Effect]:
+        if a.request_id in self.reqs:
+            self._forget(a.request_id)
+        online = a.request_class == RequestClass.ONLINE
+        r = Req(next(self._ids), ONLINE if online else OFFLINE, now, max(1, a.prompt_tokens or DEFAULT_PROMPT),
+                max(1, a.max_tokens or DEFAULT_OUTPUT))
+        exclude = frozenset(self.index[w] for w in a.exclude if w in self.index)
+        if not self.cluster.instances:
+            return [Reject(a.request_id, "no worker")]
+        if online:
+            return self._place_online(a, r, now, exclude)
+        return self._offer_offline(a, r, now, exclude)
+
+    def _place_online(self, a: Arrived, r: Req, now: float, exclude: frozenset[int]) -> list[Effect]:
+        self.cluster.arrived_prefill_s += self.policy.pm.prefill_time_s(r.prompt)
+        self.cluster.arrived_requests += 1
+        inst, reason = self.route(r, now, exclude)
+        if inst is None:
+            return [Reject(a.request_id, reason)]
+        dst = self.decode_target(r, inst, now, exclude)
+        self._track(a, r, inst, dst, online=True)
+        out: list[Effect] = [Place(a.request_id, self.names[inst.idx], self.names[dst],
+                                   f"{reason}; {_decode_reason(inst.idx, dst, self.cluster.instances[dst])}")]
+        out += self._evictions(self.cluster.instances[inst.idx], now, "online prefill arrived")
+        if dst != inst.idx:
+            out += self._evictions(self.cluster.instances[dst], now, "online decode arriving")
+        return out
+
+    def _offer_offline(self, a: Arrived, r: Req, now: float, exclude: frozenset[int]) -> list[Effect]:
+        """Offline work joins an instance whose own step plan admits it from the backlog (the policy's
+        offline admission: KV, sequence, token and latency budgets); a request pulled before resumes on the
+        instance that pulled it."""
+        insts = self.cluster.instances
+        pin = self.pinned.pop(a.key, None) if a.key else None
+        if pin is not None and pin < len(insts) and pin not in exclude:
+            inst = insts[pin]
+            self._track(a, r, inst, inst.idx, online=False)
+            return [Place(a.request_id, self.names[pin], self.names[pin], "resumes where it was pulled")]
+        saved = self.cluster.backlog
+        self.cluster.backlog = deque([r])
+        best = None
+        try:
+            for inst in insts:
+                if inst.idx in exclude or not inst.accepting:
+                    continue
+                plan = self.policy.plan(inst, self.cluster, now)
+                if any(c[0] is r for c in plan.chunks):
+                    key = (len(inst.waiting_off) + inst.n_dec[OFFLINE], inst.kv_usage(), inst.idx)
+                    if best is None or key < best[0]:
+                        best = (key, inst)
+        finally:
+            self.cluster.backlog = saved
+        if best is None:
+            return [Hold(a.request_id, "no instance's plan admits offline work now")]
+        inst = best[1]
+        dst = self.decode_target(r, inst, now, exclude)
+        self._track(a, r, inst, dst, online=False)
+        where = "decodes in place" if dst == inst.idx else "decodes elsewhere"
+        return [Place(a.request_id, self.names[inst.idx], self.names[dst],
+                      f"{inst.role} instance's plan admits it; {where}")]
+
+    def _track(self, a: Arrived, r: Req, inst: Instance, dst: int, online: bool) -> None:
+        r.inst = inst.idx
+        r.phase = Phase.QUEUED
+        r.kv_res = r.prompt + (0 if online else r.output) + inst.block_size
+        inst.kv_reserved += r.kv_res
+        if online:
+            inst.waiting.append(r)
+            inst.queued_prefill_tokens += r.prompt
+        else:
+            inst.waiting_off.append(r)
+        if dst != inst.idx:
+            self.cluster.instances[dst].incoming += 1
+        self.reqs[a.request_id] = r
+        self.meta[a.request_id] = _Live(a.request_id, dst, a.key)
+
+    def _first_token(self, rid: str, now: float) -> list[Effect]:
+        """Prefill done: the request joins its decode instance's batch (its KV moves there)."""
+        r, m = self.reqs.get(rid), self.meta.get(rid)
+        if r is None or r.phase != Phase.QUEUED:
+            return []
+        insts = self.cluster.instances
+        src = insts[r.inst]
+        self._unqueue(src, r)
+        dst = insts[m.decode]
+        if dst is not src:
+            dst.incoming -= 1
+        r.prefilled = r.prompt
+        r.generated = 1
+        r.first_token_t = now
+        if r.output <= 1:
+            self._forget(rid)
+            return []
+        dst.add_decode(r, self._tpot)
+        reason = "online decode joined" if r.online else "offline decode joined"
+        return self._evictions(dst, now, reason)
+
+    def _unqueue(self, inst: Instance, r: Req) -> None:
+        if r.online:
+            try:
+                inst.waiting.remove(r)
+                inst.queued_prefill_tokens -= r.prompt - r.prefilled
+            except ValueError:
+                pass
+        else:
+            try:
+                inst.waiting_off.remove(r)
+            except ValueError:
+                pass
+        inst.kv_reserved -= r.kv_res
+        r.kv_res = 0
+
+    def _forget(self, rid: str) -> None:
+        r = self.reqs.pop(rid, None)
+        m = self.meta.pop(rid, None)
+        if r is None:
+            return
+        insts = self.cluster.instances
+        if 0 <= r.inst < len(insts):
+            inst = insts[r.inst]
+            if r.phase == Phase.QUEUED:
+                self._unqueue(inst, r)
+                if m is not None and m.decode != r.inst and 0 <= m.decode < len(insts):
+                    insts[m.decode].incoming -= 1
+            elif r.phase == Phase.DECODING and r.rid in inst.decoding:
+                inst.remove_decode(r)
+        r.phase = Phase.DONE
+
+    def _rid_of(self, r: Req) -> str | None:
+        for rid, q in self.reqs.items():
+            if q is r:
+                return rid
+        return None
+
+    # ---------------------------------------------------------------- step plans: evict, pull
+    def _evictions(self, inst: Instance, now: float, why: str) -> list[Effect]:
+        plan = self.policy.plan(inst, self.cluster, now)
+        if not plan.evict:
+            return []
+        ids = []
+        by_req = {id(r): rid for rid, r in self.reqs.items()}
+        for r in plan.evict:
+            rid = by_req.get(id(r))
+            if rid is not None:
+                ids.append(rid)
+                self._forget(rid)
+        return [Preempt(self.names[inst.idx], tuple(ids), f"{why}: step over its budget")] if ids else []
+
+    def _tick(self, now: float) -> list[Effect]:
+        out: list[Effect] = list(self.layout_effects())
+        p = self.policy
+        if p.tick_s > 0 and now >= self.next_tick:
+            self.next_tick = now + p.tick_s
+            for act in self.control(now):
+                if 0 <= act.instance < len(self.names):
+                    inst = self.cluster.instances[act.instance]
+                    if (inst.role, inst.pool) != (act.role, act.pool):
+                        inst.role, inst.pool = act.role, act.pool
+                        out.append(SetRole(self.names[act.instance], act.role, act.pool, "forecast ratio"))
+        by_req = {id(r): rid for rid, r in self.reqs.items()}
+        for inst in list(self.cluster.instances):
+            plan = p.plan(inst, self.cluster, now)
+            ids = []
+            for r in plan.evict:
+                rid = by_req.get(id(r))
+                if rid is not None:
+                    ids.append(rid)
+                    self._forget(rid)
+            if ids:
+                out.append(Preempt(self.names[inst.idx], tuple(ids), "tick: step over its budget"))
+            for r in plan.pull if self.moves else ():
+                rid = by_req.get(id(r))
+                if rid is None or r.phase != Phase.DECODING or r.inst == inst.idx:
+                    continue
+                src = self.names[r.inst]
+                key = self.meta[rid].key
+                self._forget(rid)
+                if key:
+                    self.pinned[key] = inst.idx
+                out.append(Move(rid, src, self.names[inst.idx], "pull: KV and step-time margin"))
+        return out
+
+
+def _route_reason(inst: Instance, r: Req) -> str:
+    if inst.role == Role.DECODE:
+        return "decode instance prefills it (multiplexed / burst overflow)"
+    if inst.role == Role.MIXED:
+        return "mixed instance"
+    return "prefill instance"
+
+
+def _decode_reason(src: int, dst: int, d: Instance) -> str:
+    return "decodes in place" if src == dst else f"decodes on a {d.role} instance"
+
+
+def same_effects(a: Sequence[Effect], b: Sequence[Effect]) -> bool:
+    return list(a) == list(b)
+
+
+def finite(x: float) -> bool:
+    return math.isfinite(x)
