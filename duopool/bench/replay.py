@@ -147,6 +147,7 @@ async def _replay(args, cluster, online, offline) -> dict:
         window_s = time.monotonic() - t_start
         st_window = await stub.GetBatch(router_pb2.GetBatchRequest(job_id=job_id), timeout=5) if job_id else None
         stats = await sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
+        decisions_window = dict(sorted(stats.decisions.items()))
         print(file=sys.stderr)
         lost = duplicated = 0
         drained = True
@@ -178,8 +179,10 @@ async def _replay(args, cluster, online, offline) -> dict:
     met = [r for r in ok if r["ttft_ms"] <= args.ttft_slo_ms and r["tpot_ms"] <= args.tpot_slo_ms]
     samples = list(stats.preemption_ms)
     return {
-        "policy": f"live:{args.policy}+colocation("
-                  f"{'no-preemption' if args.no_preemption else 'preempt:' + stats.preempt_trigger})",
+        "policy": (f"live:{args.policy} (decision core)" if decisions_window else
+                   f"live:{args.policy}+colocation("
+                   f"{'no-preemption' if args.no_preemption else 'preempt:' + stats.preempt_trigger})"),
+        "decisions_in_window": decisions_window,
         "engine": args.engine + (" (SIMULATED)" if args.engine == "sim" else ""),
         "workers": {"prefill": args.prefill, "decode": args.decode},
         "window_s": window_s, "rate_scale": args.rate_scale,

@@ -205,8 +205,10 @@ class Brain:
     the state and the brain only decides; none: the brain keeps a mirror of the live cluster from events."""
 
     def __init__(self, policy, cluster: Cluster | None = None, apply_layout: bool = True,
-                 log_requests: int = LOG_REQUESTS, moves: bool = True) -> None:
+                 log_requests: int = LOG_REQUESTS, moves: bool = True, settle_s: float = 0.0) -> None:
         self.policy = policy
+        self.settle_s = settle_s  # the policy's layout waits until the set of workers held still this long
+        self._changed_at = -math.inf
         self.moves = moves  # the data plane can move a running offline decode's KV (OOCO's pull)
         self.live = cluster is None
         self.cluster = cluster if cluster is not None else Cluster(instances=[])
@@ -303,6 +305,7 @@ class Brain:
             self.cluster.instances.append(Instance(idx, Role(w.role), PoolName(w.pool), kv_capacity=cap))
             self.names.append(w.worker_id)
             self.index[w.worker_id] = idx
+            self._changed_at = now
         inst = self.cluster.instances[idx]
         inst.role, inst.pool = Role(w.role), PoolName(w.pool)
         if w.kv_capacity:
@@ -336,13 +339,15 @@ class Brain:
             self.meta[rid].decode = remap.get(self.meta[rid].decode, r.inst)
         self.pinned = {k: remap[v] for k, v in self.pinned.items() if v in remap}
         self._laid_out = ()
+        self._changed_at = self.cluster.now
         return []
 
-    def layout_effects(self) -> list[SetRole]:
+    def layout_effects(self, now: float = math.inf) -> list[SetRole]:
         """The policy's layout for the workers there now, as role changes (only when the set of workers
-        changed since the last layout): existing roles are kept where the layout has a slot for them."""
+        changed since the last layout, and has held still ``settle_s``): existing roles are kept where the
+        layout has a slot for them."""
         names = tuple(sorted(self.names))
-        if not self.apply_layout or names == self._laid_out or not names:
+        if not self.apply_layout or names == self._laid_out or not names or now - self._changed_at < self.settle_s:
             return []
         self._laid_out = names
         slots = list(self.policy.layout(len(names)))
@@ -514,7 +519,7 @@ class Brain:
         return [Preempt(self.names[inst.idx], tuple(ids), f"{why}: step over its budget")] if ids else []
 
     def _tick(self, now: float) -> list[Effect]:
-        out: list[Effect] = list(self.layout_effects())
+        out: list[Effect] = list(self.layout_effects(now))
         p = self.policy
         if p.tick_s > 0 and now >= self.next_tick:
             self.next_tick = now + p.tick_s

@@ -32,13 +32,14 @@ from duopool.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 log = logging.getLogger("duopool.scheduler.brain")
 
 TICK_S = 0.1  # how often the brain's periodic control runs (evictions, role changes)
+LAYOUT_SETTLE_S = 3.0  # the policy's layout is applied once the set of workers held still this long
 
 
 def build_brain(config: SchedulerConfig) -> b.Brain:
     """The brain for ``config.policy``, its performance model the hardware and model the workers run."""
     pm = PerfModel.load(config.perf_hardware, config.perf_model)
     cfg = PolicyConfig(ttft_slo_s=config.ttft_slo_ms / 1e3, tpot_slo_s=config.tpot_slo_ms / 1e3)
-    return b.Brain(get_policy(config.policy, pm, cfg), moves=False)
+    return b.Brain(get_policy(config.policy, pm, cfg), moves=False, settle_s=LAYOUT_SETTLE_S)
 
 
 def worker_report(w: registry.WorkerRecord) -> b.WorkerReport:

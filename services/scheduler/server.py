@@ -148,7 +148,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     # -- placement ---------------------------------------------------------------------------------------
     def _record(self, rid: str, offline: bool, worker_ids: tuple[str, ...]) -> None:
-        self.release(rid)
+        self._unrecord(rid)
         self.placed[rid] = (offline, worker_ids)
         counter = self.offline if offline else self.online
         klass = "offline" if offline else "online"
@@ -157,9 +157,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             metrics.INFLIGHT.labels(wid, klass).set(counter[wid])
 
     def release(self, rid: str) -> None:
-        self.leases.pop(rid, None)
+        """The request ended: its in-flight accounting goes (and it leaves the decision core's state)."""
         if self.driver is not None:
             self.driver.finished(rid)
+        self._unrecord(rid)
+
+    def _unrecord(self, rid: str) -> None:
+        self.leases.pop(rid, None)
         placed = self.placed.pop(rid, None)
         if placed:
             offline, worker_ids = placed

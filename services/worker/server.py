@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import pathlib
@@ -34,6 +35,7 @@ from duopool.worker.engines.base import Engine, EngineError, EngineRequest, KvLo
 log = logging.getLogger("duopool.worker")
 
 KV_MAX_RECONNECT_MS = 1000
+OFFLINE_FLUSH_S = 0.1  # offline decode tokens are sent in batches at most this often (and at the end)
 KV_RECONNECT_WAIT_S = 1.5  # an UNAVAILABLE call is retried once, waiting this long for the connection
 KV_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 100),
                       ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", KV_MAX_RECONNECT_MS)]
@@ -235,9 +237,33 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             "duopool.kv.offered": bool(transfer_id)})
         produced, cached, reason = 0, 0, ""
         outputs = self._run(ereq)
+        # offline tokens go out in batches (at most every OFFLINE_FLUSH_S, and at the end): a backlog of
+        # offline decodes would otherwise cost one message per token across the cluster's shared cores
+        held_ids: list[int] = []
+        held_text: list[str] = []
+        flushed = time.perf_counter()
         try:
             async for o in outputs:
-                produced += len(o.token_ids)
+                if ereq.offline and not o.finished and not o.num_cached_tokens:
+                    held_ids.extend(o.token_ids)
+                    held_text.append(o.text)
+                    produced += len(o.token_ids)
+                    self.tokens += len(o.token_ids)
+                    tokens.inc(len(o.token_ids))
+                    if time.perf_counter() - flushed < OFFLINE_FLUSH_S:
+                        continue
+                    o = dataclasses.replace(o, token_ids=held_ids, text="".join(held_text))
+                    held_ids, held_text = [], []
+                    flushed = time.perf_counter()
+                    n = 0  # counted as they came
+                elif held_ids:
+                    n = len(o.token_ids)
+                    o = dataclasses.replace(o, token_ids=held_ids + list(o.token_ids),
+                                            text="".join(held_text) + o.text)
+                    held_ids, held_text = [], []
+                else:
+                    n = len(o.token_ids)
+                produced += n
                 cached = cached or o.num_cached_tokens
                 reason = o.finish_reason or reason
                 if transfer_id and not completed:
@@ -245,8 +271,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     completed = True
                     await self._complete_transfer(transfer_id, ok=o.num_cached_tokens > 0)
                     metrics.KV_LOADS.labels(self.worker_id, "loaded" if o.num_cached_tokens > 0 else "recomputed").inc()
-                self.tokens += len(o.token_ids)
-                tokens.inc(len(o.token_ids))
+                self.tokens += n
+                tokens.inc(n)
                 yield worker_pb2.DecodeResponse(
                     text=o.text, token_ids=o.token_ids, finished=o.finished, finish_reason=o.finish_reason,
                     cached_tokens=o.num_cached_tokens,

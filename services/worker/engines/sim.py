@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 SIM_VOCAB = 32000
 SIM_BLOCK_SIZE = 16
 MAX_BATCH = 256  # sequences in one step: vLLM's default max_num_seqs (the simulator's instances use it too)
+MAX_BATCHED_TOKENS = 8192  # tokens in one step (vLLM's chunked-prefill budget; the simulator's too)
 DEFAULT_BLOCKS = 4096  # KV blocks without a roofline model (or if it holds less)
 SIM_BLOCK_BYTES = 1024  # per block of the simulated segment (real models carry far more; kept small)
 
@@ -80,6 +81,12 @@ class StepTimer:
         """KV tokens the imitated hardware holds for the model (0: no roofline model)."""
         return self._model.kv_capacity_tokens() if self._model is not None else 0
 
+    def chunked_step_s(self, chunks: list[tuple[int, int]], decode_ctxs: list[int]) -> float:
+        """One step of prefill chunks (new tokens, context after the chunk) beside decodes (contexts)."""
+        if self._model is not None:
+            return self._model.chunked_step_time_s(chunks, len(decode_ctxs), float(sum(decode_ctxs))) / self.speedup
+        return self.step_s([c for c, _ in chunks], decode_ctxs)
+
     def step_s(self, prefill_lens: list[int], decode_ctxs: list[int]) -> float:
         if self._model is not None:
             t = self._model.step_time_s(prefill_lens, decode_ctxs)
@@ -95,6 +102,7 @@ class _Req:
     last: int
     cached: int = 0
     generated: int = 0
+    prefilled: int = -1  # prompt tokens computed (-1: not admitted yet)
     done: bool = False
     blocks: int = 0
     text: str = ""
@@ -109,7 +117,8 @@ class SimEngine(Engine):
 
     def __init__(self, kv_dir: str, max_model_len: int = 4096, num_blocks: int | None = None,
                  max_batch: int = MAX_BATCH, hardware: str = "H100-SXM", model: str = "llama-3.1-8b",
-                 speedup: float = 1.0) -> None:
+                 speedup: float = 1.0, max_batched_tokens: int = MAX_BATCHED_TOKENS) -> None:
+        self._token_budget = max_batched_tokens
         self._kv_dir = pathlib.Path(kv_dir)
         self._max_model_len = max_model_len
         self._max_batch = max_batch
@@ -120,7 +129,8 @@ class SimEngine(Engine):
             num_blocks = max(DEFAULT_BLOCKS, cap // SIM_BLOCK_SIZE) if cap else DEFAULT_BLOCKS
         self._num_blocks = num_blocks
         self.last_step_ms = 0.0
-        self._waiting: deque[_Req] = deque()
+        self._waiting: deque[_Req] = deque()  # online (and unclassed) requests not admitted yet, FIFO
+        self._waiting_off: deque[_Req] = deque()  # offline ones: admitted only after every online one
         self._running: list[_Req] = []
         self._by_id: dict[str, _Req] = {}
         self._used_blocks = 0
@@ -180,7 +190,8 @@ class SimEngine(Engine):
         return sim_tokenize(" ".join(f"{m['role']}: {m['content']}" for m in messages))
 
     def load(self) -> EngineLoad:
-        return EngineLoad(len(self._running), len(self._waiting), self._used_blocks / self._num_blocks,
+        return EngineLoad(len(self._running), len(self._waiting) + len(self._waiting_off),
+                          self._used_blocks / self._num_blocks,
                           steps=self.steps, step_ms=self.last_step_ms,
                           kv_capacity=self._num_blocks * SIM_BLOCK_SIZE)
 
@@ -194,7 +205,7 @@ class SimEngine(Engine):
             raise EngineError("prompt", "must not be empty")
         r = _Req(request, asyncio.Queue(), request.prompt_token_ids[-1])
         self._by_id[request.request_id] = r
-        self._waiting.append(r)
+        (self._waiting_off if request.offline else self._waiting).append(r)
         self._wake.set()
         try:
             while True:
@@ -219,68 +230,90 @@ class SimEngine(Engine):
         if self._by_id.get(r.req.request_id) is r:
             del self._by_id[r.req.request_id]
         self._release(r)
-        try:
-            self._waiting.remove(r)
-        except ValueError:
-            pass
+        for q in (self._waiting, self._waiting_off):
+            try:
+                q.remove(r)
+            except ValueError:
+                pass
 
     # -- the step loop: receive, schedule, execute, update ---------------------------------------------
+    # Like vLLM's v1 scheduler with chunked prefill and priority: each step has a token budget
+    # (``max_batched_tokens``); running decodes take one token each, then prefills in progress continue,
+    # then waiting requests are admitted (online before offline, FIFO within a class) while sequences, KV
+    # blocks and tokens last; the last prefill of a step may be a chunk. An aborted request (a preemption)
+    # leaves at the next step boundary.
     async def _loop(self) -> None:
         while True:
-            if not self._waiting and not self._running:
+            if not self._waiting and not self._waiting_off and not self._running:
                 self._wake.clear()
                 await self._wake.wait()
-            admitted: list[_Req] = []
+            chunks: list[tuple[_Req, int]] = []
             try:
-                admitted = self._schedule()
-                await self._execute(admitted)
-                self._update(admitted)
+                chunks, decodes = self._schedule()
+                await self._execute(chunks, decodes)
+                self._update(chunks, decodes)
             except Exception as exc:  # noqa: BLE001 - a failed step fails its batch, never the loop
-                log.exception("engine step failed; failing the %d request(s) in it", len(admitted) + len(self._running))
-                for r in {id(r): r for r in [*admitted, *self._running]}.values():
+                log.exception("engine step failed; failing the %d request(s) in it", len(self._running))
+                for r in list(self._running):
                     self._fail(r, exc)
                 self._running = []
 
-    def _schedule(self) -> list[_Req]:
+    def _schedule(self) -> tuple[list[tuple[_Req, int]], list[_Req]]:
         for r in [r for r in self._running if r.aborted]:
             self._finish(r, "abort")
-        admitted = []
-        while self._waiting and len(self._running) + len(admitted) < self._max_batch:
-            r = self._waiting[0]
-            if r.aborted:
-                self._waiting.popleft()
-                self._finish(r, "abort")
-                continue
-            need = -(-(len(r.req.prompt_token_ids) + r.req.max_tokens) // SIM_BLOCK_SIZE)
-            if self._used_blocks + need > self._num_blocks:
-                break  # KV full: wait for running requests to finish
-            self._waiting.popleft()
-            r.blocks = need
-            self._used_blocks += need
-            r.cached = self._load_kv(r)
-            admitted.append(r)
-        return admitted
+        decodes = [r for r in self._running if r.prefilled >= len(r.req.prompt_token_ids)]
+        budget = self._token_budget - len(decodes)
+        chunks: list[tuple[_Req, int]] = []
+        for offline, q in ((False, self._waiting), (True, self._waiting_off)):  # online's tokens first
+            for r in self._running:
+                left = len(r.req.prompt_token_ids) - r.prefilled
+                if left > 0 and budget > 0 and r.req.offline == offline:
+                    c = min(left, budget)
+                    chunks.append((r, c))
+                    budget -= c
+            while budget > 0 and q and len(self._running) < self._max_batch:
+                r = q[0]
+                if r.aborted:
+                    q.popleft()
+                    self._finish(r, "abort")
+                    continue
+                need = -(-(len(r.req.prompt_token_ids) + r.req.max_tokens) // SIM_BLOCK_SIZE)
+                if self._used_blocks + need > self._num_blocks:
+                    break  # KV full: wait for running requests to finish
+                q.popleft()
+                r.blocks = need
+                self._used_blocks += need
+                r.cached = self._load_kv(r)
+                r.prefilled = r.cached
+                self._running.append(r)
+                c = min(len(r.req.prompt_token_ids) - r.prefilled, budget)
+                chunks.append((r, c))
+                budget -= c
+        return chunks, decodes
 
-    async def _execute(self, admitted: list[_Req]) -> None:
-        prefill_lens = [len(r.req.prompt_token_ids) - r.cached for r in admitted]
-        decode_ctxs = [len(r.req.prompt_token_ids) + r.generated for r in self._running]
-        if prefill_lens or decode_ctxs:
-            step_s = self.timer.step_s(prefill_lens, decode_ctxs)
+    async def _execute(self, chunks: list[tuple[_Req, int]], decodes: list[_Req]) -> None:
+        if chunks or decodes:
+            step_s = self.timer.chunked_step_s([(c, r.prefilled + c) for r, c in chunks],
+                                               [len(r.req.prompt_token_ids) + r.generated for r in decodes])
             await asyncio.sleep(step_s)
             self.steps += 1
             self.last_step_ms = step_s * 1e3
             if self.step_observer is not None:
                 self.step_observer(step_s)
 
-    def _update(self, admitted: list[_Req]) -> None:
-        batch = self._running + admitted
-        for r in batch:
+    def _update(self, chunks: list[tuple[_Req, int]], decodes: list[_Req]) -> None:
+        emit = list(decodes)
+        for r, c in chunks:
+            r.prefilled += c
+            if r.prefilled >= len(r.req.prompt_token_ids):
+                emit.append(r)  # its prefill completed in this step: the first token
+        for r in emit:
             if self._by_id.get(r.req.request_id) is not r:
                 r.done = True  # the caller went away
                 self._release(r)
             elif not r.done:
                 self._emit_token(r)
-        self._running = [r for r in batch if not r.done]
+        self._running = [r for r in self._running if not r.done and self._by_id.get(r.req.request_id) is r]
 
     def _emit_token(self, r: _Req) -> None:
         try:
