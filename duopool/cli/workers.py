@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "latency, SLO pressure per worker, role moves")
     st.add_argument("--scheduler", default=None, help=SCHEDULER_HELP)
     st.add_argument("--json", action="store_true", help="print JSON instead of text")
+    st.add_argument("--request", default="", metavar="ID",
+                    help="also list the decisions the scheduler took about request ID (placed where and why, "
+                         "preempted, held); offline batch requests are named <job id>-<index>-<attempt>-<suffix>")
     st.set_defaults(func=run_stats)
     h = sub.add_parser("health", help="check a service's gRPC health: Watch until SERVING, then List every "
                                       "service (exit 0 when all SERVING)")
@@ -123,7 +126,8 @@ def run_stats(args: argparse.Namespace) -> int:
     address, ch = scheduler_channel(args)
     with ch:
         try:
-            st = scheduler_pb2_grpc.SchedulerStub(ch).Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
+            st = scheduler_pb2_grpc.SchedulerStub(ch).Stats(
+                scheduler_pb2.SchedulerStatsRequest(request_id=args.request), timeout=5)
         except grpc.RpcError as exc:
             print(f"error: scheduler at {address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -139,4 +143,16 @@ def run_stats(args: argparse.Namespace) -> int:
           f"role moves {st.role_moves}")
     for wid, p in sorted(st.slo_pressure.items()):
         print(f"  {wid:<16} SLO pressure {p:5.2f}")
+    if st.decisions:
+        print("decisions (decision core), by kind and reason:")
+        for k, n in sorted(st.decisions.items(), key=lambda kv: -kv[1]):
+            print(f"  {n:>9}  {k}")
+    if args.request:
+        if st.request_decisions:
+            print(f"request {args.request}:")
+            for line in st.request_decisions:
+                print(f"  {line}")
+        else:
+            print(f"request {args.request}: no decisions recorded (unknown id, older than the log, or a policy "
+                  f"outside the decision core)")
     return 0

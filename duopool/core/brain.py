@@ -242,7 +242,7 @@ class Brain:
                 for i, a in saved:
                     i.accepting = a
             if idx in exclude:  # the policy's fallback reached an excluded instance: the least queued other
-                inst = min((i for i in usable if not i.offline_only) or usable,
+                inst = min([i for i in usable if not i.offline_only] or usable,
                            key=lambda i: (i.queued_prefill_tokens, i.idx))
                 return inst, "excluded: least queued other"
         else:
@@ -375,7 +375,7 @@ class Brain:
             self._forget(a.request_id)
         online = a.request_class == RequestClass.ONLINE
         r = Req(next(self._ids), ONLINE if online else OFFLINE, now, max(1, a.prompt_tokens or DEFAULT_PROMPT),
-                max(1, a.max_tokens or DEFAULT_OUTPUT))
+                max(1, a.max_tokens or DEFAULT_OUTPUT), queued_t=now)
         exclude = frozenset(self.index[w] for w in a.exclude if w in self.index)
         if not self.cluster.instances:
             return [Reject(a.request_id, "no worker")]
@@ -410,21 +410,19 @@ class Brain:
             return [Place(a.request_id, self.names[pin], self.names[pin], "resumes where it was pulled")]
         saved = self.cluster.backlog
         self.cluster.backlog = deque([r])
-        best = None
-        try:
-            for inst in insts:
-                if inst.idx in exclude or not inst.accepting:
-                    continue
-                plan = self.policy.plan(inst, self.cluster, now)
-                if any(c[0] is r for c in plan.chunks):
-                    key = (len(inst.waiting_off) + inst.n_dec[OFFLINE], inst.kv_usage(), inst.idx)
-                    if best is None or key < best[0]:
-                        best = (key, inst)
+        found = None
+        try:  # the least loaded instance whose plan admits it (asked in that order: the first yes wins)
+            order = sorted((i for i in insts if i.idx not in exclude and i.accepting),
+                           key=lambda i: (len(i.waiting_off) + i.n_dec[OFFLINE], i.kv_usage(), i.idx))
+            for inst in order:
+                if any(c[0] is r for c in self.policy.plan(inst, self.cluster, now).chunks):
+                    found = inst
+                    break
         finally:
             self.cluster.backlog = saved
-        if best is None:
+        if found is None:
             return [Hold(a.request_id, "no instance's plan admits offline work now")]
-        inst = best[1]
+        inst = found
         dst = self.decode_target(r, inst, now, exclude)
         self._track(a, r, inst, dst, online=False)
         where = "decodes in place" if dst == inst.idx else "decodes elsewhere"
@@ -460,8 +458,10 @@ class Brain:
         r.prefilled = r.prompt
         r.generated = 1
         r.first_token_t = now
-        if r.output <= 1:
-            self._forget(rid)
+        if r.output <= 1:  # done with its first token (already off the queue and the incoming count)
+            self.reqs.pop(rid, None)
+            self.meta.pop(rid, None)
+            r.phase = Phase.DONE
             return []
         dst.add_decode(r, self._tpot)
         reason = "online decode joined" if r.online else "offline decode joined"

@@ -35,7 +35,7 @@ from duopool.worker.engines.base import Engine, EngineError, EngineRequest, KvLo
 log = logging.getLogger("duopool.worker")
 
 KV_MAX_RECONNECT_MS = 1000
-OFFLINE_FLUSH_S = 0.1  # offline decode tokens are sent in batches at most this often (and at the end)
+OFFLINE_FLUSH_S = 0.5  # offline decode tokens are sent in batches at most this often (and at the end)
 KV_RECONNECT_WAIT_S = 1.5  # an UNAVAILABLE call is retried once, waiting this long for the connection
 KV_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 100),
                       ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", KV_MAX_RECONNECT_MS)]

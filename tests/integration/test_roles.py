@@ -48,14 +48,30 @@ def test_set_role_applies_persists_and_survives_worker_restart(tmp_path, redis_s
 
 
 @pytest.mark.parametrize("policy", ["ooco", "hygen"])
-def test_live_scheduler_places_with_core_policies(tmp_path, redis_server, policy):
-    """The scheduler service loads the simulator's policy classes by name (the same registry)."""
+def test_live_scheduler_runs_the_decision_core(tmp_path, redis_server, policy):
+    """A research policy runs live through the decision core: its layout (hygen: every worker mixed), its
+    placements and offline admission, each decision counted by reason and listed for the request."""
     url = redis_server.url.replace("/0", "/5")
     with LocalCluster(Topology(engine="sim", policy=policy), tmp_path, redis_url=url, router_port=0) as c:
         c.log = lambda m: None
         with c.internal_channel("scheduler") as sch, grpc.insecure_channel(c.router_address) as rch:
-            msgs = list(router_pb2_grpc.RouterStub(rch).Generate(router_pb2.GenerateRequest(
-                text="a b c d", max_tokens=3, request_class=common_pb2.ONLINE), timeout=10))
+            router, sched = router_pb2_grpc.RouterStub(rch), scheduler_pb2_grpc.SchedulerStub(sch)
+            if policy == "hygen":
+                def roles():
+                    return {w.role for w in router.ListWorkers(common_pb2.ListWorkersRequest(), timeout=5).workers}
+                wait_for(lambda: roles() == {common_pb2.MIXED}, 20, what="hygen's layout (all mixed)")
+            msgs = list(router.Generate(router_pb2.GenerateRequest(
+                request_id="core-1", text="a b c d", max_tokens=3, request_class=common_pb2.ONLINE), timeout=10))
             assert msgs[-1].summary.output_tokens == 3
-            assert scheduler_pb2_grpc.SchedulerStub(sch).Stats(scheduler_pb2.SchedulerStatsRequest(),
-                                                              timeout=5).policy == policy
+            job = router.SubmitBatch(router_pb2.SubmitBatchRequest(requests=[
+                router_pb2.BatchItem(custom_id=f"b{i}", text=f"w{i} x y z", max_tokens=4) for i in range(6)]),
+                timeout=10)
+            wait_for(lambda: router.GetBatch(router_pb2.GetBatchRequest(job_id=job.job_id), timeout=5).state
+                     == router_pb2.DONE, 30, what="the batch to finish")
+            results = list(router.GetBatchResults(router_pb2.GetBatchRequest(job_id=job.job_id), timeout=10))
+            assert sorted(r.index for r in results) == list(range(6)) and all(not r.error for r in results)
+            st = sched.Stats(scheduler_pb2.SchedulerStatsRequest(request_id="core-1"), timeout=5)
+            assert st.policy == policy
+            placed = {k: v for k, v in st.decisions.items() if k.startswith("place:")}
+            assert sum(placed.values()) >= 7, dict(st.decisions)  # the online request and six offline ones
+            assert st.request_decisions and "placed: prefill" in st.request_decisions[0]
