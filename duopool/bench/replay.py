@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import pathlib
+import shutil
 import sys
 import time
 
@@ -226,6 +227,9 @@ def run(args: argparse.Namespace) -> int:
            "DUOPOOL_TTFT_SLO_MS": str(args.ttft_slo_ms),
            "DUOPOOL_TPOT_SLO_MS": str(args.tpot_slo_ms)}
     args.out.mkdir(parents=True, exist_ok=True)
+    # a fresh cluster each time: a run directory left by an earlier replay holds its Redis data, whose
+    # unfinished batch would resume and compete with this one
+    shutil.rmtree(args.out / "run", ignore_errors=True)
     cluster = LocalCluster(Topology(engine=args.engine, model=args.model, prefill_workers=args.prefill,
                                     policy=args.policy, preempt_trigger=args.preempt_trigger or "",
                                     decode_workers=args.decode, max_model_len=max(2048, args.max_prompt + args.max_output + 8)),
