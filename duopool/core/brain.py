@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from duopool.core.placement import PoolName, RequestClass, Role
@@ -498,12 +498,6 @@ class Brain:
                 inst.remove_decode(r)
         r.phase = Phase.DONE
 
-    def _rid_of(self, r: Req) -> str | None:
-        for rid, q in self.reqs.items():
-            if q is r:
-                return rid
-        return None
-
     # ---------------------------------------------------------------- step plans: evict, pull
     def _evictions(self, inst: Instance, now: float, why: str) -> list[Effect]:
         plan = self.policy.plan(inst, self.cluster, now)
@@ -563,11 +557,3 @@ def _route_reason(inst: Instance, r: Req) -> str:
 
 def _decode_reason(src: int, dst: int, d: Instance) -> str:
     return "decodes in place" if src == dst else f"decodes on a {d.role} instance"
-
-
-def same_effects(a: Sequence[Effect], b: Sequence[Effect]) -> bool:
-    return list(a) == list(b)
-
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)

