@@ -217,6 +217,7 @@ class Brain:
         self.names: list[str] = [f"i{i.idx}" for i in self.cluster.instances]
         self.index: dict[str, int] = {n: i for i, n in enumerate(self.names)}
         self.reqs: dict[str, Req] = {}
+        self.request_of: dict[int, str] = {}  # Req.rid -> request id (the plans name Req objects)
         self.meta: dict[str, _Live] = {}
         self.pinned: dict[str, int] = {}  # work-item key -> instance it was pulled to (resumes there)
         self.reported_steps: dict[int, int] = {}
@@ -442,6 +443,7 @@ class Brain:
         if dst != inst.idx:
             self.cluster.instances[dst].incoming += 1
         self.reqs[a.request_id] = r
+        self.request_of[r.rid] = a.request_id
         self.meta[a.request_id] = _Live(a.request_id, dst, a.key)
 
     def _first_token(self, rid: str, now: float) -> list[Effect]:
@@ -461,6 +463,7 @@ class Brain:
         if r.output <= 1:  # done with its first token (already off the queue and the incoming count)
             self.reqs.pop(rid, None)
             self.meta.pop(rid, None)
+            self.request_of.pop(r.rid, None)
             r.phase = Phase.DONE
             return []
         dst.add_decode(r, self._tpot)
@@ -487,6 +490,7 @@ class Brain:
         m = self.meta.pop(rid, None)
         if r is None:
             return
+        self.request_of.pop(r.rid, None)
         insts = self.cluster.instances
         if 0 <= r.inst < len(insts):
             inst = insts[r.inst]
@@ -499,14 +503,12 @@ class Brain:
         r.phase = Phase.DONE
 
     # ---------------------------------------------------------------- step plans: evict, pull
-    def _evictions(self, inst: Instance, now: float, why: str) -> list[Effect]:
-        plan = self.policy.plan(inst, self.cluster, now)
-        if not plan.evict:
-            return []
+    def _evictions(self, inst: Instance, now: float, why: str, plan=None) -> list[Effect]:
+        """The offline decodes ``inst``'s step plan evicts, as one ``Preempt`` (they leave the mirror)."""
+        plan = plan or self.policy.plan(inst, self.cluster, now)
         ids = []
-        by_req = {id(r): rid for rid, r in self.reqs.items()}
         for r in plan.evict:
-            rid = by_req.get(id(r))
+            rid = self.request_of.get(r.rid)
             if rid is not None:
                 ids.append(rid)
                 self._forget(rid)
@@ -523,19 +525,11 @@ class Brain:
                     if (inst.role, inst.pool) != (act.role, act.pool):
                         inst.role, inst.pool = act.role, act.pool
                         out.append(SetRole(self.names[act.instance], act.role, act.pool, "forecast ratio"))
-        by_req = {id(r): rid for rid, r in self.reqs.items()}
         for inst in list(self.cluster.instances):
             plan = p.plan(inst, self.cluster, now)
-            ids = []
-            for r in plan.evict:
-                rid = by_req.get(id(r))
-                if rid is not None:
-                    ids.append(rid)
-                    self._forget(rid)
-            if ids:
-                out.append(Preempt(self.names[inst.idx], tuple(ids), "tick: step over its budget"))
+            out += self._evictions(inst, now, "tick", plan)
             for r in plan.pull if self.moves else ():
-                rid = by_req.get(id(r))
+                rid = self.request_of.get(r.rid)
                 if rid is None or r.phase != Phase.DECODING or r.inst == inst.idx:
                     continue
                 src = self.names[r.inst]

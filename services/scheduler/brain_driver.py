@@ -74,10 +74,10 @@ class BrainDriver:
             self.apply(self.handle(worker_report(w)))
         self.known = now_ids
 
-    def place(self, request_id: str, online: bool, prompt_tokens: int = 0, max_tokens: int = 0,
-              exclude: frozenset[str] = frozenset(), key: str = "") -> b.Place | b.Reject | b.Hold:
-        """Places a request: the brain's ``Place`` (its other effects, preemptions, are applied in the
-        background), or ``Reject`` / ``Hold``."""
+    def place(self, request_id: str, online: bool, known, prompt_tokens: int = 0, max_tokens: int = 0,
+              exclude: frozenset[str] = frozenset(), key: str = "") -> b.Place | None:
+        """Places a request: the brain's ``Place`` if it names workers in ``known`` (its other effects,
+        preemptions, are applied in the background), else None (rejected or held)."""
         ev = b.Arrived(request_id, RequestClass.ONLINE if online else RequestClass.OFFLINE, prompt_tokens,
                        max_tokens, exclude, key)
         effects = self.handle(ev)
@@ -89,7 +89,9 @@ class BrainDriver:
             else:
                 rest.append(e)
         self.apply(rest)
-        return first if first is not None else b.Reject(request_id, "no decision")
+        if isinstance(first, b.Place) and first.prefill in known and first.decode in known:
+            return first
+        return None
 
     def first_token(self, request_id: str) -> set[str]:
         """The request's prefill is done; returns the requests the brain preempts because of it (an offline

@@ -140,6 +140,7 @@ class OfflineDispatcher:
         self.requeued = 0
         self.dropped = 0  # entries of cancelled jobs removed unrun
         self.dry: set[str] = set()  # jobs whose queues had nothing new at the last read
+        self.sizes: dict[str, tuple[int, int]] = {}  # entry id -> its size for the decision core (read once)
         self._refreshed = -1e9
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -192,6 +193,7 @@ class OfflineDispatcher:
             if placement is None:
                 break  # no worker has room right now
             self.fair.take(entry)
+            self.sizes.pop(entry.entry_id, None)
             started += 1
             self.running[entry.entry_id] = asyncio.create_task(self._execute(entry, placement))
         metrics.OFFLINE_RUNNING.set(len(self.running))
@@ -209,6 +211,8 @@ class OfflineDispatcher:
             else:
                 await self.store.retire(j)
         gone = self.fair.set_jobs(live)
+        for e in gone:
+            self.sizes.pop(e.entry_id, None)
         self.dropped += len(gone)
         metrics.OFFLINE_REQUESTS.labels("dropped").inc(len(gone))
         metrics.ACTIVE_JOBS.set(len(live))
@@ -217,7 +221,13 @@ class OfflineDispatcher:
 
     async def _size(self, entry: QueueEntry) -> tuple[int, int]:
         """(prompt tokens, tokens still to generate) of a queued request, for the decision core's offline
-        admission (KV and token budgets). Text prompts count ~4 characters a token."""
+        admission (KV and token budgets), read once per entry (a held entry is offered again and again).
+        Text prompts count ~4 characters a token."""
+        if entry.entry_id not in self.sizes:
+            self.sizes[entry.entry_id] = await self._read_size(entry)
+        return self.sizes[entry.entry_id]
+
+    async def _read_size(self, entry: QueueEntry) -> tuple[int, int]:
         item = await self.store.item(entry.job_id, entry.index) or {}
         max_tokens = max(1, int(item.get("max_tokens", 0) or 0) - len(entry.generated))
         if entry.prompt:

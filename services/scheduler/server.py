@@ -33,7 +33,6 @@ from duopool.common.metrics import start_metrics_server
 from duopool.common.rpc import Channels, Server
 from duopool.common.telemetry import init_telemetry
 from duopool.common.wire import PB_POOL, PB_ROLE, POOL_PB, ROLE_PB, worker_info_pb
-from duopool.core.brain import Place
 from duopool.core.colocation import (
     ColocationLimits,
     WorkerLoad,
@@ -185,9 +184,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         """Places an offline request on workers with offline capacity: (rid, prefill, decode) or None."""
         workers = await self.workers()
         if self.driver is not None:
-            d = self.driver.place(rid, False, prompt_tokens, max_tokens, key=key)
             by_id = {w.worker_id: w for w in workers}
-            if not isinstance(d, Place) or d.prefill not in by_id or d.decode not in by_id:
+            d = self.driver.place(rid, False, by_id, prompt_tokens, max_tokens, key=key)
+            if d is None:
                 metrics.PLACEMENTS.labels("offline", "held").inc()
                 return None
             metrics.PLACEMENTS.labels("offline", "placed").inc()
@@ -299,10 +298,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     def _decide(self, preq: PlacementRequest, workers: list[registry.WorkerRecord]) -> PlacementDecision | None:
         if self.driver is None:
             return self.policy.place(preq, self.views(workers), self.clock())
-        d = self.driver.place(preq.request_id, preq.request_class == RequestClass.ONLINE, preq.prompt_tokens,
-                              preq.max_tokens, preq.exclude, key=preq.request_id)
-        ids = {w.worker_id for w in workers}
-        if not isinstance(d, Place) or d.prefill not in ids or d.decode not in ids:
+        d = self.driver.place(preq.request_id, preq.request_class == RequestClass.ONLINE,
+                              {w.worker_id for w in workers}, preq.prompt_tokens, preq.max_tokens, preq.exclude,
+                              key=preq.request_id)
+        if d is None:
             return None
         return PlacementDecision(d.prefill, d.decode, self.policy_name, d.reason)
 

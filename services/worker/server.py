@@ -244,26 +244,20 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         flushed = time.perf_counter()
         try:
             async for o in outputs:
-                if ereq.offline and not o.finished and not o.num_cached_tokens:
+                n = len(o.token_ids)
+                produced += n
+                self.tokens += n
+                tokens.inc(n)
+                if ereq.offline and not o.finished and not o.num_cached_tokens \
+                        and time.perf_counter() - flushed < OFFLINE_FLUSH_S:
                     held_ids.extend(o.token_ids)
                     held_text.append(o.text)
-                    produced += len(o.token_ids)
-                    self.tokens += len(o.token_ids)
-                    tokens.inc(len(o.token_ids))
-                    if time.perf_counter() - flushed < OFFLINE_FLUSH_S:
-                        continue
-                    o = dataclasses.replace(o, token_ids=held_ids, text="".join(held_text))
-                    held_ids, held_text = [], []
-                    flushed = time.perf_counter()
-                    n = 0  # counted as they came
-                elif held_ids:
-                    n = len(o.token_ids)
+                    continue
+                if held_ids:
                     o = dataclasses.replace(o, token_ids=held_ids + list(o.token_ids),
                                             text="".join(held_text) + o.text)
                     held_ids, held_text = [], []
-                else:
-                    n = len(o.token_ids)
-                produced += n
+                flushed = time.perf_counter()
                 cached = cached or o.num_cached_tokens
                 reason = o.finish_reason or reason
                 if transfer_id and not completed:
@@ -271,8 +265,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     completed = True
                     await self._complete_transfer(transfer_id, ok=o.num_cached_tokens > 0)
                     metrics.KV_LOADS.labels(self.worker_id, "loaded" if o.num_cached_tokens > 0 else "recomputed").inc()
-                self.tokens += n
-                tokens.inc(n)
                 yield worker_pb2.DecodeResponse(
                     text=o.text, token_ids=o.token_ids, finished=o.finished, finish_reason=o.finish_reason,
                     cached_tokens=o.num_cached_tokens,
