@@ -125,6 +125,7 @@ async def _replay(args, cluster, online, offline) -> dict:
             job = await stub.SubmitBatch(router_pb2.SubmitBatchRequest(requests=items,
                                                                        job_id=f"replay-{int(time.time())}"), timeout=60)
             job_id = job.job_id
+        tokens0 = (await sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)).offline_tokens
         t_start = time.monotonic()
         results: list[dict] = []
         tasks = [asyncio.create_task(_online_request(stub, i, a, p, o, args, t_start, results))
@@ -148,6 +149,7 @@ async def _replay(args, cluster, online, offline) -> dict:
         window_s = time.monotonic() - t_start
         st_window = await stub.GetBatch(router_pb2.GetBatchRequest(job_id=job_id), timeout=5) if job_id else None
         stats = await sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
+        generated = stats.offline_tokens - tokens0  # tokens produced in the window, finished requests or not
         decisions_window = dict(sorted(stats.decisions.items()))
         print(file=sys.stderr)
         lost = duplicated = 0
@@ -168,14 +170,16 @@ async def _replay(args, cluster, online, offline) -> dict:
             lost = (len(offline) - len(set(indices))) if drained else 0
             stats = await sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
     # Offline throughput is a capacity figure only while the backlog lasts: over a window in which it ran
-    # out, tokens / window understates it. ``backlogged_tok_s`` is tokens / time while backlogged.
+    # out, tokens / window understates it. ``backlogged_tok_s`` is tokens generated / time while backlogged,
+    # counting the tokens of requests still running at the end as the simulator does (tokens of finished
+    # requests alone undercount a long-tailed backlog: its longest answers are the ones still running).
     ran_out = drain_s is not None and drain_s < window_s
     if not job_id:
         backlogged_tok_s = 0.0
     elif ran_out:
         backlogged_tok_s = st_end.output_tokens / drain_s if drain_s else 0.0
     else:
-        backlogged_tok_s = st_window.output_tokens / window_s if window_s else 0.0
+        backlogged_tok_s = generated / window_s if window_s else 0.0
     ok = [r for r in results if r["ok"]]
     met = [r for r in ok if r["ttft_ms"] <= args.ttft_slo_ms and r["tpot_ms"] <= args.tpot_slo_ms]
     samples = list(stats.preemption_ms)
@@ -196,7 +200,8 @@ async def _replay(args, cluster, online, offline) -> dict:
         "offline": {
             "requests": len(offline),
             "completed": st_window.done if st_window else 0,
-            "output_tokens_per_s": (st_window.output_tokens / window_s) if st_window else 0.0,
+            "output_tokens_per_s": (st_window.output_tokens / window_s) if st_window else 0.0,  # finished only
+            "generated_tokens": generated if job_id else 0,
             "backlogged_tok_s": backlogged_tok_s,
             "backlog_ran_out_in_window": ran_out,
             "drain_s": drain_s,

@@ -81,7 +81,7 @@ class SchedulerStatsRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class SchedulerStats(_message.Message):
-    __slots__ = ("online_inflight", "offline_inflight", "preemptions", "preemption_ms_p50", "preemption_ms_p99", "offline_completed", "offline_requeued", "policy", "preemption_ms", "preempt_trigger", "slo_pressure", "role_moves", "decisions", "request_decisions")
+    __slots__ = ("online_inflight", "offline_inflight", "preemptions", "preemption_ms_p50", "preemption_ms_p99", "offline_completed", "offline_requeued", "policy", "preemption_ms", "preempt_trigger", "slo_pressure", "role_moves", "decisions", "request_decisions", "offline_tokens")
     class SloPressureEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class SchedulerStats(_message.Message):
     ROLE_MOVES_FIELD_NUMBER: _ClassVar[int]
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    OFFLINE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     online_inflight: int
     offline_inflight: int
     preemptions: int
@@ -124,4 +125,5 @@ class SchedulerStats(_message.Message):
     role_moves: int
     decisions: _containers.ScalarMap[str, int]
     request_decisions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, online_inflight: _Optional[int] = ..., offline_inflight: _Optional[int] = ..., preemptions: _Optional[int] = ..., preemption_ms_p50: _Optional[float] = ..., preemption_ms_p99: _Optional[float] = ..., offline_completed: _Optional[int] = ..., offline_requeued: _Optional[int] = ..., policy: _Optional[str] = ..., preemption_ms: _Optional[_Iterable[float]] = ..., preempt_trigger: _Optional[str] = ..., slo_pressure: _Optional[_Mapping[str, float]] = ..., role_moves: _Optional[int] = ..., decisions: _Optional[_Mapping[str, int]] = ..., request_decisions: _Optional[_Iterable[str]] = ...) -> None: ...
+    offline_tokens: int
+    def __init__(self, online_inflight: _Optional[int] = ..., offline_inflight: _Optional[int] = ..., preemptions: _Optional[int] = ..., preemption_ms_p50: _Optional[float] = ..., preemption_ms_p99: _Optional[float] = ..., offline_completed: _Optional[int] = ..., offline_requeued: _Optional[int] = ..., policy: _Optional[str] = ..., preemption_ms: _Optional[_Iterable[float]] = ..., preempt_trigger: _Optional[str] = ..., slo_pressure: _Optional[_Mapping[str, float]] = ..., role_moves: _Optional[int] = ..., decisions: _Optional[_Mapping[str, int]] = ..., request_decisions: _Optional[_Iterable[str]] = ..., offline_tokens: _Optional[int] = ...) -> None: ...

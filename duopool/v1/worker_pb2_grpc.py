@@ -45,6 +45,11 @@ class WorkerStub:
                 request_serializer=duopool_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=duopool_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.PrefillDecode = channel.unary_stream(
+                '/duopool.v1.Worker/PrefillDecode',
+                request_serializer=duopool_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_worker__pb2.LocalResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/duopool.v1.Worker/Abort',
                 request_serializer=duopool_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -79,6 +84,16 @@ class WorkerServicer:
 
     def Decode(self, request, context):
         """Continues a prefilled request from its transferred KV, streaming tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrefillDecode(self, request, context):
+        """Prefills and decodes a request on this worker as one engine request (no KV export, no transfer):
+        where a request decodes on the worker that prefills it. The first message carries the prompt's ids and
+        the first token; a request preempted before its first token fails with ABORTED, after it the stream
+        ends with finish_reason "preempted" after the tokens already produced.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +138,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=duopool_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
                     response_serializer=duopool_dot_v1_dot_worker__pb2.DecodeResponse.SerializeToString,
+            ),
+            'PrefillDecode': grpc.unary_stream_rpc_method_handler(
+                    servicer.PrefillDecode,
+                    request_deserializer=duopool_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_worker__pb2.LocalResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -199,6 +219,33 @@ class Worker:
             '/duopool.v1.Worker/Decode',
             duopool_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
             duopool_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefillDecode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/duopool.v1.Worker/PrefillDecode',
+            duopool_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
+            duopool_dot_v1_dot_worker__pb2.LocalResponse.FromString,
             options,
             channel_credentials,
             insecure,

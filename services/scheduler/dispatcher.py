@@ -138,6 +138,7 @@ class OfflineDispatcher:
         self.running: dict[str, asyncio.Task] = {}  # entry id -> task
         self.completed = 0
         self.requeued = 0
+        self.tokens = 0  # offline tokens received from the engines (as generated, finished or not)
         self.dropped = 0  # entries of cancelled jobs removed unrun
         self.dry: set[str] = set()  # jobs whose queues had nothing new at the last read
         self.sizes: dict[str, tuple[int, int]] = {}  # entry id -> its size for the decision core (read once)
@@ -279,11 +280,37 @@ class OfflineDispatcher:
             pre_req.text, pre_req.chat = item["text"], bool(item.get("chat"))
         prompt = list(entry.prompt)
         try:
+            if prefill_w.worker_id == decode_w.worker_id:  # decodes where it prefills: one engine request
+                pre_req.export_kv = False
+                stream = self._worker(prefill_w).PrefillDecode(pre_req, timeout=3600)
+                finish, first = "", True
+                try:
+                    async for m in stream:
+                        generated.extend(m.token_ids)
+                        self.tokens += len(m.token_ids)
+                        text += m.text
+                        if m.finished:
+                            finish = m.finish_reason
+                        if first:
+                            first = False
+                            prompt = prompt or list(m.prompt_token_ids)
+                            if not m.finished and self.service.offline_must_yield(prefill_w.worker_id, rid):
+                                # online work landed here meanwhile: step back (the engine aborts it)
+                                await self._requeue(entry, prompt, generated, text, preempted=True)
+                                return
+                finally:
+                    stream.cancel()
+                if finish == "preempted":
+                    await self._requeue(entry, prompt, generated, text, preempted=True)
+                    return
+                await self._complete(entry, item, prompt, generated, text, finish, prefill_w, decode_w)
+                return
             pre = await self._worker(prefill_w).Prefill(pre_req, timeout=600)
             prompt = prompt or list(pre.prompt_token_ids)
             if pre_req.fit_max_tokens and pre.max_tokens:
                 remaining = pre.max_tokens
             generated.append(pre.first_token_id)
+            self.tokens += 1
             text += pre.first_token_text
             finish = pre.finish_reason
             if not pre.finished and self.service.offline_must_yield(decode_w.worker_id, rid):
@@ -300,6 +327,7 @@ class OfflineDispatcher:
                     dreq.kv.CopyFrom(pre.kv)
                 async for d in self._worker(decode_w).Decode(dreq, timeout=3600):
                     generated.extend(d.token_ids)
+                    self.tokens += len(d.token_ids)
                     text += d.text
                     if d.finished:
                         finish = d.finish_reason
@@ -319,6 +347,10 @@ class OfflineDispatcher:
                 await asyncio.sleep(REQUEUE_BACKOFF_S)
             await self._requeue(entry, prompt, generated, text, preempted=preempted)
             return
+        await self._complete(entry, item, prompt, generated, text, finish, prefill_w, decode_w)
+
+    async def _complete(self, entry: QueueEntry, item: dict, prompt, generated, text, finish, prefill_w,
+                        decode_w) -> None:
         self.completed += 1
         metrics.OFFLINE_REQUESTS.labels("completed").inc()
         metrics.OFFLINE_TOKENS.inc(len(generated))

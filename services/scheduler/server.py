@@ -468,6 +468,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             online_inflight=sum(self.online.values()), offline_inflight=sum(self.offline.values()),
             preemptions=self.preempted, preemption_ms_p50=p50, preemption_ms_p99=p99,
             offline_completed=d.completed if d else 0, offline_requeued=d.requeued if d else 0,
+            offline_tokens=d.tokens if d else 0,
             policy=self.policy_name, preemption_ms=samples, preempt_trigger=self.limits.trigger,
             slo_pressure=self.pressure, role_moves=self.role_moves,
             decisions=self.driver.counts() if self.driver else {},

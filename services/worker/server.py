@@ -114,7 +114,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id}: engine failed "
                                                              f"({self.engine.broken})")
 
-    async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+    async def _prompt(self, request: worker_pb2.PrefillRequest, context) -> list[int]:
+        """The prompt's token ids (tokenized / chat-rendered here), checked against the vocabulary and the
+        context; ``fit_max_tokens`` lowers ``request.max_tokens`` to what the context leaves."""
         await self._check_request(request.request_id, context)
         which = request.WhichOneof("prompt")
         if which == "text":
@@ -139,18 +141,22 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                     f"prompt: {len(ids)} tokens leave no room in the model's context of "
                                     f"{self.engine.max_model_len}")
             request.max_tokens = min(request.max_tokens, room) if request.max_tokens > 0 else room
-        transfer_id = safe_key(f"{request.request_id}-{self.worker_id}") if request.export_kv else None
-        ereq = EngineRequest(
-            request_id=f"{request.request_id}:prefill", prompt_token_ids=tuple(ids), max_tokens=1,
-            sampling=sampling_from_pb(request.sampling), kv_save=transfer_id,
-            offline=request.request_class == common_pb2.OFFLINE,
-        )
         if len(ids) + max(request.max_tokens, 1) > self.engine.max_model_len:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
                 f"model's context of {self.engine.max_model_len}",
             )
+        return ids
+
+    async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        ids = await self._prompt(request, context)
+        transfer_id = safe_key(f"{request.request_id}-{self.worker_id}") if request.export_kv else None
+        ereq = EngineRequest(
+            request_id=f"{request.request_id}:prefill", prompt_token_ids=tuple(ids), max_tokens=1,
+            sampling=sampling_from_pb(request.sampling), kv_save=transfer_id,
+            offline=request.request_class == common_pb2.OFFLINE,
+        )
         t0 = time.perf_counter()
         out = None
         span = self.tracer.start_span("duopool.engine.prefill", attributes={
@@ -237,27 +243,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             "duopool.kv.offered": bool(transfer_id)})
         produced, cached, reason = 0, 0, ""
         outputs = self._run(ereq)
-        # offline tokens go out in batches (at most every OFFLINE_FLUSH_S, and at the end): a backlog of
-        # offline decodes would otherwise cost one message per token across the cluster's shared cores
-        held_ids: list[int] = []
-        held_text: list[str] = []
-        flushed = time.perf_counter()
         try:
-            async for o in outputs:
-                n = len(o.token_ids)
-                produced += n
-                self.tokens += n
-                tokens.inc(n)
-                if ereq.offline and not o.finished and not o.num_cached_tokens \
-                        and time.perf_counter() - flushed < OFFLINE_FLUSH_S:
-                    held_ids.extend(o.token_ids)
-                    held_text.append(o.text)
-                    continue
-                if held_ids:
-                    o = dataclasses.replace(o, token_ids=held_ids + list(o.token_ids),
-                                            text="".join(held_text) + o.text)
-                    held_ids, held_text = [], []
-                flushed = time.perf_counter()
+            async for o in self._batched(outputs, ereq.offline, tokens):
+                produced += len(o.token_ids)
                 cached = cached or o.num_cached_tokens
                 reason = o.finish_reason or reason
                 if transfer_id and not completed:
@@ -280,6 +268,82 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             span.end()
             if transfer_id and not completed:
                 await self._complete_transfer(transfer_id, ok=False, error="decode ended before loading")
+            self.served += 1
+            metrics.WORKER_PHASE.labels(self.worker_id, "decode").observe(time.perf_counter() - t0)
+
+    async def _batched(self, outputs, offline: bool, counter, first_now: bool = False):
+        """The engine's outputs, counted; offline tokens go out in batches (at most every OFFLINE_FLUSH_S, and
+        at the end): a backlog of offline decodes would otherwise cost one message per token across the
+        cluster's shared cores. An output reporting cached tokens goes at once, and so does the first one
+        when ``first_now``."""
+        held_ids: list[int] = []
+        held_text: list[str] = []
+        flushed = time.perf_counter()
+        first = first_now
+        async for o in outputs:
+            n = len(o.token_ids)
+            self.tokens += n
+            counter.inc(n)
+            if offline and not first and not o.finished and not o.num_cached_tokens \
+                    and time.perf_counter() - flushed < OFFLINE_FLUSH_S:
+                held_ids.extend(o.token_ids)
+                held_text.append(o.text)
+                continue
+            first = False
+            if held_ids:
+                o = dataclasses.replace(o, token_ids=held_ids + list(o.token_ids),
+                                        text="".join(held_text) + o.text)
+                held_ids, held_text = [], []
+            flushed = time.perf_counter()
+            yield o
+
+    async def PrefillDecode(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        """Prefill and decode on this worker in one engine request: no KV is exported or moved (the request
+        decodes where its KV already is)."""
+        ids = await self._prompt(request, context)
+        ereq = EngineRequest(
+            request_id=f"{request.request_id}:local", prompt_token_ids=tuple(ids),
+            max_tokens=max(1, request.max_tokens), sampling=sampling_from_pb(request.sampling),
+            offline=request.request_class == common_pb2.OFFLINE,
+        )
+        klass = "offline" if ereq.offline else "online"
+        t0 = time.perf_counter()
+        span = self.tracer.start_span("duopool.engine.prefill_decode", attributes={
+            "duopool.worker": self.worker_id, "duopool.class": klass, "duopool.prompt_tokens": len(ids),
+            "duopool.max_tokens": ereq.max_tokens})
+        produced, reason = 0, ""
+        outputs = self._run(ereq)
+        try:
+            async for o in self._batched(outputs, ereq.offline, metrics.WORKER_TOKENS.labels(self.worker_id, klass),
+                                         first_now=True):
+                reason = o.finish_reason or reason
+                if not produced:
+                    if o.finish_reason == "preempted" or not o.token_ids:
+                        if o.finish_reason == "preempted":
+                            await context.abort(grpc.StatusCode.ABORTED,
+                                                "preempted: offline prefill stopped for online work")
+                        await context.abort(grpc.StatusCode.INTERNAL, "engine produced no token")
+                    engine_ms = (time.perf_counter() - t0) * 1e3
+                    span.add_event("duopool.first_token")
+                    metrics.WORKER_PHASE.labels(self.worker_id, "prefill").observe(engine_ms / 1e3)
+                    produced += len(o.token_ids)
+                    yield worker_pb2.LocalResponse(
+                        prompt_token_ids=ids, text=o.text, token_ids=o.token_ids, finished=o.finished,
+                        finish_reason=o.finish_reason, max_tokens=ereq.max_tokens, engine_ms=engine_ms)
+                    continue
+                produced += len(o.token_ids)
+                yield worker_pb2.LocalResponse(text=o.text, token_ids=o.token_ids, finished=o.finished,
+                                               finish_reason=o.finish_reason)
+        except EngineError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await context.abort(*self._engine_failure(exc))
+        finally:
+            await outputs.aclose()  # a cancelled stream stops its engine request now
+            span.set_attributes({"duopool.output_tokens": produced, "duopool.finish_reason": reason})
+            span.end()
             self.served += 1
             metrics.WORKER_PHASE.labels(self.worker_id, "decode").observe(time.perf_counter() - t0)
 
@@ -428,7 +492,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Abort(self, request: worker_pb2.AbortRequest, context):
         found = False
-        for suffix in (":prefill", ":decode"):
+        for suffix in (":prefill", ":decode", ":local"):
             found |= await self.engine.abort(request.request_id + suffix)
         if check_id("kv.transfer_id", request.kv.transfer_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, check_id("kv.transfer_id", request.kv.transfer_id))

@@ -7,7 +7,8 @@ import redis
 from duopool.launcher import LocalCluster
 from duopool.topology import Topology
 from duopool.v1 import common_pb2, router_pb2, router_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from tests.conftest import wait_for
+from duopool.worker.engines.sim import sim_tokenize
+from tests.conftest import sim_expected_tokens, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -70,6 +71,11 @@ def test_live_scheduler_runs_the_decision_core(tmp_path, redis_server, policy):
                      == router_pb2.DONE, 30, what="the batch to finish")
             results = list(router.GetBatchResults(router_pb2.GetBatchRequest(job_id=job.job_id), timeout=10))
             assert sorted(r.index for r in results) == list(range(6)) and all(not r.error for r in results)
+            for r in results:  # the exact tokens, prefilled and decoded in one place or split across two
+                assert list(r.token_ids) == sim_expected_tokens(sim_tokenize(f"w{r.index} x y z"), 4), r
+                assert r.finish_reason == "length"
+            if policy == "hygen":  # every worker mixed: each decodes where it prefilled (Worker.PrefillDecode)
+                assert all(r.prefill_worker == r.decode_worker for r in results), results
             st = sched.Stats(scheduler_pb2.SchedulerStatsRequest(request_id="core-1"), timeout=5)
             assert st.policy == policy
             placed = {k: v for k, v in st.decisions.items() if k.startswith("place:")}

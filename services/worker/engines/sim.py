@@ -20,6 +20,7 @@ import hashlib
 import logging
 import pathlib
 import struct
+import time
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator
@@ -43,6 +44,7 @@ SIM_BLOCK_SIZE = 16
 MAX_BATCH = 256  # sequences in one step: vLLM's default max_num_seqs (the simulator's instances use it too)
 MAX_BATCHED_TOKENS = 8192  # tokens in one step (vLLM's chunked-prefill budget; the simulator's too)
 DEFAULT_BLOCKS = 4096  # KV blocks without a roofline model (or if it holds less)
+OVERRUN_REPORT_S = 10.0  # how often the step loop reports its wall time against the modeled time
 SIM_BLOCK_BYTES = 1024  # per block of the simulated segment (real models carry far more; kept small)
 
 
@@ -138,6 +140,10 @@ class SimEngine(Engine):
         self._task: asyncio.Task | None = None
         self._broken: str | None = None
         self.steps = 0
+        self.overrun = 0.0  # wall time over modeled time of the steps, last report (0.1 = 10% slower)
+        self._modeled_s = self._wall_s = 0.0
+        self._mix = [0, 0, 0]  # steps, decodes, prefill tokens since the last report
+        self._reported = time.monotonic()
 
     @classmethod
     def from_config(cls, config) -> SimEngine:
@@ -295,11 +301,34 @@ class SimEngine(Engine):
         if chunks or decodes:
             step_s = self.timer.chunked_step_s([(c, r.prefilled + c) for r, c in chunks],
                                                [len(r.req.prompt_token_ids) + r.generated for r in decodes])
+            t0 = time.perf_counter()
             await asyncio.sleep(step_s)
+            self._note_overrun(step_s, time.perf_counter() - t0, len(decodes), sum(c for _, c in chunks))
             self.steps += 1
             self.last_step_ms = step_s * 1e3
             if self.step_observer is not None:
                 self.step_observer(step_s)
+
+    def _note_overrun(self, modeled_s: float, wall_s: float, decodes: int, prefill: int) -> None:
+        """Sums modeled and wall seconds of the steps; every ``OVERRUN_REPORT_S`` it logs how far the wall
+        clock ran over the model (a loaded host: the simulated GPU is then slower than the one it imitates)."""
+        self._modeled_s += modeled_s
+        self._wall_s += wall_s
+        self._mix[0] += 1
+        self._mix[1] += decodes
+        self._mix[2] += prefill
+        now = time.monotonic()
+        if now - self._reported >= OVERRUN_REPORT_S and self._modeled_s > 0:
+            over = self._wall_s / self._modeled_s - 1
+            n, dec, pre = self._mix
+            (log.warning if over > 0.1 else log.info)(
+                "sim engine: %d steps (%.1f decodes and %.0f prefill tokens each), modeled %.1f s, took %.1f s "
+                "(%+.0f%%)%s", n, dec / n, pre / n, self._modeled_s, self._wall_s, over * 100,
+                " — the host is too loaded to keep the simulated timing" if over > 0.1 else "")
+            self.overrun = over
+            self._modeled_s = self._wall_s = 0.0
+            self._mix = [0, 0, 0]
+            self._reported = now
 
     def _update(self, chunks: list[tuple[_Req, int]], decodes: list[_Req]) -> None:
         emit = list(decodes)
