@@ -55,6 +55,14 @@ class Topology:
     preempt_trigger: str = ""  # "" = online for vllm engines on shared CPU cores, else slo (docs/colocation.md)
 
     @property
+    def step_plans(self) -> bool:
+        """Simulated workers form their steps by the scheduler's research policy (its step plans run inside
+        the engines, as in the simulator); vLLM engines batch by vLLM's scheduler."""
+        from duopool.core.policies import policy_names
+
+        return self.engine == "sim" and self.policy in policy_names()
+
+    @property
     def scope(self) -> str:
         return self.pressure_scope or ("host" if self.engine == "vllm" else "worker")
 
@@ -83,6 +91,7 @@ def services(topo: Topology, bind: dict[str, str], port: dict[str, int], addr: d
                 "role": role, "engine": topo.engine, "model": topo.model, "redis-url": redis_url,
                 "kvtransfer": addr["kvtransfer"], "kv-dir": kv_dir, "threads": str(topo.threads),
                 "max-model-len": str(topo.max_model_len), "kv-cache-gib": str(topo.kv_cache_gib),
+                **({"step-policy": topo.policy} if topo.step_plans else {}),
             }, depends_on=("scheduler", "kvtransfer")))
     specs.append(ServiceSpec("router", "router", {
         "host": bind["router"], "port": str(port["router"]), "http-port": str(port["router-http"]),

@@ -246,9 +246,23 @@ class WorkerConfig(ServiceConfig):
     sim_hardware: str = opt("H100-SXM", "DUOPOOL_SIM_HARDWARE", "sim engine: hardware it imitates")
     sim_model: str = opt("llama-3.1-8b", "DUOPOOL_SIM_MODEL", "sim engine: model it imitates")
     sim_speedup: float = opt(1.0, "DUOPOOL_SIM_SPEEDUP", "sim engine: divide simulated step times by this")
+    step_policy: str = opt("", "DUOPOOL_STEP_POLICY",
+                           "sim engine: form every step by this scheduling policy's step plan, the code the "
+                           "simulator's instances run (hygen, ooco, ...; `duopool up`/`bench replay` pass the "
+                           "scheduler's research policy); empty: vLLM-like batching (online first, FIFO)")
+    ttft_slo_ms: float = opt(1000.0, "DUOPOOL_TTFT_SLO_MS", "--step-policy: the TTFT SLO its step plans hold, ms")
+    tpot_slo_ms: float = opt(100.0, "DUOPOOL_TPOT_SLO_MS", "--step-policy: the TPOT SLO its step plans hold, ms")
 
     def validate(self) -> None:
         super().validate()
+        if self.step_policy:
+            from duopool.core.policies import policy_names
+
+            if self.step_policy not in policy_names():
+                raise ConfigError("step_policy", f"unknown scheduling policy {self.step_policy!r}; known: "
+                                                 f"{', '.join(policy_names())}")
+        if not (self.ttft_slo_ms > 0 and self.tpot_slo_ms > 0):
+            raise ConfigError("ttft_slo_ms" if not self.ttft_slo_ms > 0 else "tpot_slo_ms", "must be > 0")
         if not self.redis_url:
             raise ConfigError("redis_url", "required (flag --redis-url or env REDIS_URL)")
         if self.max_model_len <= 0:

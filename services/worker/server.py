@@ -573,6 +573,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self.role = PB_ROLE[request.role]
         if request.pool:
             self.pool = PB_POOL[request.pool]
+        set_role = getattr(self.engine, "set_role", None)
+        if set_role is not None:  # an engine whose step plans follow the role (sim --step-policy)
+            set_role(self.role, self.pool)
         log.info("role set to %s, pool %s", self.role, self.pool)
         return self.info_pb()
 

@@ -7,8 +7,14 @@ import pytest
 
 from duopool.worker.engines.base import EngineError, EngineRequest, KvLoad, Sampling
 from duopool.worker.engines.sim import SIM_BLOCK_SIZE, SimEngine
+from duopool.worker.engines.sim_plan import PlannedSimEngine
 
 pytestmark = pytest.mark.unit
+
+# the plain engine (vLLM-like batching) and the one whose steps are a research policy's step plans: the
+# same request semantics (tokens, KV, limits, aborts)
+ENGINES = {"plain": SimEngine, "hygen-plans": lambda d, **kw: PlannedSimEngine(d, "hygen", **kw),
+           "ooco-plans": lambda d, **kw: PlannedSimEngine(d, "ooco", role="decode", **kw)}
 
 
 async def run(engine, req):
@@ -16,9 +22,12 @@ async def run(engine, req):
     return [t for o in outs for t in o.token_ids], outs
 
 
-def test_split_prefill_decode_equals_one_engine_and_reuses_kv(tmp_path: pathlib.Path):
+@pytest.mark.parametrize("kind", ENGINES)
+def test_split_prefill_decode_equals_one_engine_and_reuses_kv(tmp_path: pathlib.Path, kind):
+    make = ENGINES[kind]
+
     async def main():
-        a, b = SimEngine(str(tmp_path), speedup=1000.0), SimEngine(str(tmp_path), speedup=1000.0)
+        a, b = make(str(tmp_path), speedup=1000.0), make(str(tmp_path), speedup=1000.0)
         await a.start(), await b.start()
         prompt = tuple(range(1, 41))  # 40 tokens: 2 full blocks
         whole, _ = await run(a, EngineRequest("w", prompt, max_tokens=8, sampling=Sampling(seed=3)))
@@ -43,9 +52,10 @@ def test_split_prefill_decode_equals_one_engine_and_reuses_kv(tmp_path: pathlib.
     asyncio.run(main())
 
 
-def test_context_limit_and_abort(tmp_path):
+@pytest.mark.parametrize("kind", ENGINES)
+def test_context_limit_and_abort(tmp_path, kind):
     async def main():
-        e = SimEngine(str(tmp_path), max_model_len=64, speedup=0.01)  # slow steps: abort lands mid-way
+        e = ENGINES[kind](str(tmp_path), max_model_len=64, speedup=0.01)  # slow steps: abort lands mid-way
         await e.start()
         with pytest.raises(EngineError) as err:
             await run(e, EngineRequest("x", tuple(range(60)), max_tokens=10))

@@ -139,6 +139,10 @@ class Engine(abc.ABC):
 def create_engine(config) -> Engine:
     """The engine a WorkerConfig asks for (imports lazily: only the vllm adapter imports vllm)."""
     if config.engine == "sim":
+        if getattr(config, "step_policy", ""):
+            from duopool.worker.engines.sim_plan import PlannedSimEngine
+
+            return PlannedSimEngine.from_config(config)
         from duopool.worker.engines.sim import SimEngine
 
         return SimEngine.from_config(config)

@@ -44,6 +44,7 @@ SIM_BLOCK_SIZE = 16
 MAX_BATCH = 256  # sequences in one step: vLLM's default max_num_seqs (the simulator's instances use it too)
 MAX_BATCHED_TOKENS = 8192  # tokens in one step (vLLM's chunked-prefill budget; the simulator's too)
 DEFAULT_BLOCKS = 4096  # KV blocks without a roofline model (or if it holds less)
+IDLE_POLL_S = 0.005  # with work held and nothing to run, the step loop looks again this often
 OVERRUN_REPORT_S = 10.0  # how often the step loop reports its wall time against the modeled time
 SIM_BLOCK_BYTES = 1024  # per block of the simulated segment (real models carry far more; kept small)
 
@@ -111,6 +112,7 @@ class _Req:
     kv: KvExport | None = None
     aborted: bool = False
     first_output: bool = True
+    m: object = None  # the step plan's Req for it (duopool.worker.engines.sim_plan), if plans run the steps
 
 
 class SimEngine(Engine):
@@ -248,14 +250,24 @@ class SimEngine(Engine):
     # then waiting requests are admitted (online before offline, FIFO within a class) while sequences, KV
     # blocks and tokens last; the last prefill of a step may be a chunk. An aborted request (a preemption)
     # leaves at the next step boundary.
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._waiting_off or self._running)
+
     async def _loop(self) -> None:
         while True:
-            if not self._waiting and not self._waiting_off and not self._running:
+            if not self._has_work():
                 self._wake.clear()
                 await self._wake.wait()
             chunks: list[tuple[_Req, int]] = []
             try:
                 chunks, decodes = self._schedule()
+                if not chunks and not decodes:  # work held (KV full, or a step plan holds it): wait for news
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
+                    except TimeoutError:
+                        pass
+                    continue
                 await self._execute(chunks, decodes)
                 self._update(chunks, decodes)
             except Exception as exc:  # noqa: BLE001 - a failed step fails its batch, never the loop
