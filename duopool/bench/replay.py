@@ -208,7 +208,8 @@ async def _replay(args, cluster, online, offline) -> dict:
             "drained": drained, "lost": lost, "duplicated": duplicated,
         },
         "goodput_requests_per_s": len(met) / window_s if window_s else 0.0,
-        "preemptions": stats.preemptions,
+        "preemptions": stats.preemptions,  # by the scheduler (Worker.Preempt RPCs, steps back at a first token)
+        "preemptions_in_engine": int(stats.decisions.get("preempt:in-engine step plan", 0)),
         "preemption_ms": pct(samples) | {"samples": len(samples)},
         "preempt_trigger": stats.preempt_trigger,
         "slo_pressure_at_end": {k: round(v, 3) for k, v in sorted(stats.slo_pressure.items())},
@@ -254,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: the backlog ran out {off['drain_s']:.1f} s into the {summary['window_s']:.0f} s window; "
               f"tok/s over the window ({off['output_tokens_per_s']:.1f}) would understate capacity: compare "
               f"backlogged_tok_s or drain_s (a larger --offline-requests keeps it backlogged)")
-    print(f"preemptions: {summary['preemptions']}, latency p50/p99 {summary['preemption_ms']['p50']:.1f}/"
-          f"{summary['preemption_ms']['p99']:.1f} ms; wrote {args.out / 'summary.json'}")
+    print(f"preemptions: {summary['preemptions']} by the scheduler, latency p50/p99 "
+          f"{summary['preemption_ms']['p50']:.1f}/{summary['preemption_ms']['p99']:.1f} ms; "
+          f"{summary['preemptions_in_engine']} by the engines' step plans (at a step boundary); "
+          f"wrote {args.out / 'summary.json'}")
     return 0

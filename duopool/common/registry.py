@@ -46,6 +46,9 @@ class WorkerRecord:
     steps: int = -1  # engine steps run (the decision core advances its decode batches by them)
     step_ms: float = 0.0  # the engine's last step
     kv_capacity: int = 0  # KV tokens the engine holds (0: not reported)
+    step_plans: str = ""  # the scheduling policy whose step plans form the engine's steps ("" none)
+    preempted: int = 0  # offline requests the engine's own step plans stopped since it started
+    offline_only: bool = False  # set by the scheduler's layout: the policy's isolated offline share
 
     def to_hash(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -59,6 +62,8 @@ class WorkerRecord:
             waiting=int(h.get("waiting", 0)), kv_usage=float(h.get("kv_usage", 0.0)),
             last_heartbeat=float(h.get("last_heartbeat", 0.0)), steps=int(h.get("steps", -1)),
             step_ms=float(h.get("step_ms", 0.0)), kv_capacity=int(h.get("kv_capacity", 0)),
+            step_plans=h.get("step_plans", ""), preempted=int(h.get("preempted", 0)),
+            offline_only=h.get("offline_only", "False") == "True",
         )
 
 

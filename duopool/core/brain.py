@@ -35,6 +35,7 @@ from duopool.core.state import OFFLINE, ONLINE, Cluster, Instance, Phase, Req
 DEFAULT_PROMPT = 256  # tokens assumed for a request whose prompt was not tokenized before placement
 DEFAULT_OUTPUT = 256  # ... and for one that gave no max_tokens
 LOG_REQUESTS = 20_000  # requests whose decisions are kept for ``why``
+ENGINE_QUEUE = 8  # offline requests kept waiting in an engine that runs the step plans itself
 
 
 # -------------------------------------------------------------------- events
@@ -51,6 +52,8 @@ class WorkerReport:
     kv_capacity: int = 0  # KV tokens the engine holds (0: unknown, the performance model's figure is used)
     steps: int = -1  # engine steps run so far (-1: not reported)
     step_ms: float = 0.0  # the engine's last step
+    step_plans: str = ""  # the policy whose step plans the engine runs itself ("" none)
+    offline_only: bool = False  # the worker knows itself as the policy's isolated offline share
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +147,7 @@ class SetRole:
     pool: PoolName
     reason: str
     kind: str = "set_role"
+    offline_only: bool = False  # the policy's isolated offline share (pd-static)
 
 
 Effect = Place | Reject | Hold | Preempt | Move | SetRole
@@ -309,6 +313,11 @@ class Brain:
             self._changed_at = now
         inst = self.cluster.instances[idx]
         inst.role, inst.pool = Role(w.role), PoolName(w.pool)
+        inst.engine_plans = w.step_plans == self.policy.name
+        if inst.engine_plans and self._laid_out and w.offline_only != inst.offline_only:
+            # an engine that plans its own steps must know it is the offline share (after a restart too)
+            return [SetRole(w.worker_id, inst.role, inst.pool, "policy layout: offline share",
+                            offline_only=inst.offline_only)]
         if w.kv_capacity:
             inst.kv_capacity = w.kv_capacity
         if w.steps >= 0:  # the lazy decode batch advances by the steps the engine ran (a restart counts anew)
@@ -365,8 +374,8 @@ class Brain:
         for inst in insts:
             s = assigned.get(inst.idx) or rest.pop(0)
             inst.offline_only = bool(s[2])
-            if (s[0], s[1]) != (inst.role, inst.pool):
-                out.append(SetRole(self.names[inst.idx], s[0], s[1], "policy layout"))
+            if (s[0], s[1]) != (inst.role, inst.pool) or (inst.offline_only and inst.engine_plans):
+                out.append(SetRole(self.names[inst.idx], s[0], s[1], "policy layout", offline_only=inst.offline_only))
                 inst.role, inst.pool = s[0], s[1]
         return out
 
@@ -416,7 +425,14 @@ class Brain:
             order = sorted((i for i in insts if i.idx not in exclude and i.accepting),
                            key=lambda i: (len(i.waiting_off) + i.n_dec[OFFLINE], i.kv_usage(), i.idx))
             for inst in order:
-                if any(c[0] is r for c in self.policy.plan(inst, self.cluster, now).chunks):
+                if inst.engine_plans:
+                    # its engine runs the plan at every step, on its exact state: the brain keeps the engine's
+                    # own queue stocked (a few requests waiting there, KV permitting) and the plan admits
+                    # from it, as a simulated instance admits from the backlog
+                    if len(inst.waiting_off) < ENGINE_QUEUE and self._admits_past_queue(inst, r, now):
+                        found = inst
+                        break
+                elif any(c[0] is r for c in self.policy.plan(inst, self.cluster, now).chunks):
                     found = inst
                     break
         finally:
@@ -429,6 +445,21 @@ class Brain:
         where = "decodes in place" if dst == inst.idx else "decodes elsewhere"
         return [Place(a.request_id, self.names[inst.idx], self.names[dst],
                       f"{inst.role} instance's plan admits it; {where}")]
+
+    def _admits_past_queue(self, inst: Instance, r: Req, now: float) -> bool:
+        """Would ``inst``'s plan admit ``r`` once the offline requests queued there have started? (Its
+        engine's own plans admit them as they fit; the mirror does not see their prefill progress.)"""
+        queued = inst.waiting_off
+        held = sum(q.kv_res for q in queued)
+        inst.waiting_off = deque()
+        inst.kv_reserved -= held
+        try:
+            if inst.kv_free() - held < r.prompt + r.output + inst.block_size:
+                return False
+            return any(c[0] is r for c in self.policy.plan(inst, self.cluster, now).chunks)
+        finally:
+            inst.waiting_off = queued
+            inst.kv_reserved += held
 
     def _track(self, a: Arrived, r: Req, inst: Instance, dst: int, online: bool) -> None:
         r.inst = inst.idx
@@ -505,6 +536,8 @@ class Brain:
     # ---------------------------------------------------------------- step plans: evict, pull
     def _evictions(self, inst: Instance, now: float, why: str, plan=None) -> list[Effect]:
         """The offline decodes ``inst``'s step plan evicts, as one ``Preempt`` (they leave the mirror)."""
+        if inst.engine_plans:  # its engine evicts at its own step boundary, on its exact state, without an RPC
+            return []
         plan = plan or self.policy.plan(inst, self.cluster, now)
         ids = []
         for r in plan.evict:

@@ -71,6 +71,7 @@ class Instance:
     kv_capacity: int  # tokens
     block_size: int = 16
     offline_only: bool = False  # pd-static's isolated offline share
+    engine_plans: bool = False  # live: its engine forms each step by this policy's plan itself (sim --step-policy)
     accepting: bool = True  # False while DOPD drains it for a role change
     waiting: deque = field(default_factory=deque)  # online prefill queue (Req, prefilled < prompt)
     waiting_off: deque = field(default_factory=deque)  # offline requests admitted here, prefill in progress

@@ -160,9 +160,11 @@ class PreemptResponse(_message.Message):
     def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., stop_ms: _Optional[float] = ...) -> None: ...
 
 class SetRoleRequest(_message.Message):
-    __slots__ = ("role", "pool")
+    __slots__ = ("role", "pool", "offline_only")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
+    OFFLINE_ONLY_FIELD_NUMBER: _ClassVar[int]
     role: _common_pb2.WorkerRole
     pool: _common_pb2.Pool
-    def __init__(self, role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., pool: _Optional[_Union[_common_pb2.Pool, str]] = ...) -> None: ...
+    offline_only: bool
+    def __init__(self, role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., pool: _Optional[_Union[_common_pb2.Pool, str]] = ..., offline_only: _Optional[bool] = ...) -> None: ...

@@ -44,7 +44,8 @@ def build_brain(config: SchedulerConfig) -> b.Brain:
 
 def worker_report(w: registry.WorkerRecord) -> b.WorkerReport:
     return b.WorkerReport(w.worker_id, Role(w.role), PoolName(w.pool), running=w.running, waiting=w.waiting,
-                          kv_usage=w.kv_usage, kv_capacity=w.kv_capacity, steps=w.steps, step_ms=w.step_ms)
+                          kv_usage=w.kv_usage, kv_capacity=w.kv_capacity, steps=w.steps, step_ms=w.step_ms,
+                          step_plans=w.step_plans, offline_only=w.offline_only)
 
 
 class BrainDriver:
@@ -141,8 +142,8 @@ class BrainDriver:
 
     async def _set_role(self, e: b.SetRole) -> None:
         w = self._record(e.worker)
-        if w is not None and (w.role, w.pool) != (str(e.role), str(e.pool)):
-            await self.service._set_role(w, str(e.role), str(e.pool), e.reason)
+        if w is not None and (w.role, w.pool, w.offline_only) != (str(e.role), str(e.pool), e.offline_only):
+            await self.service._set_role(w, str(e.role), str(e.pool), e.reason, offline_only=e.offline_only)
 
     async def close(self) -> None:
         for t in list(self._tasks):

@@ -410,20 +410,22 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {w.worker_id} unreachable; desired state kept")
         return info
 
-    async def _set_role(self, w: registry.WorkerRecord, role: str, pool: str, reason: str):
+    async def _set_role(self, w: registry.WorkerRecord, role: str, pool: str, reason: str,
+                        offline_only: bool = False):
         """Records the desired role/pool in Redis first (so it survives the worker restarting), then applies
         it; returns the worker's new info, or None if it was unreachable (``reconcile_roles`` retries)."""
         await registry.set_desired(self.redis, w.worker_id, role, pool, reason, self.clock())
         if role != w.role:
             metrics.ROLE_CHANGES.labels(role, "balancer" if reason.startswith("role balance") else "operator").inc()
-        info = await self._apply_role(w, role, pool)
+        info = await self._apply_role(w, role, pool, offline_only)
         self._refreshed = 0.0  # the next placement sees the change
         return info
 
-    async def _apply_role(self, w: registry.WorkerRecord, role: str, pool: str):
+    async def _apply_role(self, w: registry.WorkerRecord, role: str, pool: str, offline_only: bool = False):
         try:
             stub = worker_pb2_grpc.WorkerStub(self.channels.get(w.address))
-            info = await stub.SetRole(worker_pb2.SetRoleRequest(role=ROLE_PB[role], pool=POOL_PB[pool]), timeout=5)
+            info = await stub.SetRole(worker_pb2.SetRoleRequest(role=ROLE_PB[role], pool=POOL_PB[pool],
+                                                                offline_only=offline_only), timeout=5)
             log.info("worker %s set to role %s, pool %s", w.worker_id, role, pool)
             return info
         except grpc.aio.AioRpcError as exc:
@@ -459,6 +461,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         await self._set_role(w, move.role, w.pool, move.reason)
         return True
 
+    def _decision_counts(self) -> dict[str, int]:
+        """The decision core's counts, and the preemptions the workers' own step plans made (in-engine, at a
+        step boundary, no RPC), from their heartbeats."""
+        out = self.driver.counts() if self.driver else {}
+        in_engine = sum(w.preempted for w in self._workers)
+        if in_engine:
+            out["preempt:in-engine step plan"] = in_engine
+        return out
+
     async def Stats(self, request, context):
         samples = list(self.preemption_ms)
         p50 = statistics.median(samples) if samples else 0.0
@@ -471,7 +482,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             offline_tokens=d.tokens if d else 0,
             policy=self.policy_name, preemption_ms=samples, preempt_trigger=self.limits.trigger,
             slo_pressure=self.pressure, role_moves=self.role_moves,
-            decisions=self.driver.counts() if self.driver else {},
+            decisions=self._decision_counts(),
             request_decisions=self.driver.why(request.request_id) if self.driver and request.request_id else [],
         )
 

@@ -64,6 +64,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.tokens = 0
         self.role = config.role  # observed role and pool; the scheduler changes them with SetRole
         self.pool = config.pool_or_default
+        self.offline_only = False  # the scheduler's layout: this worker is the policy's isolated offline share
         self.active: dict[str, tuple[bool, asyncio.Event]] = {}  # engine request id -> (offline, ended)
         self.preempted: set[str] = set()
         self.server: Server | None = None  # set by serve(): health turns NOT_SERVING when the engine breaks
@@ -90,6 +91,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             max_model_len=self.engine.max_model_len, block_size=self.engine.block_size, host=self.host,
             running=load.running, waiting=load.waiting, kv_usage=load.kv_usage, last_heartbeat=time.time(),
             steps=load.steps, step_ms=load.step_ms, kv_capacity=load.kv_capacity,
+            step_plans=getattr(getattr(self.engine, "policy", None), "name", ""),
+            preempted=getattr(self.engine, "preempted_in_engine", 0), offline_only=self.offline_only,
         )
 
     async def not_serving(self) -> None:
@@ -573,9 +576,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self.role = PB_ROLE[request.role]
         if request.pool:
             self.pool = PB_POOL[request.pool]
+        self.offline_only = request.offline_only
         set_role = getattr(self.engine, "set_role", None)
         if set_role is not None:  # an engine whose step plans follow the role (sim --step-policy)
-            set_role(self.role, self.pool)
+            set_role(self.role, self.pool, self.offline_only)
         log.info("role set to %s, pool %s", self.role, self.pool)
         return self.info_pb()
 

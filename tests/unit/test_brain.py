@@ -9,6 +9,7 @@ import pytest
 from duopool.common.config import SchedulerConfig
 from duopool.common.registry import WorkerRecord
 from duopool.core.brain import (
+    ENGINE_QUEUE,
     Arrived,
     Brain,
     Finished,
@@ -215,6 +216,42 @@ def test_clock_origin_does_not_change_offline_admission():
     assert run(1.7e9) == at_zero
 
 
+def test_engines_that_run_the_plans_get_a_stocked_queue_and_no_eviction_rpcs():
+    """A worker whose engine forms its steps by the policy's plan itself (``step_plans``): the brain keeps
+    ENGINE_QUEUE offline requests waiting there (the engine's plan admits from them at each step), on the
+    instances whose plan takes offline work at all (not a strict decode instance), and sends no Preempt
+    for it: the engine evicts at its own step boundary."""
+    brain = make_brain("ooco", tpot=0.02)
+    for wid, role, pool in [("p0", P, R), ("d0", D, S)]:
+        brain.handle(WorkerReport(wid, role, pool, step_plans="ooco"), 0.0)
+    placed = []
+    for k in range(40):
+        (e,) = brain.handle(offline(f"o{k}", prompt=3000, out=50), 0.0)
+        if isinstance(e, Hold):
+            break
+        placed.append(e)
+    assert len(placed) == ENGINE_QUEUE and {(e.prefill, e.decode) for e in placed} == {("p0", "p0")}
+    for e in placed[:3]:  # prefill done: they decode on p0; the queue has room for three more
+        brain.handle(FirstToken(e.request_id), 0.1)
+    more = [brain.handle(offline(f"m{k}", prompt=3000, out=50), 0.2)[0] for k in range(4)]
+    assert [isinstance(e, Place) for e in more] == [True, True, True, False]
+    # online decodes joining d0 would preempt its offline decodes; none are there, and on p0 (engine plans)
+    # the brain's plan-based eviction is left to the engine
+    for j in range(30):
+        brain.handle(online(f"on{j}", prompt=8000, out=200), 1.0)
+        assert not [x for x in brain.handle(FirstToken(f"on{j}"), 1.0) if isinstance(x, Preempt)]
+    assert not [x for x in brain.handle(Tick(), 30.0) if isinstance(x, Preempt)]
+
+
+def test_without_engine_plans_the_same_workers_get_eviction_rpcs():
+    brain = make_brain(tpot=0.02)
+    join(brain, [("p0", P, R), ("d0", D, S)])
+    offline_decodes_on_strict(brain)
+    brain.handle(online("on", prompt=1000, out=20), 2.0)
+    brain.handle(FirstToken("on"), 2.0)
+    assert [p.worker for p in brain.handle(Tick(), 10.0) if isinstance(p, Preempt)] == ["d0"]
+
+
 # ------------------------------------------------------------------------------------------- eviction
 def test_online_decodes_joining_preempt_offline_decodes_on_strict_worker():
     # a tight TPOT (step target 18 ms) so that a handful of online decodes push the step over it
@@ -253,6 +290,25 @@ def test_tick_preempts_offline_decodes_next_to_an_online_request_behind_its_dead
 
 
 # ------------------------------------------------------------------------------------------- layout
+def test_pd_static_tells_engines_that_plan_their_steps_which_worker_is_the_offline_share():
+    brain = make_brain("pd-static")
+    for k in range(4):
+        brain.handle(WorkerReport(f"w{k}", P, R, step_plans="pd-static"), 0.0)
+    out = brain.handle(Tick(), 0.0)
+    share = [e for e in out if isinstance(e, SetRole) and e.offline_only]
+    assert len(share) == 1 and share[0].role == M
+    wid = share[0].worker
+    # its heartbeat does not say so yet (or it restarted): told again; once it says so, nothing more
+    assert [e.offline_only for e in brain.handle(WorkerReport(wid, M, R, step_plans="pd-static"), 1.0)] == [True]
+    assert brain.handle(WorkerReport(wid, M, R, step_plans="pd-static", offline_only=True), 2.0) == []
+    # a worker without step plans is not told again (its engine does not read the flag)
+    plain = make_brain("pd-static")
+    for k in range(4):
+        plain.handle(WorkerReport(f"w{k}", P, R), 0.0)
+    (e,) = [e for e in plain.handle(Tick(), 0.0) if e.offline_only]
+    assert plain.handle(WorkerReport(e.worker, M, R), 1.0) == []
+
+
 def test_hygen_layout_sets_every_worker_mixed_once():
     brain = make_brain("hygen")
     join(brain, [(f"w{k}", P, R) for k in range(4)])
@@ -478,9 +534,9 @@ def test_service_driver_and_direct_events_give_the_same_effects():
 def test_worker_report_converts_a_record():
     rec = WorkerRecord(worker_id="w", address="w:1", role="decode", pool="strict", engine="sim", model="m",
                        max_model_len=8192, block_size=16, host="h", running=3, waiting=2, kv_usage=0.5,
-                       steps=11, step_ms=4.5, kv_capacity=1234)
+                       steps=11, step_ms=4.5, kv_capacity=1234, step_plans="hygen")
     assert worker_report(rec) == WorkerReport("w", D, S, running=3, waiting=2, kv_usage=0.5, kv_capacity=1234,
-                                              steps=11, step_ms=4.5)
+                                              steps=11, step_ms=4.5, step_plans="hygen")
 
 
 # ------------------------------------------------------------------------------------------- simulator

@@ -62,9 +62,11 @@ class PlannedSimEngine(SimEngine):
                    max_model_len=config.max_model_len, hardware=config.sim_hardware, model=config.sim_model,
                    speedup=config.sim_speedup)
 
-    def set_role(self, role: str, pool: str) -> None:
-        """The worker's role changed (SetRole): the plans follow it (OOCO's pools, DOPD's roles)."""
+    def set_role(self, role: str, pool: str, offline_only: bool = False) -> None:
+        """The worker's role changed (SetRole): the plans follow it (OOCO's pools, DOPD's roles, pd-static's
+        offline share)."""
         self.inst.role, self.inst.pool = Role(role), PoolName(pool)
+        self.inst.offline_only = offline_only
 
     def load(self) -> EngineLoad:
         inst = self.inst
