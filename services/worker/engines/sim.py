@@ -348,6 +348,11 @@ class SimEngine(Engine):
             r.prefilled += c
             if r.prefilled >= len(r.req.prompt_token_ids):
                 emit.append(r)  # its prefill completed in this step: the first token
+        self._emit_tokens(emit)
+
+    def _emit_tokens(self, emit: list[_Req]) -> None:
+        """A token for each request of the step (that still has a caller), and the running list without the
+        requests that ended."""
         for r in emit:
             if self._by_id.get(r.req.request_id) is not r:
                 r.done = True  # the caller went away

@@ -224,18 +224,12 @@ class PlannedSimEngine(SimEngine):
                 m.kv_res = 0
                 emit.append(r)
                 joined.append(r)
-        for r in emit:
-            if self._by_id.get(r.req.request_id) is not r:
-                r.done = True  # the caller went away
-                self._release(r)
-            elif not r.done:
-                self._emit_token(r)
+        self._emit_tokens(emit)
         for r in joined:
             if not r.done:
                 r.m.generated = 1
                 r.m.first_token_t = now
                 inst.add_decode(r.m, self._tpot)
-        self._running = [r for r in self._running if not r.done and self._by_id.get(r.req.request_id) is r]
         inst.compact_join_order()
 
     def _release(self, r: _Req) -> None:
