@@ -27,7 +27,7 @@ from duopool.core.brain import (
 from duopool.core.perfmodel import PerfModel
 from duopool.core.placement import PoolName, RequestClass, Role
 from duopool.core.policies import PolicyConfig, get_policy
-from duopool.core.state import OFFLINE, ONLINE, Phase
+from duopool.core.state import OFFLINE, ONLINE, Phase, Req
 from duopool.scheduler.brain_driver import LAYOUT_SETTLE_S, BrainDriver, build_brain, worker_report
 from duopool.sim import SimConfig, Simulator
 from duopool.traces import Trace
@@ -450,6 +450,34 @@ def test_moves_flag(moves):
     else:
         assert n_moves == 0 and not brain.pinned
         assert all(f"o{k}" in brain.reqs for k in range(8))  # they keep decoding where they are
+
+
+def test_without_moves_strict_instances_pull_at_the_first_token():
+    """Running decodes' KV cannot move live: OOCO's strict instances take their pulls at the prefill →
+    decode transfer instead — an offline request prefilled on a relaxed instance decodes on a strict one
+    while that one's plan would pull it (KV and step-time margins), in place once it would not."""
+    brain = make_brain(moves=False)
+    join(brain, PD2)
+    places = [brain.handle(offline(f"o{k}", prompt=3000, out=500), 0.0)[0] for k in range(40)]
+    places = [p for p in places if isinstance(p, Place)]
+    pulled = [p for p in places if p.decode in ("d0", "d1")]
+    assert pulled and all(p.prefill in ("p0", "p1") for p in places)
+    assert all("pulled by a strict instance" in p.reason for p in pulled)
+    # a pulled request's prompt only is held on its prefill instance (its decode's KV goes to the puller)
+    assert inst(brain, pulled[0].prefill).kv_reserved == sum(3000 + 1 + 16 for p in places
+                                                              if p.prefill == pulled[0].prefill)
+    assert inst(brain, pulled[0].decode).incoming == sum(p.decode == pulled[0].decode for p in places)
+    # an online decode batch over the step target on both strict instances: they would pull nothing
+    fresh = make_brain(tpot=0.02, moves=False)  # step target 18 ms
+    join(fresh, PD2)
+    probe = Req(10**6, OFFLINE, 0.0, 3000, 500)
+    src = inst(fresh, "p0")
+    assert fresh._pull_at_first_token(probe, src, 0.0, frozenset()) is not None
+    for j in range(80):
+        fresh.handle(online(f"on{j}", prompt=8000, out=300), 1.0)
+        fresh.handle(FirstToken(f"on{j}"), 1.0)
+    assert fresh._pull_at_first_token(probe, src, 5.0, frozenset()) is None
+    assert probe not in fresh.cluster.resume
 
 
 # ------------------------------------------------------------------------------------------- drivers
