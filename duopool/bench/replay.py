@@ -23,6 +23,7 @@ import pathlib
 import shutil
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -109,6 +110,34 @@ async def _online_request(stub, i, arrival, prompt_len, out_len, args, t_start, 
     results.append({"ok": True, "ttft_ms": ttft, "tpot_ms": tpot, "tokens": len(times)})
 
 
+JOB_ITEMS = 4000  # offline requests per batch job the replay submits
+
+
+class _Jobs:
+    """The replay's offline backlog as one or more batch jobs, read as one: status summed (DONE when all
+    are), result indices in backlog order."""
+
+    def __init__(self, stub, pb) -> None:
+        self.stub, self.pb = stub, pb
+        self.ids: list[tuple[str, int]] = []  # (job id, index of its first request in the backlog)
+
+    def add(self, job_id: str, start: int) -> None:
+        self.ids.append((job_id, start))
+
+    async def status(self):
+        sts = [await self.stub.GetBatch(self.pb.GetBatchRequest(job_id=j), timeout=5) for j, _ in self.ids]
+        done = all(s.state == self.pb.DONE for s in sts)
+        return SimpleNamespace(state=self.pb.DONE if done else self.pb.RUNNING, done=sum(s.done for s in sts),
+                               total=sum(s.total for s in sts), output_tokens=sum(s.output_tokens for s in sts))
+
+    async def result_indices(self) -> list[int]:
+        out = []
+        for j, start in self.ids:
+            out += [start + r.index async for r in self.stub.GetBatchResults(self.pb.GetBatchRequest(job_id=j),
+                                                                              timeout=120)]
+        return out
+
+
 async def _replay(args, cluster, online, offline) -> dict:
     import grpc
 
@@ -118,15 +147,22 @@ async def _replay(args, cluster, online, offline) -> dict:
             cluster.aio_internal_channel("scheduler") as sch:
         stub = router_pb2_grpc.RouterStub(ch)
         sched = scheduler_pb2_grpc.SchedulerStub(sch)
-        job_id = ""
-        if offline:
-            items = [router_pb2.BatchItem(custom_id=f"off-{i}", token_ids=common_pb2.TokenIds(ids=token_ids(10**6 + i, p)),
-                                          max_tokens=o) for i, (p, o) in enumerate(offline)]
-            job = await stub.SubmitBatch(router_pb2.SubmitBatchRequest(requests=items,
-                                                                       job_id=f"replay-{int(time.time())}"), timeout=60)
-            job_id = job.job_id
+        jobs = _Jobs(stub, router_pb2)
+        tokens_before = (await sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)).offline_tokens
+        t_submit = time.monotonic()
+        if offline:  # in jobs of at most JOB_ITEMS requests (one job's message must stay under gRPC's limit)
+            stamp = int(time.time())
+            for k, start in enumerate(range(0, len(offline), JOB_ITEMS)):
+                items = [router_pb2.BatchItem(custom_id=f"off-{i}", max_tokens=o,
+                                              token_ids=common_pb2.TokenIds(ids=token_ids(10**6 + i, p)))
+                         for i, (p, o) in enumerate(offline[start:start + JOB_ITEMS], start)]
+                job = await stub.SubmitBatch(router_pb2.SubmitBatchRequest(requests=items,
+                                                                           job_id=f"replay-{stamp}-{k}"), timeout=120)
+                jobs.add(job.job_id, start)
+        job_id = bool(jobs.ids)
         tokens0 = (await sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)).offline_tokens
         t_start = time.monotonic()
+        submit_s = t_start - t_submit  # offline work may start while later jobs are still being submitted
         results: list[dict] = []
         tasks = [asyncio.create_task(_online_request(stub, i, a, p, o, args, t_start, results))
                  for i, (a, p, o) in enumerate(online)]
@@ -137,19 +173,20 @@ async def _replay(args, cluster, online, offline) -> dict:
             now = time.monotonic() - t_start
             if job_id and drain_s is None and now - last_poll >= 1:
                 last_poll = now
-                st = await stub.GetBatch(router_pb2.GetBatchRequest(job_id=job_id), timeout=5)
+                st = await jobs.status()
                 if st.state == router_pb2.DONE or (st.total and st.done >= st.total):
                     drain_s = now
             if now - last_print >= 5:
                 last_print = now
-                st = await stub.GetBatch(router_pb2.GetBatchRequest(job_id=job_id), timeout=5) if job_id else None
+                st = await jobs.status() if job_id else None
                 print(f"\r  t={now:5.0f}s online {len(results)}/{len(online)} done"
                       + (f" | offline {st.done}/{st.total}, {st.output_tokens} tokens" if st else ""),
                       end="", file=sys.stderr, flush=True)
         window_s = time.monotonic() - t_start
-        st_window = await stub.GetBatch(router_pb2.GetBatchRequest(job_id=job_id), timeout=5) if job_id else None
+        st_window = await jobs.status() if job_id else None
         stats = await sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
         generated = stats.offline_tokens - tokens0  # tokens produced in the window, finished requests or not
+        generated_total = stats.offline_tokens - tokens_before  # ... and while the jobs were being submitted
         decisions_window = dict(sorted(stats.decisions.items()))
         print(file=sys.stderr)
         lost = duplicated = 0
@@ -159,13 +196,12 @@ async def _replay(args, cluster, online, offline) -> dict:
             st = st_window
             while st.state != router_pb2.DONE and time.monotonic() < deadline:
                 await asyncio.sleep(1.0)
-                st = await stub.GetBatch(router_pb2.GetBatchRequest(job_id=job_id), timeout=5)
+                st = await jobs.status()
             drained = st.state == router_pb2.DONE
             if drained and drain_s is None:
                 drain_s = time.monotonic() - t_start
             st_end = st
-            indices = [r.index async for r in stub.GetBatchResults(router_pb2.GetBatchRequest(job_id=job_id),
-                                                                   timeout=120)]
+            indices = await jobs.result_indices()
             duplicated = len(indices) - len(set(indices))
             lost = (len(offline) - len(set(indices))) if drained else 0
             stats = await sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
@@ -201,7 +237,9 @@ async def _replay(args, cluster, online, offline) -> dict:
             "requests": len(offline),
             "completed": st_window.done if st_window else 0,
             "output_tokens_per_s": (st_window.output_tokens / window_s) if st_window else 0.0,  # finished only
-            "generated_tokens": generated if job_id else 0,
+            "generated_tokens": generated if job_id else 0,  # in the window
+            "generated_tokens_since_submit": generated_total if job_id else 0,
+            "submit_s": submit_s,
             "backlogged_tok_s": backlogged_tok_s,
             "backlog_ran_out_in_window": ran_out,
             "drain_s": drain_s,
