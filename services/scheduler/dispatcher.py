@@ -280,7 +280,8 @@ class OfflineDispatcher:
             pre_req.text, pre_req.chat = item["text"], bool(item.get("chat"))
         prompt = list(entry.prompt)
         try:
-            if prefill_w.worker_id == decode_w.worker_id:  # decodes where it prefills: one engine request
+            if prefill_w.worker_id == decode_w.worker_id and getattr(self.service, "driver", None) is not None:
+                # the decision core placed it to decode where it prefills: one engine request
                 pre_req.export_kv = False
                 stream = self._worker(prefill_w).PrefillDecode(pre_req, timeout=3600)
                 finish, first = "", True
