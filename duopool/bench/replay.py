@@ -159,7 +159,7 @@ async def _replay(args, cluster, online, offline) -> dict:
                 job = await stub.SubmitBatch(router_pb2.SubmitBatchRequest(requests=items,
                                                                            job_id=f"replay-{stamp}-{k}"), timeout=120)
                 jobs.add(job.job_id, start)
-        job_id = bool(jobs.ids)
+        has_jobs = bool(jobs.ids)
         tokens0 = (await sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)).offline_tokens
         t_start = time.monotonic()
         submit_s = t_start - t_submit  # offline work may start while later jobs are still being submitted
@@ -171,19 +171,19 @@ async def _replay(args, cluster, online, offline) -> dict:
         while not all(t.done() for t in tasks):
             await asyncio.sleep(0.5)
             now = time.monotonic() - t_start
-            if job_id and drain_s is None and now - last_poll >= 1:
+            if has_jobs and drain_s is None and now - last_poll >= 1:
                 last_poll = now
                 st = await jobs.status()
                 if st.state == router_pb2.DONE or (st.total and st.done >= st.total):
                     drain_s = now
             if now - last_print >= 5:
                 last_print = now
-                st = await jobs.status() if job_id else None
+                st = await jobs.status() if has_jobs else None
                 print(f"\r  t={now:5.0f}s online {len(results)}/{len(online)} done"
                       + (f" | offline {st.done}/{st.total}, {st.output_tokens} tokens" if st else ""),
                       end="", file=sys.stderr, flush=True)
         window_s = time.monotonic() - t_start
-        st_window = await jobs.status() if job_id else None
+        st_window = await jobs.status() if has_jobs else None
         stats = await sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
         generated = stats.offline_tokens - tokens0  # tokens produced in the window, finished requests or not
         generated_total = stats.offline_tokens - tokens_before  # ... and while the jobs were being submitted
@@ -191,7 +191,7 @@ async def _replay(args, cluster, online, offline) -> dict:
         print(file=sys.stderr)
         lost = duplicated = 0
         drained = True
-        if job_id:
+        if has_jobs:
             deadline = time.monotonic() + args.drain_timeout
             st = st_window
             while st.state != router_pb2.DONE and time.monotonic() < deadline:
@@ -210,7 +210,7 @@ async def _replay(args, cluster, online, offline) -> dict:
     # counting the tokens of requests still running at the end as the simulator does (tokens of finished
     # requests alone undercount a long-tailed backlog: its longest answers are the ones still running).
     ran_out = drain_s is not None and drain_s < window_s
-    if not job_id:
+    if not has_jobs:
         backlogged_tok_s = 0.0
     elif ran_out:
         backlogged_tok_s = st_end.output_tokens / drain_s if drain_s else 0.0
@@ -237,8 +237,8 @@ async def _replay(args, cluster, online, offline) -> dict:
             "requests": len(offline),
             "completed": st_window.done if st_window else 0,
             "output_tokens_per_s": (st_window.output_tokens / window_s) if st_window else 0.0,  # finished only
-            "generated_tokens": generated if job_id else 0,  # in the window
-            "generated_tokens_since_submit": generated_total if job_id else 0,
+            "generated_tokens": generated if has_jobs else 0,  # in the window
+            "generated_tokens_since_submit": generated_total if has_jobs else 0,
             "submit_s": submit_s,
             "backlogged_tok_s": backlogged_tok_s,
             "backlog_ran_out_in_window": ran_out,

@@ -34,7 +34,6 @@ from duopool.core.state import OFFLINE, ONLINE, Cluster, Instance, Phase, Req
 
 DEFAULT_PROMPT = 256  # tokens assumed for a request whose prompt was not tokenized before placement
 DEFAULT_OUTPUT = 256  # ... and for one that gave no max_tokens
-DEFAULT_BLOCK = 16  # KV block size (tokens) the mirror rounds by
 LOG_REQUESTS = 20_000  # requests whose decisions are kept for ``why``
 ENGINE_QUEUE = 8  # offline requests kept waiting in an engine that runs the step plans itself
 
@@ -420,7 +419,7 @@ class Brain:
             self._track(a, r, inst, inst.idx, online=False)
             return [Place(a.request_id, self.names[pin], self.names[pin], "resumes where it was pulled")]
         if not self.moves:  # a strict instance that would pull it takes it at its first token
-            puller = self._pull_at_first_token(r, None, now, exclude)
+            puller = self._pull_at_first_token(r, now, exclude)
             src = self._prefill_for_pull(r, exclude) if puller is not None else None
             if src is not None:
                 self._track(a, r, src, puller, online=False, prefill_only=True)
@@ -458,25 +457,23 @@ class Brain:
         """The relaxed instance that prefills a request a strict instance pulls at its first token (it holds
         only the prompt's KV until then): no online prompt queued, KV for the prompt, the fewest offline
         prompt tokens queued."""
-        need = r.prompt + 1 + DEFAULT_BLOCK
         best, best_q = None, None
         for i in self.cluster.instances:
             if i.pool != PoolName.RELAXED or i.role == Role.DECODE or i.offline_only or not i.accepting \
-                    or i.idx in exclude or i.waiting or len(i.waiting_off) >= ENGINE_QUEUE or i.kv_free() < need:
+                    or i.idx in exclude or i.waiting or len(i.waiting_off) >= ENGINE_QUEUE \
+                    or i.kv_free() < r.prompt + 1 + i.block_size:
                 continue
             q = sum(x.prompt - x.prefilled for x in i.waiting_off)
             if best_q is None or q < best_q:
                 best, best_q = i, q
         return best
 
-    def _pull_at_first_token(self, r: Req, src: Instance | None, now: float,
-                             exclude: frozenset[int]) -> int | None:
+    def _pull_at_first_token(self, r: Req, now: float, exclude: frozenset[int]) -> int | None:
         """Where a running decode's KV cannot move (``moves`` off), a pull can still happen at the one point
         the KV moves anyway, the prefill → decode transfer: a strict instance whose plan would pull ``r``
         now (as a swapped decode of its prompt's context; OOCO's KV and step-time margins) decodes it from
         its first token."""
-        strict = [i for i in self.cluster.instances if i.pool == PoolName.STRICT and i is not src
-                  and i.idx not in exclude and i.accepting and not i.offline_only]
+        strict = [i for i in self.cluster.instances if i.pool == PoolName.STRICT and i.idx not in exclude and i.accepting and not i.offline_only]
         if not strict:
             return None
         strict.sort(key=lambda i: (i.n_decoding + i.incoming, i.ctx_sum(), i.idx))  # the most room first

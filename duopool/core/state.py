@@ -211,6 +211,12 @@ class Instance:
         if u > self.kv_peak:
             self.kv_peak = u
 
+    def admission_watermark(self) -> int:
+        """Free KV kept back when admitting new work (prompts, incoming KV): a block per running sequence,
+        at least 1% of memory (vLLM keeps a watermark too), so running sequences can grow and admitted work
+        cannot fill memory so tightly that sequences swap each other out in turn."""
+        return max(self.block_size * (self.n_decoding + 1), self.kv_capacity // 100)
+
     def kv_free(self) -> int:
         return self.kv_capacity - self.kv_used()
 

@@ -660,10 +660,7 @@ class Simulator:
 
     @staticmethod
     def _watermark(inst: Instance) -> int:
-        """Free KV kept back when admitting new work (prompts, incoming KV): a block per running sequence,
-        at least 1% of memory (vLLM keeps a watermark too), so running sequences can grow and admitted work
-        cannot fill memory so tightly that sequences swap each other out in turn."""
-        return max(inst.block_size * (inst.n_decoding + 1), inst.kv_capacity // 100)
+        return inst.admission_watermark()
 
     def _allocate_chunks(self, inst: Instance, plan: StepPlan) -> StepPlan:
         """Allocate KV for the plan's chunks as the engine would; drop the ones that do not fit. A new online

@@ -471,12 +471,11 @@ def test_without_moves_strict_instances_pull_at_the_first_token():
     fresh = make_brain(tpot=0.02, moves=False)  # step target 18 ms
     join(fresh, PD2)
     probe = Req(10**6, OFFLINE, 0.0, 3000, 500)
-    src = inst(fresh, "p0")
-    assert fresh._pull_at_first_token(probe, src, 0.0, frozenset()) is not None
+    assert fresh._pull_at_first_token(probe, 0.0, frozenset()) is not None
     for j in range(80):
         fresh.handle(online(f"on{j}", prompt=8000, out=300), 1.0)
         fresh.handle(FirstToken(f"on{j}"), 1.0)
-    assert fresh._pull_at_first_token(probe, src, 5.0, frozenset()) is None
+    assert fresh._pull_at_first_token(probe, 5.0, frozenset()) is None
     assert probe not in fresh.cluster.resume
 
 

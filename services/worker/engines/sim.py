@@ -142,7 +142,6 @@ class SimEngine(Engine):
         self._task: asyncio.Task | None = None
         self._broken: str | None = None
         self.steps = 0
-        self.overrun = 0.0  # wall time over modeled time of the steps, last report (0.1 = 10% slower)
         self._modeled_s = self._wall_s = 0.0
         self._mix = [0, 0, 0]  # steps, decodes, prefill tokens since the last report
         self._reported = time.monotonic()
@@ -337,7 +336,6 @@ class SimEngine(Engine):
                 "sim engine: %d steps (%.1f decodes and %.0f prefill tokens each), modeled %.1f s, took %.1f s "
                 "(%+.0f%%)%s", n, dec / n, pre / n, self._modeled_s, self._wall_s, over * 100,
                 " — the host is too loaded to keep the simulated timing" if over > 0.1 else "")
-            self.overrun = over
             self._modeled_s = self._wall_s = 0.0
             self._mix = [0, 0, 0]
             self._reported = now

@@ -148,8 +148,7 @@ class PlannedSimEngine(SimEngine):
         return chunks, decodes
 
     def _watermark(self) -> int:
-        inst = self.inst
-        return max(inst.block_size * (inst.n_decoding + 1), inst.kv_capacity // 100)
+        return self.inst.admission_watermark()
 
     def _admit_offline(self, r: _Req) -> bool:
         inst, m = self.inst, r.m
