@@ -264,6 +264,10 @@ class OfflineDispatcher:
             return
         generated, text = list(entry.generated), entry.text
         remaining = int(item["max_tokens"]) - len(generated)
+        if remaining <= 0:  # it has every token it asked for (stopped just as it ended): done, never one more
+            await self._complete(entry, item, list(entry.prompt), generated[:int(item["max_tokens"])], text,
+                                 "length", prefill_w, decode_w)
+            return
         sampling = common_pb2.SamplingParams(**item.get("sampling", {}))
         pre_req = worker_pb2.PrefillRequest(
             request_id=rid, max_tokens=remaining, sampling=sampling, request_class=common_pb2.OFFLINE,

@@ -47,6 +47,9 @@ def sampling_from_pb(s: common_pb2.SamplingParams) -> Sampling:
                     ignore_eos=s.ignore_eos)
 
 
+NATURAL_ENDS = ("stop", "length")  # finish reasons of a request that ended by itself, not by an abort
+
+
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, config: WorkerConfig, engine: Engine, address: str) -> None:
         self.config = config
@@ -525,7 +528,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         stream = self.engine.generate(ereq)
         try:
             async for o in stream:
-                if o.finished and ereq.request_id in self.preempted:
+                if o.finished and ereq.request_id in self.preempted and o.finish_reason not in NATURAL_ENDS:
+                    # aborted by Preempt; a request that reached its end in the same step keeps its end (it
+                    # has all its tokens: re-queued as preempted it would resume for one token too many)
                     o.finish_reason = "preempted"
                 finished = finished or o.finished
                 yield o
