@@ -250,6 +250,12 @@ async def _replay(args, cluster, online, offline) -> dict:
         "preemptions_in_engine": int(stats.decisions.get("preempt:in-engine step plan", 0)),
         "preemption_ms": pct(samples) | {"samples": len(samples)},
         "preempt_trigger": stats.preempt_trigger,
+        # how preempted offline requests resumed: from KV parked in kvtransfer's pool (only the tail computed)
+        # or recomputing their context (by reason)
+        "preemption": {"parked": stats.resumed_parked,
+                       "recomputed": sum(stats.resumed_recomputed.values()),
+                       "recomputed_by_reason": dict(stats.resumed_recomputed),
+                       "tokens_not_recomputed": stats.tokens_not_recomputed},
         "slo_pressure_at_end": {k: round(v, 3) for k, v in sorted(stats.slo_pressure.items())},
     }
 
@@ -295,6 +301,8 @@ def run(args: argparse.Namespace) -> int:
               f"backlogged_tok_s or drain_s (a larger --offline-requests keeps it backlogged)")
     print(f"preemptions: {summary['preemptions']} by the scheduler, latency p50/p99 "
           f"{summary['preemption_ms']['p50']:.1f}/{summary['preemption_ms']['p99']:.1f} ms; "
-          f"{summary['preemptions_in_engine']} by the engines' step plans (at a step boundary); "
+          f"{summary['preemptions_in_engine']} by the engines' step plans (at a step boundary); resumed "
+          f"{summary['preemption']['parked']} from parked KV ({summary['preemption']['tokens_not_recomputed']} "
+          f"tokens not recomputed), {summary['preemption']['recomputed']} recomputing; "
           f"wrote {args.out / 'summary.json'}")
     return 0

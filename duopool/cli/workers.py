@@ -141,6 +141,11 @@ def run_stats(args: argparse.Namespace) -> int:
     print(f"offline: {st.offline_completed} completed, {st.offline_requeued} re-queued; "
           f"preemptions {st.preemptions} (latency p50/p99 {st.preemption_ms_p50:.1f}/{st.preemption_ms_p99:.1f} ms); "
           f"role moves {st.role_moves}")
+    recomputed = sum(st.resumed_recomputed.values())
+    if st.resumed_parked or recomputed:
+        why = ", ".join(f"{k} {n}" for k, n in sorted(st.resumed_recomputed.items(), key=lambda kv: -kv[1]))
+        print(f"preempted work resumed: {st.resumed_parked} from parked KV ({st.tokens_not_recomputed} tokens not "
+              f"recomputed), {recomputed} recomputing" + (f" ({why})" if why else ""))
     for wid, p in sorted(st.slo_pressure.items()):
         print(f"  {wid:<16} SLO pressure {p:5.2f}")
     if st.decisions:

@@ -252,6 +252,10 @@ class WorkerConfig(ServiceConfig):
                            "scheduler's research policy); empty: vLLM-like batching (online first, FIFO)")
     ttft_slo_ms: float = opt(1000.0, "DUOPOOL_TTFT_SLO_MS", "--step-policy: the TTFT SLO its step plans hold, ms")
     tpot_slo_ms: float = opt(100.0, "DUOPOOL_TPOT_SLO_MS", "--step-policy: the TPOT SLO its step plans hold, ms")
+    park_kv: str = opt("on", "DUOPOOL_PARK_KV",
+                       "on: a preempted offline decode's KV is saved into kvtransfer's pool and its resume, on any "
+                       "worker, computes only the tail (engines that can park: sim; vLLM recomputes); off: "
+                       "preempted work recomputes its context", ("on", "off"))
 
     def validate(self) -> None:
         super().validate()

@@ -132,7 +132,7 @@ _REQUEUE = """
 if #redis.call('XRANGE', KEYS[3], ARGV[4], ARGV[4]) == 0 then return 0 end
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then
   redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1], 'index', ARGV[2], 'prompt', ARGV[9],
-             'generated', ARGV[5], 'text', ARGV[6], 'preemptions', ARGV[7])
+             'generated', ARGV[5], 'text', ARGV[6], 'preemptions', ARGV[7], 'park', ARGV[10])
   redis.call('HINCRBY', KEYS[1], 'preemptions', ARGV[8])
   if redis.call('HGET', KEYS[1], 'state') == 'queued' then redis.call('HSET', KEYS[1], 'state', 'running') end
 end
@@ -176,11 +176,19 @@ class QueueEntry:
     generated: list[int] = field(default_factory=list)
     text: str = ""
     preemptions: int = 0
+    # How its last preemption left its KV: {"key": pool key, "tokens": n} when parked in kvtransfer's pool
+    # (the resume loads it), else {"failure": why it was not} (the resume recomputes); {} if never preempted.
+    park: dict = field(default_factory=dict)
 
     @classmethod
     def from_fields(cls, entry_id: str, f: dict[str, str]) -> QueueEntry:
+        try:
+            park = json.loads(f.get("park") or "{}")
+        except ValueError:
+            park = {}
         return cls(entry_id, f["job_id"], int(f["index"]), json.loads(f.get("prompt") or "[]"),
-                   json.loads(f.get("generated") or "[]"), f.get("text", ""), int(f.get("preemptions", 0)))
+                   json.loads(f.get("generated") or "[]"), f.get("text", ""), int(f.get("preemptions", 0)),
+                   park if isinstance(park, dict) else {})
 
 
 class JobStore:
@@ -278,12 +286,14 @@ class JobStore:
         )
 
     async def requeue(self, entry: QueueEntry, prompt: list[int], generated: list[int], text: str,
-                      preempted: bool) -> None:
-        """Replaces an entry with one that resumes from ``generated`` (after a preemption or a failure)."""
+                      preempted: bool, park: dict | None = None) -> None:
+        """Replaces an entry with one that resumes from ``generated`` (after a preemption or a failure), with
+        ``park`` (see ``QueueEntry.park``)."""
         await self._requeue(
             keys=[JOB.format(entry.job_id), RESULTS.format(entry.job_id), QUEUE.format(entry.job_id)],
             args=[entry.job_id, entry.index, GROUP, entry.entry_id, json.dumps(generated), text,
-                  entry.preemptions + int(preempted), int(preempted), json.dumps(prompt) if prompt else ""],
+                  entry.preemptions + int(preempted), int(preempted), json.dumps(prompt) if prompt else "",
+                  json.dumps(park) if park else ""],
         )
 
     async def drop(self, entry: QueueEntry) -> None:

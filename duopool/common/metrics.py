@@ -131,6 +131,14 @@ KV_EXPORT_BYTES = Counter("duopool_kv_export_bytes", "bytes of KV exported by pr
                           registry=REGISTRY)
 KV_LOADS = Counter("duopool_kv_loads", "decodes by how they got the prompt's KV (loaded|recomputed)",
                    ["worker", "outcome"], registry=REGISTRY)
+KV_PARKS = Counter("duopool_kv_parks", "preempted offline decodes by what became of their KV (outcome=parked, "
+                   "or why not: engine cannot park, pool full, kvtransfer unreachable, ...)", ["worker", "outcome"],
+                   registry=REGISTRY)
+KV_PARK_SECONDS = Histogram("duopool_kv_park_seconds", "saving a preempted decode's KV into the pool (op=park: "
+                            "engine stop to pooled) or taking it back (op=take)", ["worker", "op"],
+                            buckets=_STEP_BUCKETS, registry=REGISTRY)
+KV_RESUMES = Counter("duopool_kv_resumes", "resumes of parked KV by outcome (loaded, or why recomputed: parked KV "
+                     "evicted, not loadable, ...)", ["worker", "outcome"], registry=REGISTRY)
 
 # -- kvtransfer -----------------------------------------------------------------------------------------
 KV_TRANSFERS = Counter("duopool_kv_transfers", "KV transfers that ended, by transport and outcome "
@@ -145,14 +153,15 @@ METRICS = [REQUESTS, TTFT, TPOT, ITL, E2E, SLO, OUTPUT_TOKENS, OFFLINE_TOKENS, R
            PLACEMENTS, DECISIONS, PREEMPTIONS, PREEMPTION_LATENCY, INFLIGHT, OFFLINE_REQUESTS, OFFLINE_RUNNING,
            OFFLINE_BUFFERED, ACTIVE_JOBS, JOBS, ROLE_CHANGES, SLO_PRESSURE, WORKER_RUNNING, WORKER_WAITING,
            WORKER_KV_USAGE, WORKER_TOKENS, WORKER_PHASE, ENGINE_STEP, WORKER_PREEMPTED, KV_EXPORTS,
-           KV_EXPORT_BYTES, KV_LOADS, KV_TRANSFERS, KV_TRANSFER_BYTES, KV_ACTIVE, KV_PARKED_BYTES, KV_PARKED]
+           KV_EXPORT_BYTES, KV_LOADS, KV_PARKS, KV_PARK_SECONDS, KV_RESUMES, KV_TRANSFERS, KV_TRANSFER_BYTES, KV_ACTIVE, KV_PARKED_BYTES, KV_PARKED]
 
 SERVICE_OF = {  # which service updates which metric (the docs table)
     "router": [REQUESTS, TTFT, TPOT, ITL, E2E, OUTPUT_TOKENS, OFFLINE_TOKENS, ROUTER_INFLIGHT, RESUMES, JOBS],
     "scheduler": [SLO, PLACEMENTS, DECISIONS, PREEMPTIONS, PREEMPTION_LATENCY, INFLIGHT, OFFLINE_REQUESTS, OFFLINE_RUNNING,
                   OFFLINE_BUFFERED, ACTIVE_JOBS, JOBS, ROLE_CHANGES, SLO_PRESSURE, OFFLINE_TOKENS],
     "worker": [WORKER_RUNNING, WORKER_WAITING, WORKER_KV_USAGE, WORKER_TOKENS, WORKER_PHASE, ENGINE_STEP,
-               WORKER_PREEMPTED, KV_EXPORTS, KV_EXPORT_BYTES, KV_LOADS],
+               WORKER_PREEMPTED, KV_EXPORTS, KV_EXPORT_BYTES, KV_LOADS, KV_PARKS, KV_PARK_SECONDS,
+               KV_RESUMES],
     "kvtransfer": [KV_TRANSFERS, KV_TRANSFER_BYTES, KV_ACTIVE, KV_PARKED_BYTES, KV_PARKED],
 }
 

@@ -81,7 +81,7 @@ class SchedulerStatsRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class SchedulerStats(_message.Message):
-    __slots__ = ("online_inflight", "offline_inflight", "preemptions", "preemption_ms_p50", "preemption_ms_p99", "offline_completed", "offline_requeued", "policy", "preemption_ms", "preempt_trigger", "slo_pressure", "role_moves", "decisions", "request_decisions", "offline_tokens")
+    __slots__ = ("online_inflight", "offline_inflight", "preemptions", "preemption_ms_p50", "preemption_ms_p99", "offline_completed", "offline_requeued", "policy", "preemption_ms", "preempt_trigger", "slo_pressure", "role_moves", "decisions", "request_decisions", "offline_tokens", "resumed_parked", "resumed_recomputed", "tokens_not_recomputed")
     class SloPressureEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,13 @@ class SchedulerStats(_message.Message):
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     class DecisionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class ResumedRecomputedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +118,9 @@ class SchedulerStats(_message.Message):
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_DECISIONS_FIELD_NUMBER: _ClassVar[int]
     OFFLINE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_PARKED_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_RECOMPUTED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_NOT_RECOMPUTED_FIELD_NUMBER: _ClassVar[int]
     online_inflight: int
     offline_inflight: int
     preemptions: int
@@ -126,4 +136,7 @@ class SchedulerStats(_message.Message):
     decisions: _containers.ScalarMap[str, int]
     request_decisions: _containers.RepeatedScalarFieldContainer[str]
     offline_tokens: int
-    def __init__(self, online_inflight: _Optional[int] = ..., offline_inflight: _Optional[int] = ..., preemptions: _Optional[int] = ..., preemption_ms_p50: _Optional[float] = ..., preemption_ms_p99: _Optional[float] = ..., offline_completed: _Optional[int] = ..., offline_requeued: _Optional[int] = ..., policy: _Optional[str] = ..., preemption_ms: _Optional[_Iterable[float]] = ..., preempt_trigger: _Optional[str] = ..., slo_pressure: _Optional[_Mapping[str, float]] = ..., role_moves: _Optional[int] = ..., decisions: _Optional[_Mapping[str, int]] = ..., request_decisions: _Optional[_Iterable[str]] = ..., offline_tokens: _Optional[int] = ...) -> None: ...
+    resumed_parked: int
+    resumed_recomputed: _containers.ScalarMap[str, int]
+    tokens_not_recomputed: int
+    def __init__(self, online_inflight: _Optional[int] = ..., offline_inflight: _Optional[int] = ..., preemptions: _Optional[int] = ..., preemption_ms_p50: _Optional[float] = ..., preemption_ms_p99: _Optional[float] = ..., offline_completed: _Optional[int] = ..., offline_requeued: _Optional[int] = ..., policy: _Optional[str] = ..., preemption_ms: _Optional[_Iterable[float]] = ..., preempt_trigger: _Optional[str] = ..., slo_pressure: _Optional[_Mapping[str, float]] = ..., role_moves: _Optional[int] = ..., decisions: _Optional[_Mapping[str, int]] = ..., request_decisions: _Optional[_Iterable[str]] = ..., offline_tokens: _Optional[int] = ..., resumed_parked: _Optional[int] = ..., resumed_recomputed: _Optional[_Mapping[str, int]] = ..., tokens_not_recomputed: _Optional[int] = ...) -> None: ...

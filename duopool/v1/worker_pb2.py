@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from duopool.v1 import common_pb2 as duopool_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64uopool/v1/worker.proto\x12\nduopool.v1\x1a\x17\x64uopool/v1/common.proto\"\xef\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.duopool.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x0b \x01(\x0b\x32\x18.duopool.v1.ChatMessagesH\x00\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.duopool.v1.SamplingParams\x12/\n\rrequest_class\x18\x06 \x01(\x0e\x32\x18.duopool.v1.RequestClass\x12\x11\n\texport_kv\x18\x07 \x01(\x08\x12\x15\n\rdecode_worker\x18\x08 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_host\x18\t \x01(\t\x12\x0c\n\x04\x63hat\x18\n \x01(\x08\x12\x16\n\x0e\x66it_max_tokens\x18\x0c \x01(\x08\x42\x08\n\x06prompt\"\xcf\x01\n\x0fPrefillResponse\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\x18\n\x10\x66irst_token_text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x02kv\x18\x06 \x01(\x0b\x32\x14.duopool.v1.KvHandle\x12\x11\n\tengine_ms\x18\x07 \x01(\x01\x12\x12\n\nmax_tokens\x18\x08 \x01(\x05\"\xef\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1b\n\x13generated_token_ids\x18\x03 \x03(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.duopool.v1.SamplingParams\x12/\n\rrequest_class\x18\x06 \x01(\x0e\x32\x18.duopool.v1.RequestClass\x12 \n\x02kv\x18\x07 \x01(\x0b\x32\x14.duopool.v1.KvHandle\"q\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05\"\x9a\x01\n\rLocalResponse\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x11\n\tengine_ms\x18\x07 \x01(\x01\"D\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x02kv\x18\x02 \x01(\x0b\x32\x14.duopool.v1.KvHandle\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xac\x01\n\rStatsResponse\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.duopool.v1.WorkerInfo\x12\x17\n\x0frequests_served\x18\x02 \x01(\x03\x12\x18\n\x10tokens_generated\x18\x03 \x01(\x03\x12\x11\n\tsimulated\x18\x04 \x01(\x08\x12\x16\n\x0erunning_online\x18\x05 \x01(\x05\x12\x17\n\x0frunning_offline\x18\x06 \x01(\x05\"|\n\x0ePreemptRequest\x12/\n\rrequest_class\x18\x01 \x01(\x0e\x32\x18.duopool.v1.RequestClass\x12\x14\n\x0cmax_requests\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0brequest_ids\x18\x04 \x03(\t\"7\n\x0fPreemptResponse\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x0f\n\x07stop_ms\x18\x02 \x01(\x01\"l\n\x0eSetRoleRequest\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.duopool.v1.WorkerRole\x12\x1e\n\x04pool\x18\x02 \x01(\x0e\x32\x10.duopool.v1.Pool\x12\x14\n\x0coffline_only\x18\x03 \x01(\x08\x32\xd8\x03\n\x06Worker\x12\x42\n\x07Prefill\x12\x1a.duopool.v1.PrefillRequest\x1a\x1b.duopool.v1.PrefillResponse\x12\x41\n\x06\x44\x65\x63ode\x12\x19.duopool.v1.DecodeRequest\x1a\x1a.duopool.v1.DecodeResponse0\x01\x12H\n\rPrefillDecode\x12\x1a.duopool.v1.PrefillRequest\x1a\x19.duopool.v1.LocalResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.duopool.v1.AbortRequest\x1a\x19.duopool.v1.AbortResponse\x12<\n\x05Stats\x12\x18.duopool.v1.StatsRequest\x1a\x19.duopool.v1.StatsResponse\x12\x42\n\x07Preempt\x12\x1a.duopool.v1.PreemptRequest\x1a\x1b.duopool.v1.PreemptResponse\x12=\n\x07SetRole\x12\x1a.duopool.v1.SetRoleRequest\x1a\x16.duopool.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64uopool/v1/worker.proto\x12\nduopool.v1\x1a\x17\x64uopool/v1/common.proto\"\xef\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.duopool.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x0b \x01(\x0b\x32\x18.duopool.v1.ChatMessagesH\x00\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.duopool.v1.SamplingParams\x12/\n\rrequest_class\x18\x06 \x01(\x0e\x32\x18.duopool.v1.RequestClass\x12\x11\n\texport_kv\x18\x07 \x01(\x08\x12\x15\n\rdecode_worker\x18\x08 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_host\x18\t \x01(\t\x12\x0c\n\x04\x63hat\x18\n \x01(\x08\x12\x16\n\x0e\x66it_max_tokens\x18\x0c \x01(\x08\x42\x08\n\x06prompt\"\xcf\x01\n\x0fPrefillResponse\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12\x18\n\x10\x66irst_token_text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x02kv\x18\x06 \x01(\x0b\x32\x14.duopool.v1.KvHandle\x12\x11\n\tengine_ms\x18\x07 \x01(\x01\x12\x12\n\nmax_tokens\x18\x08 \x01(\x05\"\x81\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1b\n\x13generated_token_ids\x18\x03 \x03(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.duopool.v1.SamplingParams\x12/\n\rrequest_class\x18\x06 \x01(\x0e\x32\x18.duopool.v1.RequestClass\x12 \n\x02kv\x18\x07 \x01(\x0b\x32\x14.duopool.v1.KvHandle\x12\x10\n\x08park_key\x18\x08 \x01(\t\"\xb2\x01\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05\x12\x12\n\nparked_key\x18\x06 \x01(\t\x12\x15\n\rparked_tokens\x18\x07 \x01(\x05\x12\x14\n\x0cpark_failure\x18\x08 \x01(\t\"\xdb\x01\n\rLocalResponse\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x11\n\tengine_ms\x18\x07 \x01(\x01\x12\x12\n\nparked_key\x18\x08 \x01(\t\x12\x15\n\rparked_tokens\x18\t \x01(\x05\x12\x14\n\x0cpark_failure\x18\n \x01(\t\"D\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x02kv\x18\x02 \x01(\x0b\x32\x14.duopool.v1.KvHandle\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xac\x01\n\rStatsResponse\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.duopool.v1.WorkerInfo\x12\x17\n\x0frequests_served\x18\x02 \x01(\x03\x12\x18\n\x10tokens_generated\x18\x03 \x01(\x03\x12\x11\n\tsimulated\x18\x04 \x01(\x08\x12\x16\n\x0erunning_online\x18\x05 \x01(\x05\x12\x17\n\x0frunning_offline\x18\x06 \x01(\x05\"|\n\x0ePreemptRequest\x12/\n\rrequest_class\x18\x01 \x01(\x0e\x32\x18.duopool.v1.RequestClass\x12\x14\n\x0cmax_requests\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0brequest_ids\x18\x04 \x03(\t\"7\n\x0fPreemptResponse\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x0f\n\x07stop_ms\x18\x02 \x01(\x01\"l\n\x0eSetRoleRequest\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.duopool.v1.WorkerRole\x12\x1e\n\x04pool\x18\x02 \x01(\x0e\x32\x10.duopool.v1.Pool\x12\x14\n\x0coffline_only\x18\x03 \x01(\x08\x32\xd8\x03\n\x06Worker\x12\x42\n\x07Prefill\x12\x1a.duopool.v1.PrefillRequest\x1a\x1b.duopool.v1.PrefillResponse\x12\x41\n\x06\x44\x65\x63ode\x12\x19.duopool.v1.DecodeRequest\x1a\x1a.duopool.v1.DecodeResponse0\x01\x12H\n\rPrefillDecode\x12\x1a.duopool.v1.PrefillRequest\x1a\x19.duopool.v1.LocalResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.duopool.v1.AbortRequest\x1a\x19.duopool.v1.AbortResponse\x12<\n\x05Stats\x12\x18.duopool.v1.StatsRequest\x1a\x19.duopool.v1.StatsResponse\x12\x42\n\x07Preempt\x12\x1a.duopool.v1.PreemptRequest\x1a\x1b.duopool.v1.PreemptResponse\x12=\n\x07SetRole\x12\x1a.duopool.v1.SetRoleRequest\x1a\x16.duopool.v1.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,25 +37,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLRESPONSE']._serialized_start=435
   _globals['_PREFILLRESPONSE']._serialized_end=642
   _globals['_DECODEREQUEST']._serialized_start=645
-  _globals['_DECODEREQUEST']._serialized_end=884
-  _globals['_DECODERESPONSE']._serialized_start=886
-  _globals['_DECODERESPONSE']._serialized_end=999
-  _globals['_LOCALRESPONSE']._serialized_start=1002
-  _globals['_LOCALRESPONSE']._serialized_end=1156
-  _globals['_ABORTREQUEST']._serialized_start=1158
-  _globals['_ABORTREQUEST']._serialized_end=1226
-  _globals['_ABORTRESPONSE']._serialized_start=1228
-  _globals['_ABORTRESPONSE']._serialized_end=1258
-  _globals['_STATSREQUEST']._serialized_start=1260
-  _globals['_STATSREQUEST']._serialized_end=1274
-  _globals['_STATSRESPONSE']._serialized_start=1277
-  _globals['_STATSRESPONSE']._serialized_end=1449
-  _globals['_PREEMPTREQUEST']._serialized_start=1451
-  _globals['_PREEMPTREQUEST']._serialized_end=1575
-  _globals['_PREEMPTRESPONSE']._serialized_start=1577
-  _globals['_PREEMPTRESPONSE']._serialized_end=1632
-  _globals['_SETROLEREQUEST']._serialized_start=1634
-  _globals['_SETROLEREQUEST']._serialized_end=1742
-  _globals['_WORKER']._serialized_start=1745
-  _globals['_WORKER']._serialized_end=2217
+  _globals['_DECODEREQUEST']._serialized_end=902
+  _globals['_DECODERESPONSE']._serialized_start=905
+  _globals['_DECODERESPONSE']._serialized_end=1083
+  _globals['_LOCALRESPONSE']._serialized_start=1086
+  _globals['_LOCALRESPONSE']._serialized_end=1305
+  _globals['_ABORTREQUEST']._serialized_start=1307
+  _globals['_ABORTREQUEST']._serialized_end=1375
+  _globals['_ABORTRESPONSE']._serialized_start=1377
+  _globals['_ABORTRESPONSE']._serialized_end=1407
+  _globals['_STATSREQUEST']._serialized_start=1409
+  _globals['_STATSREQUEST']._serialized_end=1423
+  _globals['_STATSRESPONSE']._serialized_start=1426
+  _globals['_STATSRESPONSE']._serialized_end=1598
+  _globals['_PREEMPTREQUEST']._serialized_start=1600
+  _globals['_PREEMPTREQUEST']._serialized_end=1724
+  _globals['_PREEMPTRESPONSE']._serialized_start=1726
+  _globals['_PREEMPTRESPONSE']._serialized_end=1781
+  _globals['_SETROLEREQUEST']._serialized_start=1783
+  _globals['_SETROLEREQUEST']._serialized_end=1891
+  _globals['_WORKER']._serialized_start=1894
+  _globals['_WORKER']._serialized_end=2366
 # @@protoc_insertion_point(module_scope)

@@ -56,7 +56,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., first_token_text: _Optional[str] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., kv: _Optional[_Union[_common_pb2.KvHandle, _Mapping]] = ..., engine_ms: _Optional[float] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "generated_token_ids", "max_tokens", "sampling", "request_class", "kv")
+    __slots__ = ("request_id", "prompt_token_ids", "generated_token_ids", "max_tokens", "sampling", "request_class", "kv", "park_key")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class DecodeRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_CLASS_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
+    PARK_KEY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     generated_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -71,24 +72,31 @@ class DecodeRequest(_message.Message):
     sampling: _common_pb2.SamplingParams
     request_class: _common_pb2.RequestClass
     kv: _common_pb2.KvHandle
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., request_class: _Optional[_Union[_common_pb2.RequestClass, str]] = ..., kv: _Optional[_Union[_common_pb2.KvHandle, _Mapping]] = ...) -> None: ...
+    park_key: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., request_class: _Optional[_Union[_common_pb2.RequestClass, str]] = ..., kv: _Optional[_Union[_common_pb2.KvHandle, _Mapping]] = ..., park_key: _Optional[str] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "finished", "finish_reason", "cached_tokens")
+    __slots__ = ("text", "token_ids", "finished", "finish_reason", "cached_tokens", "parked_key", "parked_tokens", "park_failure")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PARKED_KEY_FIELD_NUMBER: _ClassVar[int]
+    PARKED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PARK_FAILURE_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finished: bool
     finish_reason: str
     cached_tokens: int
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    parked_key: str
+    parked_tokens: int
+    park_failure: str
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., parked_key: _Optional[str] = ..., parked_tokens: _Optional[int] = ..., park_failure: _Optional[str] = ...) -> None: ...
 
 class LocalResponse(_message.Message):
-    __slots__ = ("prompt_token_ids", "text", "token_ids", "finished", "finish_reason", "max_tokens", "engine_ms")
+    __slots__ = ("prompt_token_ids", "text", "token_ids", "finished", "finish_reason", "max_tokens", "engine_ms", "parked_key", "parked_tokens", "park_failure")
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +104,9 @@ class LocalResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_MS_FIELD_NUMBER: _ClassVar[int]
+    PARKED_KEY_FIELD_NUMBER: _ClassVar[int]
+    PARKED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PARK_FAILURE_FIELD_NUMBER: _ClassVar[int]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -103,7 +114,10 @@ class LocalResponse(_message.Message):
     finish_reason: str
     max_tokens: int
     engine_ms: float
-    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., max_tokens: _Optional[int] = ..., engine_ms: _Optional[float] = ...) -> None: ...
+    parked_key: str
+    parked_tokens: int
+    park_failure: str
+    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., max_tokens: _Optional[int] = ..., engine_ms: _Optional[float] = ..., parked_key: _Optional[str] = ..., parked_tokens: _Optional[int] = ..., park_failure: _Optional[str] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id", "kv")

@@ -15,6 +15,7 @@ owners (API keys) of the active jobs in turn, one request each, and runs one own
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
@@ -139,6 +140,9 @@ class OfflineDispatcher:
         self.completed = 0
         self.requeued = 0
         self.tokens = 0  # offline tokens received from the engines (as generated, finished or not)
+        self.resumed_parked = 0  # preempted requests resumed from their parked KV
+        self.resumed_recomputed: collections.Counter[str] = collections.Counter()  # ... recomputing, by reason
+        self.tokens_not_recomputed = 0  # context tokens the parked resumes loaded instead of computing
         self.dropped = 0  # entries of cancelled jobs removed unrun
         self.dry: set[str] = set()  # jobs whose queues had nothing new at the last read
         self.sizes: dict[str, tuple[int, int]] = {}  # entry id -> its size for the decision core (read once)
@@ -283,12 +287,24 @@ class OfflineDispatcher:
         else:
             pre_req.text, pre_req.chat = item["text"], bool(item.get("chat"))
         prompt = list(entry.prompt)
+        texts: list[str] | None = None
+        park_key = entry.park.get("key", "") if entry.prompt and generated else ""
+        if entry.park and not park_key:
+            self.resumed_recomputed[entry.park.get("failure") or "not parked"] += 1
         try:
+            if park_key:  # its KV waits in kvtransfer's pool: decode on, computing only the tail
+                if self.service.offline_must_yield(decode_w.worker_id, rid):
+                    await self._requeue(entry, prompt, generated, text, preempted=True, park=entry.park)
+                    return
+                texts = [text]
+                await self._decode(entry, item, rid, prompt, generated, texts, remaining, sampling, prefill_w,
+                                   decode_w, park_key=park_key)
+                return
             if prefill_w.worker_id == decode_w.worker_id and getattr(self.service, "driver", None) is not None:
                 # the decision core placed it to decode where it prefills: one engine request
                 pre_req.export_kv = False
                 stream = self._worker(prefill_w).PrefillDecode(pre_req, timeout=3600)
-                finish, first = "", True
+                finish, first, park = "", True, {}
                 try:
                     async for m in stream:
                         generated.extend(m.token_ids)
@@ -296,6 +312,7 @@ class OfflineDispatcher:
                         text += m.text
                         if m.finished:
                             finish = m.finish_reason
+                            park = _park_of(m)
                         if first:
                             first = False
                             prompt = prompt or list(m.prompt_token_ids)
@@ -306,7 +323,7 @@ class OfflineDispatcher:
                 finally:
                     stream.cancel()
                 if finish == "preempted":
-                    await self._requeue(entry, prompt, generated, text, preempted=True)
+                    await self._requeue(entry, prompt, generated, text, preempted=True, park=park)
                     return
                 await self._complete(entry, item, prompt, generated, text, finish, prefill_w, decode_w)
                 return
@@ -325,21 +342,13 @@ class OfflineDispatcher:
                 await self._requeue(entry, prompt, generated, text, preempted=True)
                 return
             if not pre.finished:
-                dreq = worker_pb2.DecodeRequest(
-                    request_id=rid, prompt_token_ids=prompt, generated_token_ids=generated,
-                    max_tokens=remaining - 1, sampling=sampling, request_class=common_pb2.OFFLINE)
-                if pre.HasField("kv"):
-                    dreq.kv.CopyFrom(pre.kv)
-                async for d in self._worker(decode_w).Decode(dreq, timeout=3600):
-                    generated.extend(d.token_ids)
-                    self.tokens += len(d.token_ids)
-                    text += d.text
-                    if d.finished:
-                        finish = d.finish_reason
-                if finish == "preempted":
-                    await self._requeue(entry, prompt, generated, text, preempted=True)
-                    return
+                texts = [text]
+                await self._decode(entry, item, rid, prompt, generated, texts, remaining - 1, sampling, prefill_w,
+                                   decode_w, kv=pre.kv if pre.HasField("kv") else None)
+                return
         except grpc.aio.AioRpcError as exc:
+            if texts is not None:  # failed in its decode: the text that arrived
+                text = "".join(texts)
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 metrics.OFFLINE_REQUESTS.labels("failed").inc()
                 error = {"custom_id": item["custom_id"], "error": exc.details(), "at": time.time()}
@@ -351,6 +360,39 @@ class OfflineDispatcher:
                             exc.code().name, prefill_w.worker_id)
                 await asyncio.sleep(REQUEUE_BACKOFF_S)
             await self._requeue(entry, prompt, generated, text, preempted=preempted)
+            return
+        await self._complete(entry, item, prompt, generated, text, finish, prefill_w, decode_w)
+
+    async def _decode(self, entry: QueueEntry, item: dict, rid: str, prompt: list[int], generated: list[int],
+                      texts: list[str], max_tokens: int, sampling, prefill_w, decode_w, kv=None,
+                      park_key: str = "") -> None:
+        """The decode phase on ``decode_w``: with the prefill's KV (``kv``) or the request's parked KV
+        (``park_key``, a resume); then complete, or re-queue a preempted request with its KV parked.
+        ``generated`` and ``texts`` (the text so far, in pieces) grow in place: a failure's re-queue keeps
+        what arrived."""
+        dreq = worker_pb2.DecodeRequest(
+            request_id=rid, prompt_token_ids=prompt, generated_token_ids=generated, max_tokens=max_tokens,
+            sampling=sampling, request_class=common_pb2.OFFLINE, park_key=park_key)
+        if kv is not None:
+            dreq.kv.CopyFrom(kv)
+        finish, first, park = "", True, {}
+        async for d in self._worker(decode_w).Decode(dreq, timeout=3600):
+            if first and park_key:
+                first = False
+                if d.cached_tokens > 0:
+                    self.resumed_parked += 1
+                    self.tokens_not_recomputed += d.cached_tokens
+                else:
+                    self.resumed_recomputed[d.park_failure or "parked KV not loadable"] += 1
+            generated.extend(d.token_ids)
+            self.tokens += len(d.token_ids)
+            texts.append(d.text)
+            if d.finished:
+                finish = d.finish_reason
+                park = _park_of(d)
+        text = "".join(texts)
+        if finish == "preempted":
+            await self._requeue(entry, prompt, generated, text, preempted=True, park=park)
             return
         await self._complete(entry, item, prompt, generated, text, finish, prefill_w, decode_w)
 
@@ -367,12 +409,16 @@ class OfflineDispatcher:
         await self._durably("complete", entry, lambda: self.store.complete(
             entry, result, output_tokens=len(generated), failed=False))
 
-    async def _requeue(self, entry, prompt, generated, text, preempted: bool) -> None:
+    async def _requeue(self, entry, prompt, generated, text, preempted: bool, park: dict | None = None) -> None:
+        """Re-queues ``entry`` to resume from ``generated``; a preempted one notes where its KV went (``park``;
+        default: nowhere, its resume recomputes)."""
         self.requeued += 1
         metrics.OFFLINE_REQUESTS.labels("requeued").inc()
         self.dry.discard(entry.job_id)
+        if preempted and not park:
+            park = {"failure": "stopped before its decode"}
         await self._durably("requeue", entry, lambda: self.store.requeue(
-            entry, prompt if generated else entry.prompt, generated, text, preempted))
+            entry, prompt if generated else entry.prompt, generated, text, preempted, park=park))
 
     async def _durably(self, what: str, entry: QueueEntry, op) -> None:
         """Runs a queue update (one Lua script, idempotent: a complete records a result once, a requeue of an
@@ -403,3 +449,12 @@ class OfflineDispatcher:
 
     def _worker(self, w) -> worker_pb2_grpc.WorkerStub:
         return worker_pb2_grpc.WorkerStub(self.service.channels.get(w.address))
+
+
+def _park_of(m) -> dict:
+    """Where a preempted stream's last message says its KV went (see ``QueueEntry.park``)."""
+    if m.finish_reason != "preempted":
+        return {}
+    if m.parked_key:
+        return {"key": m.parked_key, "tokens": m.parked_tokens}
+    return {"failure": m.park_failure or "not parked"}

@@ -71,6 +71,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.active: dict[str, tuple[bool, asyncio.Event]] = {}  # engine request id -> (offline, ended)
         self.preempted: set[str] = set()
         self.server: Server | None = None  # set by serve(): health turns NOT_SERVING when the engine breaks
+        engine.park_evicted = self.parking  # its step plans' evictions keep their KV too
 
     @property
     def kv(self) -> kvtransfer_pb2_grpc.KvTransferStub:
@@ -227,6 +228,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         transfer_id = request.kv.transfer_id if request.HasField("kv") else ""
         if check_id("kv.transfer_id", transfer_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, check_id("kv.transfer_id", transfer_id))
+        take_failure = ""
+        if request.park_key:
+            if check_id("park_key", request.park_key):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, check_id("park_key", request.park_key))
+            if transfer_id:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "park_key: give either park_key or kv")
+            handle, take_failure = await self._take_parked(request)
+            if handle is not None:
+                request.kv.CopyFrom(handle)
+                transfer_id = handle.transfer_id
         if transfer_id:
             with self.tracer.start_as_current_span("duopool.kv.load", attributes={
                     "duopool.worker": self.worker_id, "duopool.kv.transfer_id": transfer_id,
@@ -247,22 +258,30 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             "duopool.worker": self.worker_id, "duopool.class": "offline" if ereq.offline else "online",
             "duopool.context_tokens": len(prompt), "duopool.max_tokens": request.max_tokens,
             "duopool.kv.offered": bool(transfer_id)})
-        produced, cached, reason = 0, 0, ""
+        produced, cached, reason, first = 0, 0, "", True
         outputs = self._run(ereq)
         try:
             async for o in self._batched(outputs, ereq.offline, tokens):
                 produced += len(o.token_ids)
                 cached = cached or o.num_cached_tokens
                 reason = o.finish_reason or reason
+                resp = worker_pb2.DecodeResponse(
+                    text=o.text, token_ids=o.token_ids, finished=o.finished, finish_reason=o.finish_reason,
+                    cached_tokens=o.num_cached_tokens,
+                )
                 if transfer_id and not completed:
                     # The engine has taken the KV (or recomputed): the source segment can go.
                     completed = True
                     await self._complete_transfer(transfer_id, ok=o.num_cached_tokens > 0)
                     metrics.KV_LOADS.labels(self.worker_id, "loaded" if o.num_cached_tokens > 0 else "recomputed").inc()
-                yield worker_pb2.DecodeResponse(
-                    text=o.text, token_ids=o.token_ids, finished=o.finished, finish_reason=o.finish_reason,
-                    cached_tokens=o.num_cached_tokens,
-                )
+                if request.park_key and first:  # the resume's first message
+                    take_failure = take_failure or ("" if o.num_cached_tokens > 0 else "parked KV not loadable")
+                    resp.park_failure = take_failure
+                    metrics.KV_RESUMES.labels(self.worker_id, take_failure or "loaded").inc()
+                first = False
+                if o.finish_reason == "preempted":
+                    resp.parked_key, resp.parked_tokens, resp.park_failure = await self._park(request.request_id, o.kv)
+                yield resp
         except EngineError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # noqa: BLE001
@@ -325,6 +344,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 reason = o.finish_reason or reason
                 if not produced:
                     if o.finish_reason == "preempted" or not o.token_ids:
+                        if o.kv is not None:  # stopped in its prefill: the resume prefills again
+                            unlink_segment(pathlib.Path(o.kv.path))
                         if o.finish_reason == "preempted":
                             await context.abort(grpc.StatusCode.ABORTED,
                                                 "preempted: offline prefill stopped for online work")
@@ -338,8 +359,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                         finish_reason=o.finish_reason, max_tokens=ereq.max_tokens, engine_ms=engine_ms)
                     continue
                 produced += len(o.token_ids)
-                yield worker_pb2.LocalResponse(text=o.text, token_ids=o.token_ids, finished=o.finished,
-                                               finish_reason=o.finish_reason)
+                resp = worker_pb2.LocalResponse(text=o.text, token_ids=o.token_ids, finished=o.finished,
+                                                finish_reason=o.finish_reason)
+                if o.finish_reason == "preempted":
+                    resp.parked_key, resp.parked_tokens, resp.park_failure = await self._park(request.request_id, o.kv)
+                yield resp
         except EngineError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except grpc.aio.AbortError:
@@ -352,6 +376,56 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             span.end()
             self.served += 1
             metrics.WORKER_PHASE.labels(self.worker_id, "decode").observe(time.perf_counter() - t0)
+
+    # -- parked KV (kvtransfer's pool) ---------------------------------------------------------------
+    @property
+    def parking(self) -> bool:
+        """Preempted offline decodes keep their KV (``park_kv`` on and an engine that can save it)."""
+        return self.config.park_kv == "on" and self.engine.parks
+
+    async def _park(self, request_id: str, kv) -> tuple[str, int, str]:
+        """Moves the KV the engine saved for a preempted request into kvtransfer's pool under the request id:
+        (key, tokens, "") or ("", 0, why not) — the resume then recomputes. Counted by outcome."""
+        t0 = time.perf_counter()
+        why = ""
+        if kv is None or kv.num_tokens <= 0:
+            why = ("parking off" if self.config.park_kv != "on" else "engine cannot park" if not self.engine.parks
+                   else "no full KV block")
+        else:
+            try:
+                await self._kv_call("Park", kvtransfer_pb2.ParkRequest(key=request_id, location=kv.path))
+            except grpc.aio.AioRpcError as exc:
+                unlink_segment(pathlib.Path(kv.path))
+                why = {grpc.StatusCode.RESOURCE_EXHAUSTED: "pool full",
+                       grpc.StatusCode.UNAVAILABLE: "kvtransfer unreachable",
+                       grpc.StatusCode.DEADLINE_EXCEEDED: "kvtransfer unreachable"}.get(exc.code(), "")
+                if not why:
+                    why = "pool disabled" if "disabled" in (exc.details() or "") else f"not parked: {exc.code().name}"
+                log.info("KV of preempted %s not parked (%s): its resume recomputes", request_id, why)
+        metrics.KV_PARKS.labels(self.worker_id, why or "parked").inc()
+        if why:
+            return "", 0, why
+        metrics.KV_PARK_SECONDS.labels(self.worker_id, "park").observe(time.perf_counter() - t0)
+        return request_id, kv.num_tokens, ""
+
+    async def _take_parked(self, request: worker_pb2.DecodeRequest) -> tuple[common_pb2.KvHandle | None, str]:
+        """Checks a parked request's KV out of the pool as a transfer to this worker: (handle, "") or
+        (None, why) — then the decode recomputes the context."""
+        t0 = time.perf_counter()
+        try:
+            st = await self._kv_call("Take", kvtransfer_pb2.TakeRequest(
+                key=request.park_key, new_transfer_id=safe_key(f"{request.request_id}-resume"),
+                destination_worker=self.worker_id, destination_host=self.host))
+        except grpc.aio.AioRpcError as exc:
+            details = exc.details() or ""
+            why = {grpc.StatusCode.NOT_FOUND: "parked KV evicted" if "evicted" in details else "parked KV not found",
+                   grpc.StatusCode.UNAVAILABLE: "kvtransfer unreachable",
+                   grpc.StatusCode.DEADLINE_EXCEEDED: "kvtransfer unreachable",
+                   grpc.StatusCode.DATA_LOSS: "parked KV unusable"}.get(exc.code(), f"take failed: {exc.code().name}")
+            log.info("parked KV %s not taken (%s): recomputing", request.park_key, why)
+            return None, why
+        metrics.KV_PARK_SECONDS.labels(self.worker_id, "take").observe(time.perf_counter() - t0)
+        return st.kv, ""
 
     # -- KV transfer (kvtransfer service) ---------------------------------------------------------------
     async def _kv_failed(self, context, transfer_id: str, error: str) -> None:
@@ -561,7 +635,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         for rid in victims:
             self.preempted.add(rid)
             waits.append(self.active[rid][1].wait())
-            await self.engine.abort(rid)
+            await self.engine.abort(rid, park=self.parking)
         if waits:
             await asyncio.wait_for(asyncio.gather(*waits), timeout=30)
         stop_ms = (time.perf_counter() - t0) * 1e3

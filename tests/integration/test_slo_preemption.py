@@ -92,7 +92,12 @@ def test_offline_work_stays_while_slos_hold_and_is_preempted_once_they_do_not(cl
 
         b = wait_for(done, timeout=120, interval=0.2, what="the offline job to finish")
         results = list(router.GetBatchResults(router_pb2.GetBatchRequest(job_id="slo-job"), timeout=30))
+        st = stats()
     assert (b.done, b.failed) == (n, 0) and b.preemptions >= 1
+    # Preempted mid-decode, their KV was parked in kvtransfer's pool: the resumes loaded it (the simulated
+    # engine checks every block byte for byte) and computed only the tail.
+    assert st.resumed_parked >= 1, f"no resume used parked KV (recomputed: {dict(st.resumed_recomputed)})"
+    assert st.tokens_not_recomputed >= 16 * st.resumed_parked
     assert [r.index for r in results] == list(range(n)), "a request was lost or answered twice"
     for r in results:
         assert list(r.token_ids) == sim_expected_tokens(sim_tokenize(prompt(r.index)), max_tokens), f"{r.custom_id} differs"

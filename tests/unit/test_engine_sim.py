@@ -69,3 +69,42 @@ def test_context_limit_and_abort(tmp_path, kind):
         await e.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_abort_with_park_saves_the_whole_context_and_a_resume_loads_it(tmp_path, kind):
+    """A request stopped with ``park`` saves the KV of its prompt and of the tokens it generated (every full
+    block); a resume elsewhere with that KV computes only the tail and continues with exactly the tokens an
+    uninterrupted run gives."""
+    async def main():
+        a, b = ENGINES[kind](str(tmp_path), speedup=50.0), ENGINES[kind](str(tmp_path), speedup=1000.0)
+        await a.start(), await b.start()
+        assert a.parks
+        prompt = tuple(range(1, 60))  # 59 tokens
+        whole, _ = await run(b, EngineRequest("w", prompt, max_tokens=40, sampling=Sampling(seed=5), offline=True))
+        got, outs = [], []
+        req = EngineRequest("p", prompt, max_tokens=40, sampling=Sampling(seed=5), offline=True)
+        async for o in a.generate(req):
+            outs.append(o)
+            got += o.token_ids
+            if len(got) >= 12 and not o.finished:
+                await a.abort("p", park=True)
+        end = outs[-1]
+        assert end.finish_reason == "abort" and 12 <= len(got) < 40
+        kv = end.kv
+        context = len(prompt) + len(got) - 1  # the last token's KV was not computed yet
+        assert kv is not None and kv.num_tokens == context // SIM_BLOCK_SIZE * SIM_BLOCK_SIZE
+        rest, douts = await run(b, EngineRequest("r", prompt + tuple(got), max_tokens=40 - len(got),
+                                                 sampling=Sampling(seed=5), offline=True,
+                                                 kv_load=KvLoad(kv.path, kv.num_tokens)))
+        assert douts[0].num_cached_tokens == kv.num_tokens
+        assert got + rest == whole
+        # an abort without park saves nothing
+        async for o in a.generate(EngineRequest("q", prompt, max_tokens=40, offline=True)):
+            if o.token_ids and not o.finished:
+                await a.abort("q")
+        assert o.finish_reason == "abort" and o.kv is None
+        assert a.load().kv_usage == 0 and b.load().running == 0
+        await a.stop(), await b.stop()
+
+    asyncio.run(main())

@@ -48,7 +48,7 @@ class RacingEngine(Engine):
         last = [10 + self.n - 1] if self.end_reason == "length" else []
         yield EngineOutput(last, "x" if last else "", finished=True, finish_reason=self.end_reason)
 
-    async def abort(self, request_id: str) -> bool:
+    async def abort(self, request_id: str, park: bool = False) -> bool:
         self.aborted.set()
         return True
 

@@ -13,6 +13,8 @@ import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from duopool.common.ids import safe_key
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -83,10 +85,21 @@ class EngineFailure(RuntimeError):
     """A request failed inside the engine (not the client's fault) — maps to INTERNAL; it fails alone."""
 
 
+def parked_transfer_id(request_id: str) -> str:
+    """The transfer id of the KV an engine saves for ``request_id`` when it stops it with ``park``."""
+    return safe_key(f"{request_id}-parked")
+
+
 class Engine(abc.ABC):
     name: str = "engine"
     simulated: bool = False
     step_observer = None  # called with each engine step's seconds where the engine has steps of its own
+    # Whether the engine can save a stopped request's KV (abort with ``park``): every full block of its
+    # context, prompt and generated tokens, into the segment ``parked_transfer_id(request_id)``, reported in
+    # the final output's ``kv``. ``park_evicted``, set by the worker, asks the same of requests its own step
+    # plans evict.
+    parks: bool = False
+    park_evicted: bool = False
 
     @property
     def vocab_size(self) -> int:
@@ -130,7 +143,9 @@ class Engine(abc.ABC):
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]: ...
 
     @abc.abstractmethod
-    async def abort(self, request_id: str) -> bool: ...
+    async def abort(self, request_id: str, park: bool = False) -> bool:
+        """Stops a request at the next step boundary (its stream ends with finish_reason "abort"). With
+        ``park`` (and ``parks``) its KV is saved first (see ``parks``); an engine that cannot park ignores it."""
 
     @abc.abstractmethod
     def load(self) -> EngineLoad: ...

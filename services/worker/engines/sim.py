@@ -24,7 +24,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from duopool.kv.segment import KvSegment, SegmentError, SegmentMeta, segment_path
 from duopool.worker.engines.base import (
@@ -35,6 +35,7 @@ from duopool.worker.engines.base import (
     EngineOutput,
     EngineRequest,
     KvExport,
+    parked_transfer_id,
 )
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ class _Req:
     text: str = ""
     kv: KvExport | None = None
     aborted: bool = False
+    park: bool = False  # aborted with park: its KV is saved as it stops
+    ids: list[int] = field(default_factory=list)  # the tokens it generated
     first_output: bool = True
     m: object = None  # the step plan's Req for it (duopool.worker.engines.sim_plan), if plans run the steps
 
@@ -118,6 +121,7 @@ class _Req:
 class SimEngine(Engine):
     name = "sim"
     simulated = True
+    parks = True
 
     def __init__(self, kv_dir: str, max_model_len: int = 4096, num_blocks: int | None = None,
                  max_batch: int = MAX_BATCH, hardware: str = "H100-SXM", model: str = "llama-3.1-8b",
@@ -225,11 +229,12 @@ class SimEngine(Engine):
         finally:
             self._forget(r)
 
-    async def abort(self, request_id: str) -> bool:
+    async def abort(self, request_id: str, park: bool = False) -> bool:
         r = self._by_id.get(request_id)
         if r is None:
             return False
         r.aborted = True
+        r.park = r.park or park
         self._wake.set()
         return True
 
@@ -262,8 +267,9 @@ class SimEngine(Engine):
                 chunks, decodes = self._schedule()
                 if not chunks and not decodes:  # work held (KV full, or a step plan holds it): wait for news
                     self._wake.clear()
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
+                    try:  # (asyncio.timeout, not wait_for: 3.11's wait_for can swallow a stop()'s cancel)
+                        async with asyncio.timeout(IDLE_POLL_S):
+                            await self._wake.wait()
                     except TimeoutError:
                         pass
                     continue
@@ -371,6 +377,7 @@ class SimEngine(Engine):
         tok = sim_token(r.last, len(req.prompt_token_ids) + r.generated, req.sampling.seed)
         r.last = tok
         r.generated += 1
+        r.ids.append(tok)
         text = f" sim{tok}"
         r.text += text
         reason = ""
@@ -393,8 +400,16 @@ class SimEngine(Engine):
         self._release(r)
 
     def _finish(self, r: _Req, reason: str) -> None:
+        """Ends a request that did not end by itself ("abort", or "preempted" by a step plan); its KV is
+        parked first where asked (``park`` on the abort, ``park_evicted`` for a step plan's eviction)."""
         r.done = True
-        r.out.put_nowait(EngineOutput([], "", finished=True, finish_reason=reason))
+        kv = None
+        if r.park or (reason == "preempted" and self.park_evicted):
+            try:
+                kv = self._park(r)
+            except (SegmentError, OSError) as exc:  # the resume recomputes
+                log.warning("request %s: KV not parked (%s)", r.req.request_id, exc)
+        r.out.put_nowait(EngineOutput([], "", finished=True, finish_reason=reason, kv=kv))
         self._release(r)
 
     def _release(self, r: _Req) -> None:
@@ -407,19 +422,33 @@ class SimEngine(Engine):
     def _save_kv(self, r: _Req) -> KvExport:
         prompt = r.req.prompt_token_ids
         n = len(prompt) // SIM_BLOCK_SIZE
-        path = segment_path(r.req.kv_save, self._kv_dir)
         if n == 0:
-            return KvExport(r.req.kv_save, str(path), 0, 0, 0)
-        meta = SegmentMeta(transfer_id=r.req.kv_save, num_layers=1, num_blocks=n, block_bytes=SIM_BLOCK_BYTES,
+            return KvExport(r.req.kv_save, str(segment_path(r.req.kv_save, self._kv_dir)), 0, 0, 0)
+        return self._write_segment(r.req.kv_save, prompt, n)
+
+    def _park(self, r: _Req) -> KvExport | None:
+        """Saves every full block of the KV ``r`` has computed (its prompt as far as prefilled, then each
+        generated token but the last, whose KV the next step would have computed) into the segment
+        ``parked_transfer_id``; None if not one block is full."""
+        prompt = r.req.prompt_token_ids
+        computed = len(prompt) + r.generated - 1 if r.generated else max(0, r.prefilled)
+        n = computed // SIM_BLOCK_SIZE
+        if n == 0:
+            return None
+        return self._write_segment(parked_transfer_id(r.req.request_id), prompt + tuple(r.ids), n)
+
+    def _write_segment(self, transfer_id: str, ids: tuple[int, ...], n: int) -> KvExport:
+        path = segment_path(transfer_id, self._kv_dir)
+        meta = SegmentMeta(transfer_id=transfer_id, num_layers=1, num_blocks=n, block_bytes=SIM_BLOCK_BYTES,
                            dtype="uint8", block_shape=(SIM_BLOCK_BYTES,), block_size=SIM_BLOCK_SIZE,
                            num_tokens=n * SIM_BLOCK_SIZE, layer_names=("sim",))
         with KvSegment.create(path, meta) as seg:
             view = seg.layer_view(0)
             for b in range(n):
-                view[b * SIM_BLOCK_BYTES : (b + 1) * SIM_BLOCK_BYTES] = sim_block_bytes(prompt, b)
+                view[b * SIM_BLOCK_BYTES : (b + 1) * SIM_BLOCK_BYTES] = sim_block_bytes(ids, b)
             del view
             seg.seal()
-        return KvExport(r.req.kv_save, str(path), n * SIM_BLOCK_SIZE, n, meta.data_bytes)
+        return KvExport(transfer_id, str(path), n * SIM_BLOCK_SIZE, n, meta.data_bytes)
 
     def _load_kv(self, r: _Req) -> int:
         load = r.req.kv_load

@@ -179,7 +179,7 @@ class VllmEngine(Engine):
         finally:
             self._running.discard(request.request_id)
 
-    async def abort(self, request_id: str) -> bool:
+    async def abort(self, request_id: str, park: bool = False) -> bool:  # parks: not yet (recomputes)
         if request_id not in self._running or self._llm is None:
             return False
         await self._llm.abort(request_id)
