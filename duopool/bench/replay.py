@@ -50,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preempt-trigger", choices=("slo", "online"), default=None,
                    help="slo: preempt when a worker's online latency nears the SLO or online work queues there; "
                         "online: on any online arrival (docs/colocation.md) [online for vllm, slo for sim]")
+    p.add_argument("--park-kv", choices=("on", "off"), default="on",
+                   help="preempted offline decodes park their KV in kvtransfer's pool (on) or recompute (off) [on]")
     p.add_argument("--offline-per-worker", type=int, default=4, help="offline requests per idle worker [4]")
     p.add_argument("--drain-timeout", type=float, default=120.0,
                    help="after the window, wait this long for the offline job to finish (lost/duplicated check)")
@@ -226,7 +228,7 @@ async def _replay(args, cluster, online, offline) -> dict:
         "decisions_in_window": decisions_window,
         "engine": args.engine + (" (SIMULATED)" if args.engine == "sim" else ""),
         "workers": {"prefill": args.prefill, "decode": args.decode},
-        "window_s": window_s, "rate_scale": args.rate_scale,
+        "window_s": window_s, "rate_scale": args.rate_scale, "park_kv": args.park_kv,
         "slo": {"ttft_ms": args.ttft_slo_ms, "tpot_ms": args.tpot_slo_ms},
         "online": {
             "requests": len(online), "failed": len(results) - len(ok),
@@ -274,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
     env = {"DUOPOOL_OFFLINE_PER_WORKER": str(args.offline_per_worker),
            "DUOPOOL_OFFLINE_WITH_ONLINE": str(args.offline_per_worker if args.no_preemption else 0),
            "DUOPOOL_SIM_SPEEDUP": str(args.sim_speedup), "DUOPOOL_SCHEDULER_ID": "replay",
-           "DUOPOOL_TTFT_SLO_MS": str(args.ttft_slo_ms),
+           "DUOPOOL_TTFT_SLO_MS": str(args.ttft_slo_ms), "DUOPOOL_PARK_KV": args.park_kv,
            "DUOPOOL_TPOT_SLO_MS": str(args.tpot_slo_ms)}
     args.out.mkdir(parents=True, exist_ok=True)
     # a fresh cluster each time: a run directory left by an earlier replay holds its Redis data, whose

@@ -23,6 +23,7 @@ import mmap
 import os
 import pathlib
 import struct
+import zlib
 from dataclasses import asdict, dataclass, field
 
 MAGIC = b"DPKV"
@@ -205,6 +206,20 @@ class KvSegment:
         meta = SegmentMeta(**{**asdict(self.meta), "sealed": True, "extra": {**self.meta.extra, **extra}})
         meta = SegmentMeta.from_json(meta.to_json())
         self._write_header(meta)
+
+    def data_crc32(self) -> int:
+        """CRC-32 of the data (every block of every layer)."""
+        return zlib.crc32(self.data_view()) & 0xFFFFFFFF
+
+    def seal_with_checksum(self) -> None:
+        """``seal``, recording the data's CRC-32 (``extra["crc32"]``) for ``verify``: KV that waits (parked)
+        is checked before it is loaded."""
+        self.seal(crc32=self.data_crc32())
+
+    def verify(self) -> bool:
+        """False if the segment records a checksum its data no longer matches (True when it records none)."""
+        want = self.meta.extra.get("crc32")
+        return want is None or int(want) == self.data_crc32()
 
     def retag(self, transfer_id: str) -> None:
         """Renames the transfer recorded in the header (a pool checkout becomes a new transfer). The data

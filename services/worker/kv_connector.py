@@ -18,8 +18,15 @@ A request opts in through ``SamplingParams.extra_args["kv_transfer_params"]["duo
   as a miss (0 tokens) and the prompt is recomputed: the ``recompute`` failure policy. The service layer
   implements ``fail`` by not submitting a request whose KV it could not obtain.
 
+* ``kv_transfer_params["duopool_park"] = T`` — an offline request whose KV is kept if it is preempted. When
+  it is aborted while the park marker ``<kv_dir>/T.park`` exists (the worker made it: a preemption, not a
+  cancel), ``request_finished`` keeps its blocks (vLLM's delayed free) and the next step's worker half
+  copies every full block of its computed context — prompt and generated tokens — into ``<kv_dir>/T.kv``,
+  sealed with a CRC-32, then reports the request as finished sending, which frees the blocks. That step
+  runs even with nothing else to compute (vLLM steps while a finished request awaits its connector).
+
 Saves and loads are synchronous inside the step (CPU engines copy with memcpy bandwidth), so blocks are
-never held past ``request_finished``.
+never held past ``request_finished`` except by a park, for one step.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from duopool.kv.segment import KvSegment, SegmentError, SegmentMeta, segment_path
+from duopool.kv.segment import KvSegment, SegmentError, SegmentMeta, segment_path, unlink_segment
+from duopool.worker.engines.base import PARK_KEY, park_marker
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -74,6 +82,7 @@ class LoadOp:
 class DuopoolConnectorMeta(KVConnectorMetadata):
     saves: list[SaveOp] = field(default_factory=list)
     loads: list[LoadOp] = field(default_factory=list)
+    parks: list[SaveOp] = field(default_factory=list)  # aborted requests' computed context, blocks held
 
 
 def _params(request: Request) -> dict[str, Any] | None:
@@ -95,8 +104,10 @@ class DuopoolConnector(KVConnectorBase_V1):
         self._req_blocks: dict[str, list[int]] = {}  # req_id -> block ids allocated so far (save side)
         self._saved: dict[str, dict[str, Any]] = {}  # req_id -> result params for request_finished
         self._pending_loads: dict[str, tuple[str, int, int]] = {}  # req_id -> (path, local, total tokens)
+        self._pending_parks: list[SaveOp] = []  # for the next step's worker half
         # worker side
         self._open_saves: dict[str, KvSegment] = {}
+        self._parks_done: set[str] = set()  # parks written this step: their blocks can be freed
 
     # ================================ scheduler side ================================
 
@@ -168,6 +179,7 @@ class DuopoolConnector(KVConnectorBase_V1):
                     self._req_blocks.setdefault(rid, []).extend(new_blocks[0])
             done = cached.num_computed_tokens[i] + sched_tokens.get(rid, 0)
             self._maybe_save(meta, rid, done, int(self._save_reqs[rid]["prompt_len"]))
+        meta.parks, self._pending_parks = self._pending_parks, []
         return meta
 
     def _maybe_save(self, meta: DuopoolConnectorMeta, rid: str, done_tokens: int, prompt_len: int) -> None:
@@ -192,9 +204,12 @@ class DuopoolConnector(KVConnectorBase_V1):
         self._save_reqs.pop(rid, None)
         self._req_blocks.pop(rid, None)
         self._pending_loads.pop(rid, None)
+        park = self._park_op(request, block_ids)
+        if park is not None:
+            self._pending_parks.append(park)
         result = self._saved.pop(rid, None)
         if result is None:
-            return False, None
+            return park is not None, None
         if result["num_blocks"]:
             try:
                 with KvSegment.open(pathlib.Path(result["path"])) as seg:
@@ -202,16 +217,37 @@ class DuopoolConnector(KVConnectorBase_V1):
             except SegmentError as exc:  # the worker half failed to write it: report nothing to move
                 log.error("request %s: KV segment not written (%s)", rid, exc)
                 result.update(num_tokens=0, num_blocks=0)
-        return False, {PARAMS_KEY: result}
+        return park is not None, {PARAMS_KEY: result}
+
+    def _park_op(self, request: Request, block_ids: list[int]) -> SaveOp | None:
+        """The park of an aborted request whose worker asked for one (its marker exists): every full block
+        of the context it computed, or None."""
+        from vllm.v1.request import RequestStatus
+
+        tid = (getattr(request, "kv_transfer_params", None) or {}).get(PARK_KEY)
+        if not tid or request.status != RequestStatus.FINISHED_ABORTED:
+            return None
+        try:
+            park_marker(str(tid), self._kv_dir).unlink()
+        except FileNotFoundError:
+            return None  # aborted for another reason (a cancel): nothing kept
+        computed = request.num_computed_tokens - int(getattr(request, "num_in_flight_tokens", 0) or 0)
+        n = min(len(block_ids), max(0, computed) // self._block_size)
+        if n == 0:
+            return None
+        return SaveOp(request.request_id, str(tid), str(segment_path(str(tid), self._kv_dir)), list(block_ids[:n]),
+                      n * self._block_size)
 
     # ================================ worker side ================================
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, DuopoolConnectorMeta)
+        layers = forward_context.no_compile_layers
+        for op in meta.parks:  # (called on steps without a forward pass too)
+            self._write_park(op, layers)
         if not meta.loads:
             return
-        layers = forward_context.no_compile_layers
         for op in meta.loads:
             with KvSegment.open(pathlib.Path(op.path)) as seg:
                 n = len(op.dst_block_ids)
@@ -223,6 +259,36 @@ class DuopoolConnector(KVConnectorBase_V1):
                     src = self._segment_blocks(seg, li, kv.dtype)[op.first_block : op.first_block + n]
                     kv.index_copy_(0, dst_idx, src.to(kv.device))
                 del src
+
+    def _write_park(self, op: SaveOp, layers: dict[str, Any]) -> None:
+        """Copies a parked request's blocks out of every layer's cache into its segment, sealed with a
+        checksum. A failure leaves no segment (the resume recomputes); the blocks are freed either way."""
+        seg = None
+        try:
+            idx = torch.tensor(op.block_ids, dtype=torch.long)
+            for li, name in enumerate(self._layer_names):
+                kv = layers[name].kv_cache
+                if isinstance(kv, list):
+                    kv = kv[0]
+                if seg is None:
+                    seg = self._create_segment(op, kv)
+                torch.index_select(kv, 0, idx, out=self._segment_blocks(seg, li, kv.dtype))
+            if seg is not None:
+                seg.seal_with_checksum()
+        except Exception as exc:  # noqa: BLE001 - a park is an optimisation: never fail the step for it
+            log.error("request %s: KV not parked (%s)", op.req_id, exc)
+            if seg is not None:
+                seg.close()
+                seg = None
+            unlink_segment(pathlib.Path(op.path))
+        finally:
+            if seg is not None:
+                seg.close()
+            self._parks_done.add(op.req_id)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        done, self._parks_done = self._parks_done, set()
+        return (done or None), None
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete in start_load_kv

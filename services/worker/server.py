@@ -28,7 +28,7 @@ from duopool.common.metrics import start_metrics_server
 from duopool.common.rpc import CHANNEL_OPTIONS, Channels, Server
 from duopool.common.telemetry import init_telemetry
 from duopool.common.wire import PB_POOL, PB_ROLE, worker_info_pb
-from duopool.kv.segment import SegmentError, segment_path, unlink_segment
+from duopool.kv.segment import KvSegment, SegmentError, segment_path, unlink_segment
 from duopool.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from duopool.worker.engines.base import Engine, EngineError, EngineRequest, KvLoad, Sampling, create_engine
 
@@ -244,6 +244,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     "duopool.kv.bytes": request.kv.num_bytes, "duopool.kv.tokens": request.kv.num_tokens,
                     "duopool.kv.source_worker": request.kv.source_worker}) as span:
                 kv_load = await self._fetch_kv(request.kv, context)
+                if kv_load is not None and request.park_key and not self._intact(kv_load.path):
+                    log.warning("parked KV %s fails its checksum: recomputing", request.park_key)
+                    kv_load, take_failure = None, "checksum mismatch"
                 span.set_attributes({"duopool.kv.transport": ("grpc" if self._is_remote(request.kv) else "shm")
                                      if kv_load else "none", "duopool.kv.loadable": kv_load is not None})
         ereq = EngineRequest(
@@ -407,6 +410,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             return "", 0, why
         metrics.KV_PARK_SECONDS.labels(self.worker_id, "park").observe(time.perf_counter() - t0)
         return request_id, kv.num_tokens, ""
+
+    @staticmethod
+    def _intact(path: str) -> bool:
+        """Whether a segment's data matches the checksum it was sealed with (parked KV)."""
+        try:
+            with KvSegment.open(pathlib.Path(path)) as seg:
+                return seg.verify()
+        except (SegmentError, OSError):
+            return False
 
     async def _take_parked(self, request: worker_pb2.DecodeRequest) -> tuple[common_pb2.KvHandle | None, str]:
         """Checks a parked request's KV out of the pool as a transfer to this worker: (handle, "") or

@@ -174,6 +174,52 @@ def test_preempted_offline_requests_resume_with_identical_greedy_output(cluster,
                                   f"{r.custom_id} (preempted {r.preemptions}x)")
 
 
+def _preempt_mid_decode(worker, rid: str, prompt: list[int], after: int) -> tuple[list[int], worker_pb2.DecodeResponse]:
+    """Decodes ``prompt`` offline on ``worker`` and preempts it once ``after`` tokens arrived: (tokens, end)."""
+    got, end, sent = [], None, False
+    for d in worker.Decode(worker_pb2.DecodeRequest(request_id=rid, prompt_token_ids=prompt, max_tokens=OFFLINE_TOKENS,
+                                                    request_class=common_pb2.OFFLINE), timeout=300):
+        got += d.token_ids
+        if len(got) >= after and not sent and not d.finished:
+            sent = True
+            worker.Preempt(worker_pb2.PreemptRequest(request_class=common_pb2.OFFLINE, request_ids=[rid],
+                                                     reason="e2e park"), timeout=30)
+        end = d if d.finished else end
+    return got, end
+
+
+def test_a_preempted_decode_parks_its_kv_and_resumes_on_the_other_worker(cluster, reference_run):
+    """vLLM keeps a preempted decode's KV: the connector saves every full block of its context (prompt and
+    generated tokens) into kvtransfer's pool; a resume on the other worker loads exactly those tokens
+    (cached = parked) and finishes with the uninterrupted greedy output. Control: parked bytes corrupted in
+    the pool are caught by the checksum and the resume recomputes — same output, nothing cached."""
+    reference, margins = reference_run
+    prompt, want = OFFLINE_PROMPTS[0], reference[2]
+    with cluster.internal_channel("decode-0") as dch, cluster.internal_channel("prefill-0") as pch:
+        decode, other = worker_pb2_grpc.WorkerStub(dch), worker_pb2_grpc.WorkerStub(pch)
+        for corrupt in (False, True):
+            rid = f"park-e2e-{int(corrupt)}"
+            got, end = _preempt_mid_decode(decode, rid, prompt, after=60)
+            assert end is not None and end.finish_reason == "preempted", end
+            assert end.parked_key == rid, f"not parked: {end.park_failure!r}"
+            context = len(prompt) + len(got)
+            assert end.parked_tokens % BLOCK == 0 and context - 2 * BLOCK <= end.parked_tokens <= context
+            if corrupt:
+                parked = cluster.kv_dir / "pool" / f"{rid}.kv"
+                with open(parked, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+                    mm[HEADER_BYTES + 100] ^= 0xFF
+            msgs = list(other.Decode(worker_pb2.DecodeRequest(
+                request_id=f"{rid}-r", prompt_token_ids=prompt, generated_token_ids=got,
+                max_tokens=OFFLINE_TOKENS - len(got), request_class=common_pb2.OFFLINE, park_key=rid), timeout=300))
+            if corrupt:
+                assert msgs[0].park_failure == "checksum mismatch" and msgs[0].cached_tokens == 0
+            else:
+                assert msgs[0].park_failure == "" and msgs[0].cached_tokens == end.parked_tokens
+            out = got + [t for m in msgs for t in m.token_ids]
+            assert msgs[-1].finish_reason == "length"
+            assert_same_greedy_output(out, want, margins[2], f"{rid} (resumed {'recomputing' if corrupt else 'parked'})")
+
+
 def test_openai_client_against_real_vllm_workers(cluster):
     """The official ``openai`` client on the HTTP API: a completion from token ids equals the gRPC answer
     (greedy), and a chat completion goes through the model's chat template to real tokens."""

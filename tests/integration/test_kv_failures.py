@@ -381,3 +381,65 @@ def test_pool_survives_a_kvtransfer_restart(cluster):
     assert not stub.Drop(S.DropRequest(key="park-2"), timeout=5).found
     assert stats(cluster).pool_entries == 0
     assert_no_leaks(cluster)
+
+
+# -- preempted decodes park their KV (the workers' Preempt + Decode(park_key) path) -----------------------
+def preempted_decode(cluster, name: str, rid: str, text: str, after: int = 20, max_tokens: int = 400):
+    """An offline decode on ``name`` of ``text`` (recomputing its prompt), preempted after ``after`` tokens:
+    (prompt ids, tokens so far, the stream's last message)."""
+    pre = prefill(cluster, rid + "-p", text)  # only for the prompt's ids (and the first token)
+    got, end, sent = [pre.first_token_id], None, False
+    stub = worker(cluster, name)
+    for m in stub.Decode(worker_pb2.DecodeRequest(
+            request_id=rid, prompt_token_ids=pre.prompt_token_ids, generated_token_ids=[pre.first_token_id],
+            max_tokens=max_tokens - 1, request_class=common_pb2.OFFLINE), timeout=60):
+        got += m.token_ids
+        if len(got) >= after and not sent and not m.finished:
+            sent = True
+            stub.Preempt(worker_pb2.PreemptRequest(request_class=common_pb2.OFFLINE, request_ids=[rid]), timeout=10)
+        end = m if m.finished else end
+    worker(cluster, "prefill-0").Abort(worker_pb2.AbortRequest(request_id=rid + "-p", kv=pre.kv), timeout=10)
+    return list(pre.prompt_token_ids), got, end
+
+
+def resume(cluster, name: str, rid: str, prompt_ids, got, park_key: str, max_tokens: int = 400):
+    msgs = list(worker(cluster, name).Decode(worker_pb2.DecodeRequest(
+        request_id=rid, prompt_token_ids=prompt_ids, generated_token_ids=got, max_tokens=max_tokens - len(got),
+        request_class=common_pb2.OFFLINE, park_key=park_key), timeout=60))
+    return got + [t for m in msgs for t in m.token_ids], msgs
+
+
+def test_preempted_decode_parks_survives_a_kvtransfer_restart_and_resumes_on_another_host(cluster):
+    """Preempted mid-decode on decode-0, the request's KV (prompt + generated tokens) is parked; kvtransfer is
+    killed and restarted while it waits; the resume on a worker of another host pulls it and computes only
+    the tail — exactly the uninterrupted tokens, once."""
+    from tests.conftest import sim_expected_tokens
+
+    prompt_ids, got, end = preempted_decode(cluster, "decode-0", "pk-1", prompt("pk"))
+    assert end.finish_reason == "preempted" and end.parked_key == "pk-1", end
+    assert end.parked_tokens == (len(prompt_ids) + len(got) - 1) // 16 * 16
+    respawn(cluster, "kvtransfer")  # SIGKILL while the KV is parked: the pool's files are adopted
+    out, msgs = resume(cluster, "decode-2", "pk-1-r", prompt_ids, got, "pk-1")
+    assert msgs[0].park_failure == "" and msgs[0].cached_tokens == end.parked_tokens
+    assert out == sim_expected_tokens(prompt_ids, 400)
+    assert stats(cluster).pool_entries == 0
+    assert_no_leaks(cluster)
+
+
+def test_preempted_decode_with_the_pool_full_recomputes_once(cluster):
+    """A pool too small for the KV refuses the park: the worker frees the segment and says why; the resume
+    recomputes and still gives the uninterrupted tokens; a resume naming KV that is not there recomputes."""
+    from tests.conftest import sim_expected_tokens
+
+    respawn(cluster, "kvtransfer", flags={"kv-pool-gib": "0.000001"})  # ~1 KiB: no segment fits
+    try:
+        prompt_ids, got, end = preempted_decode(cluster, "decode-0", "pk-2", prompt("pf"))
+        assert end.finish_reason == "preempted" and end.parked_key == "" and end.park_failure == "pool full"
+        out, msgs = resume(cluster, "decode-0", "pk-2-r", prompt_ids, got, "")
+        assert out == sim_expected_tokens(prompt_ids, 400) and msgs[0].cached_tokens == 0
+        out, msgs = resume(cluster, "decode-0", "pk-2-r2", prompt_ids, got, "pk-2")
+        assert msgs[0].park_failure == "parked KV not found" and msgs[0].cached_tokens == 0
+        assert out == sim_expected_tokens(prompt_ids, 400)
+    finally:
+        respawn(cluster, "kvtransfer")
+    assert_no_leaks(cluster)

@@ -32,7 +32,12 @@ def prompt(i: int) -> str:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, redis_server):
     topo = Topology(engine="sim", prefill_workers=1, decode_workers=1, preempt_trigger="slo")
-    c = LocalCluster(topo, tmp_path_factory.mktemp("run"), redis_url=redis_server.url.replace("/0", "/5"),
+    # a database of its own, emptied: a job another module left unfinished would compete for the workers
+    url = redis_server.url.replace("/0", "/11")
+    import redis
+
+    redis.Redis.from_url(url).flushdb()
+    c = LocalCluster(topo, tmp_path_factory.mktemp("run"), redis_url=url,
                      router_port=0, extra_env={"DUOPOOL_SIM_SPEEDUP": "0.1", "OTEL_TRACES_EXPORTER": "none"})
     c.log = lambda m: None
     c.start(timeout=120)

@@ -81,3 +81,74 @@ def test_a_request_the_abort_stopped_ends_preempted():
     outs = asyncio.run(_race("abort"))
     assert outs[-1].finish_reason == "preempted"
     assert sum(len(o.token_ids) for o in outs) == 2
+
+
+def _rpc_error(code, details=""):
+    import grpc
+
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+def test_a_park_kvtransfer_refuses_is_freed_and_counted_by_reason(tmp_path):
+    """Parking fails → the segment is freed here and the reason goes back (the resume recomputes)."""
+    import grpc
+
+    from duopool.worker.engines.base import KvExport
+
+    async def main():
+        service = WorkerService(WorkerConfig(worker_id="w0", kv_dir=str(tmp_path)), RacingEngine("abort"),
+                                "127.0.0.1:0")
+        for code, details, want in ((grpc.StatusCode.RESOURCE_EXHAUSTED, "pool: cannot park", "pool full"),
+                                    (grpc.StatusCode.UNAVAILABLE, "", "kvtransfer unreachable"),
+                                    (grpc.StatusCode.FAILED_PRECONDITION, "pool: disabled (--kv-pool-gib 0)",
+                                     "pool disabled")):
+            seg = tmp_path / "r1-parked.kv"
+            seg.write_bytes(b"x" * 64)
+
+            async def refuse(method, request, extra_s=0.0, code=code, details=details):
+                raise _rpc_error(code, details)
+
+            service._kv_call = refuse
+            got = await service._park("r1", KvExport("r1-parked", str(seg), 32, 2, 64))
+            assert got == ("", 0, want)
+            assert not seg.exists(), "a segment nobody will load was left behind"
+        # the engine gave no KV (it cannot park): nothing to do, the reason says so
+        assert (await service._park("r2", None))[2] in ("engine cannot park", "no full KV block")
+
+    asyncio.run(main())
+
+
+def test_a_resume_whose_parked_kv_is_gone_recomputes_with_the_reason(tmp_path):
+    import grpc
+
+    async def main():
+        service = WorkerService(WorkerConfig(worker_id="w0", kv_dir=str(tmp_path)), RacingEngine("abort"),
+                                "127.0.0.1:0")
+        for code, details, want in ((grpc.StatusCode.NOT_FOUND, "key: 'k' is not in the pool (was evicted)",
+                                     "parked KV evicted"),
+                                    (grpc.StatusCode.NOT_FOUND, "never parked or already taken", "parked KV not found"),
+                                    (grpc.StatusCode.UNAVAILABLE, "", "kvtransfer unreachable")):
+            async def refuse(method, request, extra_s=0.0, code=code, details=details):
+                raise _rpc_error(code, details)
+
+            service._kv_call = refuse
+            handle, why = await service._take_parked(worker_pb2.DecodeRequest(request_id="r", park_key="k"))
+            assert handle is None and why == want
+
+    asyncio.run(main())
+
+
+def test_parked_segment_checksum_catches_changed_bytes(tmp_path):
+    from duopool.kv.segment import HEADER_BYTES, KvSegment, SegmentMeta
+
+    path = tmp_path / "p.kv"
+    meta = SegmentMeta(transfer_id="p", num_layers=1, num_blocks=2, block_bytes=64, dtype="uint8",
+                       block_shape=(64,), block_size=16, num_tokens=32, layer_names=("l",))
+    with KvSegment.create(path, meta) as seg:
+        seg.layer_view(0)[:] = bytes(range(128))
+        seg.seal_with_checksum()
+    assert WorkerService._intact(str(path))
+    with open(path, "r+b") as f:
+        f.seek(HEADER_BYTES + 5)
+        f.write(b"\x00")
+    assert not WorkerService._intact(str(path))

@@ -10,6 +10,7 @@ tokens it did not compute in ``num_cached_tokens``).
 from __future__ import annotations
 
 import abc
+import pathlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -83,6 +84,15 @@ class EngineError(RuntimeError):
 
 class EngineFailure(RuntimeError):
     """A request failed inside the engine (not the client's fault) — maps to INTERNAL; it fails alone."""
+
+
+PARK_KEY = "duopool_park"  # vLLM kv_transfer_params: the transfer id a preempted request's KV is parked into
+
+
+def park_marker(transfer_id: str, directory: pathlib.Path) -> pathlib.Path:
+    """The file whose existence turns the abort of a vLLM request carrying ``PARK_KEY`` into a park (made by
+    the worker's engine adapter before the abort, consumed by duopool's KV connector)."""
+    return directory / f"{transfer_id}.park"
 
 
 def parked_transfer_id(request_id: str) -> str:

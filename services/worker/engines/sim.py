@@ -435,9 +435,9 @@ class SimEngine(Engine):
         n = computed // SIM_BLOCK_SIZE
         if n == 0:
             return None
-        return self._write_segment(parked_transfer_id(r.req.request_id), prompt + tuple(r.ids), n)
+        return self._write_segment(parked_transfer_id(r.req.request_id), prompt + tuple(r.ids), n, checksum=True)
 
-    def _write_segment(self, transfer_id: str, ids: tuple[int, ...], n: int) -> KvExport:
+    def _write_segment(self, transfer_id: str, ids: tuple[int, ...], n: int, checksum: bool = False) -> KvExport:
         path = segment_path(transfer_id, self._kv_dir)
         meta = SegmentMeta(transfer_id=transfer_id, num_layers=1, num_blocks=n, block_bytes=SIM_BLOCK_BYTES,
                            dtype="uint8", block_shape=(SIM_BLOCK_BYTES,), block_size=SIM_BLOCK_SIZE,
@@ -447,7 +447,7 @@ class SimEngine(Engine):
             for b in range(n):
                 view[b * SIM_BLOCK_BYTES : (b + 1) * SIM_BLOCK_BYTES] = sim_block_bytes(ids, b)
             del view
-            seg.seal()
+            seg.seal_with_checksum() if checksum else seg.seal()
         return KvExport(transfer_id, str(path), n * SIM_BLOCK_SIZE, n, meta.data_bytes)
 
     def _load_kv(self, r: _Req) -> int:

