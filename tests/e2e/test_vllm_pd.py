@@ -35,6 +35,8 @@ CONTROL_PROMPT = [(i * 53 + 7) % 40000 + 100 for i in range(100)]
 # Offline batch prompts for the preemption test (long answers, so the online burst lands mid-decode).
 OFFLINE_PROMPTS = [[(i * 31 + 17 * k) % 40000 + 100 for i in range(70)] for k in range(3)]
 OFFLINE_TOKENS = 400
+# Prompts no other test sends (no prefix-cache hit on the resuming worker): the parking test's two runs.
+PARK_PROMPTS = [[(i * 29 + 23 * k) % 40000 + 5000 for i in range(90)] for k in range(2)]
 MAX_TOKENS = 24
 
 
@@ -56,8 +58,8 @@ def reference_run():
 
     out = subprocess.run(
         [sys.executable, str(pathlib.Path(__file__).with_name("reference_vllm.py")), str(tiny_llama_checkpoint()),
-         json.dumps([MAX_TOKENS, MAX_TOKENS] + [OFFLINE_TOKENS] * len(OFFLINE_PROMPTS)),
-         json.dumps([PROMPT, CONTROL_PROMPT, *OFFLINE_PROMPTS])], capture_output=True, text=True, timeout=600,
+         json.dumps([MAX_TOKENS, MAX_TOKENS] + [OFFLINE_TOKENS] * (len(OFFLINE_PROMPTS) + len(PARK_PROMPTS))),
+         json.dumps([PROMPT, CONTROL_PROMPT, *OFFLINE_PROMPTS, *PARK_PROMPTS])], capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("REFERENCE ")), None)
@@ -194,10 +196,11 @@ def test_a_preempted_decode_parks_its_kv_and_resumes_on_the_other_worker(cluster
     (cached = parked) and finishes with the uninterrupted greedy output. Control: parked bytes corrupted in
     the pool are caught by the checksum and the resume recomputes — same output, nothing cached."""
     reference, margins = reference_run
-    prompt, want = OFFLINE_PROMPTS[0], reference[2]
+    first = 2 + len(OFFLINE_PROMPTS)
     with cluster.internal_channel("decode-0") as dch, cluster.internal_channel("prefill-0") as pch:
         decode, other = worker_pb2_grpc.WorkerStub(dch), worker_pb2_grpc.WorkerStub(pch)
         for corrupt in (False, True):
+            prompt, want, margin = PARK_PROMPTS[corrupt], reference[first + corrupt], margins[first + corrupt]
             rid = f"park-e2e-{int(corrupt)}"
             got, end = _preempt_mid_decode(decode, rid, prompt, after=60)
             assert end is not None and end.finish_reason == "preempted", end
@@ -217,7 +220,7 @@ def test_a_preempted_decode_parks_its_kv_and_resumes_on_the_other_worker(cluster
                 assert msgs[0].park_failure == "" and msgs[0].cached_tokens == end.parked_tokens
             out = got + [t for m in msgs for t in m.token_ids]
             assert msgs[-1].finish_reason == "length"
-            assert_same_greedy_output(out, want, margins[2], f"{rid} (resumed {'recomputing' if corrupt else 'parked'})")
+            assert_same_greedy_output(out, want, margin, f"{rid} (resumed {'recomputing' if corrupt else 'parked'})")
 
 
 def test_openai_client_against_real_vllm_workers(cluster):
