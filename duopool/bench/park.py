@@ -6,8 +6,10 @@ For each context length: an offline request decodes on one worker (``decode-0``)
 context (prompt + generated tokens), the two alternating, each on a prompt of its own (no prefix-cache
 hit). Both resumes run as online-class requests, so the worker streams their first token at once (offline
 tokens are sent in batches). Measured at the client, per resume: time to its first token (the resume latency: Take + load +
-tail + one decode step, vs the whole prefill) and the total time of ``--resume-tokens`` tokens; and the
-park: Preempt call to the stream's end (engine stop, segment sealed, pooled). Medians of ``--reps``, and
+tail + one decode step, vs the whole prefill) and the total time of ``--resume-tokens`` tokens; the park:
+Preempt call to the stream's end (engine stop, segment sealed, pooled); and the stall: an online request
+streams on the preempting worker throughout, its median token gap before the preemption against its
+largest gap while the KV is parked. Medians of ``--reps``, and
 the ratio recompute / parked, from the same run.
 
 Writes ``DIR/park.json``::
@@ -46,10 +48,48 @@ def _contexts(args) -> list[int]:
     return [512, 1024, 1900] if args.model == "tiny" else [512, 2048, 4096]
 
 
+class _OnlineProbe:
+    """An online request streaming on the same worker while the offline one is preempted and parked: the
+    gaps between its tokens show whether the park held the engine's steps up."""
+
+    def __init__(self, worker, rid: str) -> None:
+        import threading
+
+        from duopool.v1 import common_pb2, worker_pb2
+
+        self.times: list[float] = []
+        self.call = worker.Decode(worker_pb2.DecodeRequest(
+            request_id=rid, prompt_token_ids=list(range(1000, 1064)), max_tokens=1900,
+            request_class=common_pb2.ONLINE), timeout=600)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        import grpc
+
+        try:
+            for _ in self.call:
+                self.times.append(time.perf_counter())
+        except grpc.RpcError:
+            pass
+
+    def stop(self, t_preempt: float, t_end: float) -> dict:
+        time.sleep(0.3)
+        self.call.cancel()
+        self.thread.join(10)
+        gaps = [(b, (b - a) * 1e3) for a, b in zip(self.times, self.times[1:], strict=False)]
+        before = [g for t, g in gaps if t < t_preempt]
+        around = [g for t, g in gaps if t_preempt <= t <= t_end + 0.2]
+        return {"itl_median_ms": statistics.median(before) if before else float("nan"),
+                "itl_max_at_park_ms": max(around) if around else float("nan")}
+
+
 def _preempted(worker, rid: str, prompt: list[int], generate: int, max_tokens: int):
-    """Decodes offline, preempts after ``generate`` tokens: (tokens, last message, park ms)."""
+    """Decodes offline, preempts after ``generate`` tokens while an online request streams on the same
+    worker: (tokens, last message, park ms, online token gaps)."""
     from duopool.v1 import common_pb2, worker_pb2
 
+    probe = _OnlineProbe(worker, rid + "-online")
     got, end, t_preempt = [], None, None
     for d in worker.Decode(worker_pb2.DecodeRequest(request_id=rid, prompt_token_ids=prompt, max_tokens=max_tokens,
                                                     request_class=common_pb2.OFFLINE), timeout=600):
@@ -60,8 +100,9 @@ def _preempted(worker, rid: str, prompt: list[int], generate: int, max_tokens: i
                                                      reason="bench park"), timeout=60)
         if d.finished:
             end = d
-    park_ms = (time.perf_counter() - t_preempt) * 1e3 if t_preempt else float("nan")
-    return got, end, park_ms
+    t_end = time.perf_counter()
+    park_ms = (t_end - t_preempt) * 1e3 if t_preempt else float("nan")
+    return got, end, park_ms, probe.stop(t_preempt or t_end, t_end)
 
 
 def _resume(worker, rid: str, prompt: list[int], got: list[int], tokens: int, park_key: str):
@@ -96,8 +137,8 @@ def _measure(cluster, contexts: list[int], args) -> dict:
                 for mode in ("parked", "recompute") if rep % 2 == 0 else ("recompute", "parked"):
                     rid = f"bench-park-{n}-{rep}-{mode}"
                     prompt = [rng.randrange(100, 40000) for _ in range(n)]
-                    got, end, park_ms = _preempted(src, rid, prompt, args.generate,
-                                                   args.generate + args.resume_tokens + 64)
+                    got, end, park_ms, probe = _preempted(src, rid, prompt, args.generate,
+                                                          args.generate + args.resume_tokens + 64)
                     if end is None or end.finish_reason != "preempted" or not end.parked_key:
                         why = end.park_failure if end is not None else "no end"
                         raise RuntimeError(f"context {n}: the preempted decode was not parked ({why})")
@@ -111,17 +152,23 @@ def _measure(cluster, contexts: list[int], args) -> dict:
                     if mode == "parked" and cached <= 0:
                         raise RuntimeError(f"context {n}: the parked resume loaded nothing ({failure})")
                     rows[mode].append({"ttft_ms": ttft, "total_ms": total, "cached": cached, "park_ms": park_ms,
-                                       "parked_tokens": end.parked_tokens})
-                    print(f"  context {n} rep {rep} {mode:>9}: park {park_ms:7.1f} ms, resume first token "
-                          f"{ttft:8.1f} ms (cached {cached}), {args.resume_tokens} tokens {total:8.1f} ms",
-                          file=sys.stderr, flush=True)
+                                       "parked_tokens": end.parked_tokens, **probe})
+                    print(f"  context {n} rep {rep} {mode:>9}: park {park_ms:7.1f} ms (online ITL median "
+                          f"{probe['itl_median_ms']:.1f}, max at the park {probe['itl_max_at_park_ms']:.1f} ms), "
+                          f"resume first token {ttft:8.1f} ms (cached {cached}), {args.resume_tokens} tokens "
+                          f"{total:8.1f} ms", file=sys.stderr, flush=True)
 
             def med(mode, key, rows=rows):
                 return statistics.median(r[key] for r in rows[mode])
 
             out[str(n)] = {
                 "parked_tokens": int(med("parked", "parked_tokens")),
-                "park_ms": med("parked", "park_ms"),
+                "park_ms": statistics.median(r["park_ms"] for m in rows for r in rows[m]),
+                # an online request streaming on the preempting worker: its median token gap before the
+                # preemption, and its largest gap while the KV was parked (the stall the park caused, if any)
+                "online_itl_median_ms": statistics.median(r["itl_median_ms"] for m in rows for r in rows[m]),
+                "online_itl_max_at_park_ms": statistics.median(r["itl_max_at_park_ms"] for m in rows
+                                                               for r in rows[m]),
                 "resume_ttft_ms": {"parked": med("parked", "ttft_ms"), "recompute": med("recompute", "ttft_ms")},
                 "resume_total_ms": {"parked": med("parked", "total_ms"), "recompute": med("recompute", "total_ms")},
                 "ttft_ratio": med("recompute", "ttft_ms") / med("parked", "ttft_ms"),
@@ -135,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     from duopool.topology import Topology
 
     contexts = _contexts(args)
-    max_len = max(2048, max(contexts) + args.generate + args.resume_tokens + 128)
+    max_len = max(2048, max(contexts) + args.generate + args.resume_tokens + 72)  # the decode asks +64
     if args.model == "tiny" and max_len > 2048:
         print(f"error: --contexts: the tiny model's context is 2,048 tokens (asked {max(contexts)})", file=sys.stderr)
         return 2
@@ -152,9 +199,11 @@ def run(args: argparse.Namespace) -> int:
                "generated_before_preemption": args.generate, "resume_tokens": args.resume_tokens,
                "contexts": results}
     (args.out / "park.json").write_text(json.dumps(summary, indent=2))
-    print(f"{'context':>8} {'parked':>7} {'park ms':>8} {'resume TTFT parked':>19} {'recompute':>10} {'ratio':>6}")
+    print(f"{'context':>8} {'parked':>7} {'park ms':>8} {'online ITL':>11} {'at park':>8} "
+          f"{'resume TTFT parked':>19} {'recompute':>10} {'ratio':>6}")
     for n, r in results.items():
-        print(f"{n:>8} {r['parked_tokens']:>7} {r['park_ms']:>8.1f} {r['resume_ttft_ms']['parked']:>19.1f} "
+        print(f"{n:>8} {r['parked_tokens']:>7} {r['park_ms']:>8.1f} {r['online_itl_median_ms']:>11.1f} "
+              f"{r['online_itl_max_at_park_ms']:>8.1f} {r['resume_ttft_ms']['parked']:>19.1f} "
               f"{r['resume_ttft_ms']['recompute']:>10.1f} {r['ttft_ratio']:>5.2f}x")
     print(f"wrote {args.out / 'park.json'}")
     return 0

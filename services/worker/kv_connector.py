@@ -21,16 +21,18 @@ A request opts in through ``SamplingParams.extra_args["kv_transfer_params"]["duo
 * ``kv_transfer_params["duopool_park"] = T`` — an offline request whose KV is kept if it is preempted. When
   it is aborted while the park marker ``<kv_dir>/T.park`` exists (the worker made it: a preemption, not a
   cancel), ``request_finished`` keeps its blocks (vLLM's delayed free) and the next step's worker half
-  copies every full block of its computed context — prompt and generated tokens — into ``<kv_dir>/T.kv``,
-  sealed with a CRC-32, then reports the request as finished sending, which frees the blocks. That step
-  runs even with nothing else to compute (vLLM steps while a finished request awaits its connector).
+  copies every full block of its computed context — prompt and generated tokens — into ``<kv_dir>/T.kv``
+  on a background thread (the engine's steps go on meanwhile), sealed with a CRC-32; once the copy is done
+  the request is reported finished sending, which frees the blocks. vLLM keeps stepping (with or without
+  a forward pass) while a finished request awaits its connector.
 
 Saves and loads are synchronous inside the step (CPU engines copy with memcpy bandwidth), so blocks are
-never held past ``request_finished`` except by a park, for one step.
+never held past ``request_finished`` except by a park, until its copy is done.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import pathlib
@@ -107,7 +109,8 @@ class DuopoolConnector(KVConnectorBase_V1):
         self._pending_parks: list[SaveOp] = []  # for the next step's worker half
         # worker side
         self._open_saves: dict[str, KvSegment] = {}
-        self._parks_done: set[str] = set()  # parks written this step: their blocks can be freed
+        self._parks: dict[str, concurrent.futures.Future] = {}  # req_id -> its copy (a background thread)
+        self._park_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     # ================================ scheduler side ================================
 
@@ -245,7 +248,12 @@ class DuopoolConnector(KVConnectorBase_V1):
         assert isinstance(meta, DuopoolConnectorMeta)
         layers = forward_context.no_compile_layers
         for op in meta.parks:  # (called on steps without a forward pass too)
-            self._write_park(op, layers)
+            if self._park_pool is None:
+                self._park_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="duopool-park")
+            # The copy runs beside the engine's next steps (torch releases the GIL): the online work that
+            # caused the preemption is not held up by it. The blocks stay allocated until get_finished.
+            tensors = {name: self._layer_cache(layers, name) for name in self._layer_names}
+            self._parks[op.req_id] = self._park_pool.submit(self._write_park, op, tensors)
         if not meta.loads:
             return
         for op in meta.loads:
@@ -260,16 +268,19 @@ class DuopoolConnector(KVConnectorBase_V1):
                     kv.index_copy_(0, dst_idx, src.to(kv.device))
                 del src
 
-    def _write_park(self, op: SaveOp, layers: dict[str, Any]) -> None:
+    @staticmethod
+    def _layer_cache(layers: dict[str, Any], name: str) -> torch.Tensor:
+        kv = layers[name].kv_cache
+        return kv[0] if isinstance(kv, list) else kv
+
+    def _write_park(self, op: SaveOp, tensors: dict[str, torch.Tensor]) -> None:
         """Copies a parked request's blocks out of every layer's cache into its segment, sealed with a
         checksum. A failure leaves no segment (the resume recomputes); the blocks are freed either way."""
         seg = None
         try:
             idx = torch.tensor(op.block_ids, dtype=torch.long)
             for li, name in enumerate(self._layer_names):
-                kv = layers[name].kv_cache
-                if isinstance(kv, list):
-                    kv = kv[0]
+                kv = tensors[name]
                 if seg is None:
                     seg = self._create_segment(op, kv)
                 torch.index_select(kv, 0, idx, out=self._segment_blocks(seg, li, kv.dtype))
@@ -284,10 +295,12 @@ class DuopoolConnector(KVConnectorBase_V1):
         finally:
             if seg is not None:
                 seg.close()
-            self._parks_done.add(op.req_id)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        done, self._parks_done = self._parks_done, set()
+        """Parks whose copy is done: vLLM frees their blocks (it keeps stepping until then)."""
+        done = {rid for rid, f in self._parks.items() if f.done()}
+        for rid in done:
+            del self._parks[rid]
         return (done or None), None
 
     def wait_for_layer_load(self, layer_name: str) -> None:

@@ -39,3 +39,8 @@ def test_replay_with_step_plans_and_a_backlog_in_several_jobs(tmp_path, monkeypa
     assert off["backlogged_tok_s"] > 0
     assert any(k.startswith("place:mixed instance") for k in s["decisions_in_window"])
     assert s["preemptions_in_engine"] >= 0
+    assert s["park_kv"] == "on"
+    # every preempted offline request that resumed did so once, from parked KV or recomputing with a reason
+    pre = s["preemption"]
+    assert pre["recomputed"] == sum(pre["recomputed_by_reason"].values())
+    assert pre["tokens_not_recomputed"] >= 16 * pre["parked"]
