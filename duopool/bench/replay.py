@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "online: on any online arrival (docs/colocation.md) [online for vllm, slo for sim]")
     p.add_argument("--park-kv", choices=("on", "off"), default="on",
                    help="preempted offline decodes park their KV in kvtransfer's pool (on) or recompute (off) [on]")
+    p.add_argument("--offline-moves", choices=("on", "off"), default="off",
+                   help="research policies pull running offline decodes, their KV parked and moved (on), or only "
+                        "at a first token (off) [off]")
     p.add_argument("--offline-per-worker", type=int, default=4, help="offline requests per idle worker [4]")
     p.add_argument("--drain-timeout", type=float, default=120.0,
                    help="after the window, wait this long for the offline job to finish (lost/duplicated check)")
@@ -228,7 +231,7 @@ async def _replay(args, cluster, online, offline) -> dict:
         "decisions_in_window": decisions_window,
         "engine": args.engine + (" (SIMULATED)" if args.engine == "sim" else ""),
         "workers": {"prefill": args.prefill, "decode": args.decode},
-        "window_s": window_s, "rate_scale": args.rate_scale, "park_kv": args.park_kv,
+        "window_s": window_s, "rate_scale": args.rate_scale, "park_kv": args.park_kv, "offline_moves": args.offline_moves,
         "slo": {"ttft_ms": args.ttft_slo_ms, "tpot_ms": args.tpot_slo_ms},
         "online": {
             "requests": len(online), "failed": len(results) - len(ok),
@@ -277,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
            "DUOPOOL_OFFLINE_WITH_ONLINE": str(args.offline_per_worker if args.no_preemption else 0),
            "DUOPOOL_SIM_SPEEDUP": str(args.sim_speedup), "DUOPOOL_SCHEDULER_ID": "replay",
            "DUOPOOL_TTFT_SLO_MS": str(args.ttft_slo_ms), "DUOPOOL_PARK_KV": args.park_kv,
+           "DUOPOOL_OFFLINE_MOVES": args.offline_moves,
            "DUOPOOL_TPOT_SLO_MS": str(args.tpot_slo_ms)}
     args.out.mkdir(parents=True, exist_ok=True)
     # a fresh cluster each time: a run directory left by an earlier replay holds its Redis data, whose

@@ -60,6 +60,10 @@ class SchedulerConfig(ServiceConfig):
                       "placement policy: least-loaded, pd-static, online-priority, hygen, tropical, ooco, dopd, "
                       "ooco+dopd (docs/scheduling.md)")
     worker_ttl_s: float = opt(3.0, "DUOPOOL_WORKER_TTL_S", "a worker silent this long is dropped")
+    offline_moves: str = opt("off", "DUOPOOL_OFFLINE_MOVES",
+                             "research policies that pull running offline decodes (ooco): on = the decode is "
+                             "preempted with its KV parked and resumes on the pulling worker (needs workers "
+                             "with --park-kv on); off = a pull only at a request's first token", ("on", "off"))
     scheduler_id: str = opt("", "DUOPOOL_SCHEDULER_ID",
                             "stable name of this scheduler's offline-queue consumer (default scheduler-<hostname>); "
                             "a restarted scheduler with the same id resumes the offline work it held")

@@ -8,9 +8,11 @@ requests, ``SetRole`` → the scheduler's desired-state role change). Every deci
 this driver runs it is counted by kind and reason (``duopool_scheduler_decisions_total``, ``duopool stats``)
 and kept per request (``duopool stats --request ID``).
 
-OOCO's pull (``Move``) needs the offline decode's KV to move to the pulling worker, which the live data
-plane cannot do for a running request yet: the driver's brain is built with ``moves=False`` and the policy
-keeps every other piece (its pools, routing, decode targets, admission and eviction).
+OOCO's pull (``Move``) moves a running offline decode's KV to the pulling worker. With ``offline_moves``
+on, it is applied as a ``Worker.Preempt`` of that request on the source (its KV is parked in kvtransfer's
+pool) whose resume the brain pins to the puller, where it decodes on from the parked KV. Off (the default),
+the brain is built with ``moves=False``: a pull happens only at a request's first token, where the KV moves
+anyway, and the policy keeps every other piece (pools, routing, decode targets, admission and eviction).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def build_brain(config: SchedulerConfig) -> b.Brain:
     """The brain for ``config.policy``, its performance model the hardware and model the workers run."""
     pm = PerfModel.load(config.perf_hardware, config.perf_model)
     cfg = PolicyConfig(ttft_slo_s=config.ttft_slo_ms / 1e3, tpot_slo_s=config.tpot_slo_ms / 1e3)
-    return b.Brain(get_policy(config.policy, pm, cfg), moves=False, settle_s=LAYOUT_SETTLE_S)
+    return b.Brain(get_policy(config.policy, pm, cfg), moves=config.offline_moves == "on", settle_s=LAYOUT_SETTLE_S)
 
 
 def worker_report(w: registry.WorkerRecord) -> b.WorkerReport:
@@ -113,6 +115,8 @@ class BrainDriver:
         for e in effects:
             if isinstance(e, b.Preempt):
                 self._spawn(self._preempt(e))
+            elif isinstance(e, b.Move):  # stop it at the source, KV parked; its resume is pinned to dst
+                self._spawn(self._preempt(b.Preempt(e.src, (e.request_id,), e.reason), why="move"))
             elif isinstance(e, b.SetRole):
                 self._spawn(self._set_role(e))
 
@@ -124,7 +128,7 @@ class BrainDriver:
     def _record(self, worker_id: str) -> registry.WorkerRecord | None:
         return next((w for w in self.service._workers if w.worker_id == worker_id), None)
 
-    async def _preempt(self, e: b.Preempt) -> None:
+    async def _preempt(self, e: b.Preempt, why: str = "brain") -> None:
         w = self._record(e.worker)
         if w is None:
             return
@@ -138,7 +142,7 @@ class BrainDriver:
                         exc.code().name)
             return
         if resp.request_ids:
-            self.service.note_preempted(w.worker_id, len(resp.request_ids), time.perf_counter() - t0, "brain")
+            self.service.note_preempted(w.worker_id, len(resp.request_ids), time.perf_counter() - t0, why)
 
     async def _set_role(self, e: b.SetRole) -> None:
         w = self._record(e.worker)

@@ -578,3 +578,27 @@ def test_simulator_runs_on_the_brain():
     assert sim.brain.cluster is sim.cluster and sim.brain.policy is sim.policy and not sim.brain.live
     res = sim.run()
     assert all(r.phase == Phase.DONE for r in res.online)
+
+
+def test_offline_moves_setting_builds_a_moving_brain_and_a_move_is_a_named_preemption_at_the_source():
+    import asyncio
+
+    from duopool.core.brain import Move
+
+    assert not build_brain(SchedulerConfig(policy="ooco")).moves
+    assert build_brain(SchedulerConfig(policy="ooco", offline_moves="on")).moves
+    driver = BrainDriver(SimpleNamespace(_workers=[]), build_brain(SchedulerConfig(policy="ooco")))
+    stopped = []
+
+    async def preempt(e, why="brain"):
+        stopped.append((e.worker, e.request_ids, why))
+
+    driver._preempt = preempt
+
+    async def main():
+        driver.apply([Move("r1", "relaxed-0", "strict-0", "pull: KV and step-time margin")])
+        await asyncio.sleep(0)
+        await asyncio.gather(*driver._tasks)
+
+    asyncio.run(main())
+    assert stopped == [("relaxed-0", ("r1",), "move")]
