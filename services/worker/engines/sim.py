@@ -409,7 +409,9 @@ class SimEngine(Engine):
                 kv = self._park(r)
             except (SegmentError, OSError) as exc:  # the resume recomputes
                 log.warning("request %s: KV not parked (%s)", r.req.request_id, exc)
-        r.out.put_nowait(EngineOutput([], "", finished=True, finish_reason=reason, kv=kv))
+        # (a request stopped before its first token still reports the KV it was given: cached tokens)
+        r.out.put_nowait(EngineOutput([], "", finished=True, finish_reason=reason, kv=kv,
+                                      num_cached_tokens=r.cached if r.first_output else 0))
         self._release(r)
 
     def _release(self, r: _Req) -> None:
