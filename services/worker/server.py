@@ -488,6 +488,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             out = await call(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                if self._kv_down and exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # it answered: reachable
+                    log.info("kvtransfer at %s is reachable again", self.config.kvtransfer)
+                    self._kv_down = False
                 raise
             if self._kv_down and self._kv_channel is not None and \
                     self._kv_channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY:
@@ -619,6 +622,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     # has all its tokens: re-queued as preempted it would resume for one token too many)
                     o.finish_reason = "preempted"
                 finished = finished or o.finished
+                if o.finished:
+                    ended.set()  # the engine stopped it (a Preempt's wait ends here, not after the caller's work)
                 yield o
         finally:
             # Closed early (the caller went away while this was suspended at a yield): the engine request
@@ -647,7 +652,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         for rid in victims:
             self.preempted.add(rid)
             waits.append(self.active[rid][1].wait())
-            await self.engine.abort(rid, park=self.parking)
+            # a decode keeps its KV; a prefill's is the prompt alone and is recomputed with it
+            await self.engine.abort(rid, park=self.parking and not rid.endswith(":prefill"))
         if waits:
             await asyncio.wait_for(asyncio.gather(*waits), timeout=30)
         stop_ms = (time.perf_counter() - t0) * 1e3

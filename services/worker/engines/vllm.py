@@ -193,7 +193,7 @@ class VllmEngine(Engine):
                     kv = KvExport(p["transfer_id"], p["path"], p["num_tokens"], p["num_blocks"], p["num_bytes"])
                 if not new_ids and not finished:
                     continue
-                if finished and request.request_id in self._parking:
+                if finished and comp.finish_reason == "abort" and request.request_id in self._parking:
                     kv = await self._parked(request.request_id, had_kv=sent_tokens > 0)
                 yield EngineOutput(
                     token_ids=new_ids, text=new_text, finished=finished,
