@@ -329,10 +329,16 @@ def test_kvtransfer_down_prefill_frees_its_kv_and_decodes_fall_back_without_hang
         start(cluster, "kvtransfer")
     # Restarted: the transfer table is gone; the old transfer is unknown -> recompute, same tokens.
     assert decode(cluster, "decode-0", old, "down-0c") == (ref_old, 0)
-    # And the cluster is healthy again (the workers reconnect within a second).
-    pre = wait_for(lambda: (p := prefill(cluster, "up-1", prompt("j"))).HasField("kv") and p, timeout=10,
-                   what="prefill exporting KV again")
-    assert decode(cluster, "decode-0", pre, "up-1")[1] == 192
+    # And the cluster is healthy again: each worker's channel reconnects within its backoff (<= ~1.2 s); a
+    # call before that fails fast and recomputes (same tokens), so wait for a prefill exporting KV and a
+    # decode-0 loading it, each try with fresh ids.
+    tries = iter(range(1000))
+
+    def round_trip():
+        n = next(tries)
+        pre = prefill(cluster, f"up-{n}", prompt("j"))
+        return pre.HasField("kv") and decode(cluster, "decode-0", pre, f"up-{n}")[1] == 192
+    wait_for(round_trip, timeout=10, interval=0.3, what="prefill exporting KV and decode-0 loading it again")
     assert_no_leaks(cluster)
 
 
