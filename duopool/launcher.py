@@ -39,6 +39,7 @@ class LocalCluster:
     extra_env: dict[str, str] = field(default_factory=dict)
     log: Callable[[str], None] = print  # progress lines
     kv_root: pathlib.Path = pathlib.Path("/dev/shm")  # where the cluster's KV segment dir is made (a tmpfs)
+    pin_cpus: bool = False  # give each vLLM engine its own cores (when there are enough) and threads to match
 
     def __post_init__(self) -> None:
         self.procs: dict[str, Proc] = {}
@@ -117,10 +118,56 @@ class LocalCluster:
             json.dump(state, f, indent=2)
         os.replace(tmp, path)
 
+    def _assign_cpus(self) -> None:
+        """Engines that share a host do not fight over its cores: with ``pin_cpus`` each vLLM worker gets its
+        own contiguous share of the cores this process may use (``--cpus``), and a worker whose threads are
+        0 ("auto") gets one torch thread per core of its share (1 when not pinned)."""
+        from duopool.common.config import available_cpus, format_cpus
+
+        workers = [s for s in self.specs if s.service == "worker"]
+        cores = sorted(available_cpus())
+        share = len(cores) // len(workers) if workers else 0
+        pin = self.pin_cpus and self.topology.engine == "vllm" and share >= 1
+        if self.pin_cpus and self.topology.engine == "vllm" and not pin:
+            self.log(f"  cpus        not pinned: {len(workers)} engines on {len(cores)} cores")
+        for i, spec in enumerate(workers):
+            if pin:
+                spec.flags["cpus"] = format_cpus(set(cores[i * share:(i + 1) * share]))
+                self.log(f"  cpus        {spec.name} pinned to core(s) {spec.flags['cpus']}")
+            if spec.flags.get("threads") == "0":
+                spec.flags["threads"] = str(share if pin else 1)
+
     # -- life cycle ------------------------------------------------------------------------------------
+    def _wait_group_gone(self, name: str, timeout: float = 5.0) -> None:
+        """Waits until every process of a killed service's group has exited (their mappings released)."""
+        proc = self.procs[name]
+        try:
+            proc.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.popen.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.05)
+
+    def sweep_shm(self, when: str) -> None:
+        """Removes shared memory no live process holds that this cluster's kind of processes leave after a
+        kill (duopool.common.shm_sweep): at start (a previous cluster killed), after a restart, at stop."""
+        from duopool.common.shm_sweep import sweep
+
+        removed = sweep(kv_root=pathlib.Path(self.kv_root), keep={self.kv_dir})
+        if removed:
+            mib = sum(size for _, size in removed) / 2**20
+            self.log(f"  shm         {when}: removed {len(removed)} orphaned shared-memory file(s)/KV dir(s), "
+                     f"{mib:.0f} MiB")
+
     def start(self, timeout: float = 900.0) -> LocalCluster:
         t0 = time.monotonic()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.sweep_shm("at start")
         if not self.redis_url:  # our own, with a password (and no admin commands) only the cluster knows
             self.redis = RedisServer(log_path=self.run_dir / "redis.log", data_dir=self.run_dir / "redis",
                                      password=secrets.token_hex(16)).start()
@@ -137,6 +184,7 @@ class LocalCluster:
                               kv_dir=str(self.kv_dir), metrics=self.metrics_ports)
         for spec in self.specs:  # the URL may hold a password: in the environment, not on command lines
             spec.flags.pop("redis-url", None)
+        self._assign_cpus()
         self.extra_env["REDIS_URL"] = self.redis_url
         if self.topology.engine == "vllm":
             self.log(f"  model       preparing {self.topology.model!r} (converted and cached on first use)...")
@@ -195,7 +243,7 @@ class LocalCluster:
 
         from duopool.v1 import common_pb2, router_pb2_grpc
 
-        want = self.topology.prefill_workers + self.topology.decode_workers
+        want = self.topology.prefill_workers + self.topology.decode_workers + self.topology.mixed_workers
         deadline = time.monotonic() + timeout
         async with grpc.aio.insecure_channel(self.router_address) as ch:
             stub = router_pb2_grpc.RouterStub(ch)
@@ -221,6 +269,9 @@ class LocalCluster:
         proc = self.procs[name]
         if proc.popen.poll() is None:
             self.kill(name, signal.SIGTERM)
+        if proc.spec.service == "worker":
+            self._wait_group_gone(name)
+            self.sweep_shm(f"{name} restarting")
         new = self._spawn(proc.spec)
         asyncio.run(self._wait(new, time.monotonic(), timeout))
 
@@ -264,6 +315,9 @@ class LocalCluster:
             os.killpg(self.procs[name].popen.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        if self.procs[name].spec.service == "worker":  # what its killed engine processes left behind
+            self._wait_group_gone(name)
+            self.sweep_shm(f"{name} restarting")
         self._spawn(self.procs[name].spec)  # same ports and identity; it re-registers on its own
 
     def _restart_redis(self) -> None:
@@ -296,6 +350,7 @@ class LocalCluster:
         import shutil
 
         shutil.rmtree(self.kv_dir, ignore_errors=True)
+        self.sweep_shm("at stop")
 
     def __enter__(self) -> LocalCluster:
         return self.start()

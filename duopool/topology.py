@@ -47,6 +47,7 @@ class Topology:
     model: str = "smollm2"
     prefill_workers: int = 1
     decode_workers: int = 1
+    mixed_workers: int = 0  # workers that prefill and decode their own requests (no KV moved): one-engine hosts
     threads: int = 1
     max_model_len: int = 2048
     kv_cache_gib: float = 1.0
@@ -71,6 +72,19 @@ class Topology:
         return self.preempt_trigger or ("online" if self.engine == "vllm" else "slo")
 
 
+MIXED_BELOW_CORES = 0  # hosts with fewer cores than this get one mixed engine by default (docs/fast-path.md)
+
+
+def default_layout(cores: int | None = None) -> tuple[int, int, int]:
+    """(prefill, decode, mixed) workers `duopool up` starts on a host with ``cores`` usable cores when none
+    are named: a prefill/decode pair, or one mixed engine where the cores are too few for two engines to
+    beat one (measured: docs/fast-path.md)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    return (0, 0, 1) if cores < MIXED_BELOW_CORES else (1, 1, 0)
+
+
 def services(topo: Topology, bind: dict[str, str], port: dict[str, int], addr: dict[str, str],
              redis_url: str, kv_dir: str, metrics: dict[str, int] | None = None) -> list[ServiceSpec]:
     """The services of a cluster. ``bind[name]`` is the host to bind, ``port[name]`` the port,
@@ -83,7 +97,8 @@ def services(topo: Topology, bind: dict[str, str], port: dict[str, int], addr: d
         ServiceSpec("kvtransfer", "kvtransfer", {
             "host": bind["kvtransfer"], "port": str(port["kvtransfer"]), "kv-dir": kv_dir}),
     ]
-    for role, count in (("prefill", topo.prefill_workers), ("decode", topo.decode_workers)):
+    for role, count in (("prefill", topo.prefill_workers), ("decode", topo.decode_workers),
+                        ("mixed", topo.mixed_workers)):
         for i in range(count):
             name = f"{role}-{i}"
             specs.append(ServiceSpec(name, "worker", {
@@ -107,6 +122,7 @@ def instance_names(topo: Topology) -> list[str]:
     names = ["scheduler", "kvtransfer", "router"]
     names += [f"prefill-{i}" for i in range(topo.prefill_workers)]
     names += [f"decode-{i}" for i in range(topo.decode_workers)]
+    names += [f"mixed-{i}" for i in range(topo.mixed_workers)]
     return names
 
 

@@ -31,7 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-rate", type=float, default=1.0, help="requests/s (Poisson) [1]")
     p.add_argument("--input-len", type=int, default=256, help="prompt tokens (random dataset) [256]")
     p.add_argument("--output-len", type=int, default=64, help="answer tokens (ignore_eos) [64]")
-    p.add_argument("--sides", default="duopool,vllm", help="which servers to measure [duopool,vllm]")
+    p.add_argument("--sides", default="duopool,vllm",
+                   help="comma-separated servers to measure: duopool (what `duopool up` starts on this machine), "
+                        "duopool-pd (1 prefill + 1 decode), duopool-mixed (1 mixed worker), vllm [duopool,vllm]")
+    p.add_argument("--reps", type=int, default=1, help="runs of every side, interleaved; medians and ranges [1]")
+    p.add_argument("--pin-cpus", choices=("on", "off"), default="on", help="duopool sides: pin engines [on]")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/bench"), help="output dir")
     p.set_defaults(func=run)
 
@@ -65,22 +69,27 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -
     raise TimeoutError(f"{url} not up after {timeout:.0f}s")
 
 
-def _duopool_side(path: pathlib.Path, args, out: pathlib.Path) -> dict:
+def _duopool_side(path: pathlib.Path, args, out: pathlib.Path, name: str, side: str = "duopool") -> dict:
     from duopool.launcher import LocalCluster
-    from duopool.topology import Topology
+    from duopool.topology import Topology, default_layout
 
-    cluster = LocalCluster(Topology(engine="vllm", model=str(path)), out / "duopool-run", router_port=0)
+    layout = {"duopool-pd": (1, 1, 0), "duopool-mixed": (0, 0, 1)}.get(side) or default_layout()
+    prefill, decode, mixed = layout
+    cluster = LocalCluster(Topology(engine="vllm", model=str(path), prefill_workers=prefill, decode_workers=decode,
+                                    mixed_workers=mixed, threads=0), out / f"{name}-run", router_port=0,
+                           pin_cpus=args.pin_cpus == "on", extra_env={"OTEL_TRACES_EXPORTER": "none"})
     cluster.log = lambda m: print(m, file=sys.stderr, flush=True)
     cluster.start()
     try:
         with urllib.request.urlopen(cluster.http_url + "/models", timeout=10) as r:
             model = json.loads(r.read())["data"][0]["id"]
-        return _bench(cluster.http_url.removesuffix("/v1"), model, str(path), args, out, "duopool")
+        return {**_bench(cluster.http_url.removesuffix("/v1"), model, str(path), args, out, name),
+                "layout": {"prefill": prefill, "decode": decode, "mixed": mixed}}
     finally:
         cluster.stop()
 
 
-def _vllm_side(path: pathlib.Path, args, out: pathlib.Path) -> dict:
+def _vllm_side(path: pathlib.Path, args, out: pathlib.Path, name: str, side: str = "vllm") -> dict:
     from duopool.common.redis_server import free_ports
 
     port = free_ports(1)[0]
@@ -92,7 +101,7 @@ def _vllm_side(path: pathlib.Path, args, out: pathlib.Path) -> dict:
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", 600, proc)
-        return _bench(f"http://127.0.0.1:{port}", "reference", str(path), args, out, "vllm")
+        return _bench(f"http://127.0.0.1:{port}", "reference", str(path), args, out, name)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -102,6 +111,12 @@ def _vllm_side(path: pathlib.Path, args, out: pathlib.Path) -> dict:
         log.close()
 
 
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
 def run(args: argparse.Namespace) -> int:
     from duopool.models import resolve_model
 
@@ -109,24 +124,35 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = resolve_model(args.model)
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    results = {}
-    for side in sides:
-        results[side] = (_duopool_side if side == "duopool" else _vllm_side)(path, args, out)
-    report = {"model": args.model, "load": {"num_prompts": args.num_prompts, "request_rate": args.request_rate,
-                                            "input_len": args.input_len, "output_len": args.output_len},
-              "results": results}
-    if "duopool" in results and "vllm" in results:
-        d, v = results["duopool"], results["vllm"]
-        report["ratio_duopool_to_vllm"] = {k: (d[k] / v[k]) if d.get(k) and v.get(k) else None
-                                           for k in METRICS if k != "completed"}
+    known = ("duopool", "duopool-pd", "duopool-mixed", "vllm")
+    if any(s not in known for s in sides) or args.reps < 1:
+        print(f"--sides: each of {', '.join(known)}; --reps >= 1", file=sys.stderr)
+        return 2
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    for rep in range(args.reps):
+        for side in sides:
+            name = side if args.reps == 1 else f"{side}-{rep}"
+            print(f"== {side}, run {rep + 1} of {args.reps}", file=sys.stderr, flush=True)
+            runs[side].append((_vllm_side if side == "vllm" else _duopool_side)(path, args, out, name, side))
+    results = {s: {k: _median([r[k] for r in rs if r.get(k) is not None]) if any(r.get(k) is not None for r in rs)
+                   else None for k in METRICS} for s, rs in runs.items()}
+    ranges = {s: {k: [min(r[k] for r in rs), max(r[k] for r in rs)] for k in METRICS
+                  if all(r.get(k) is not None for r in rs)} for s, rs in runs.items()}
+    report = {"model": args.model, "reps": args.reps, "pin_cpus": args.pin_cpus, "cores": len(os.sched_getaffinity(0)),
+              "load": {"num_prompts": args.num_prompts, "request_rate": args.request_rate,
+                       "input_len": args.input_len, "output_len": args.output_len},
+              "results": results, "ranges": ranges, "runs": runs}
+    if "vllm" in results:
+        v = results["vllm"]
+        report["ratio_to_vllm"] = {s: {k: (d[k] / v[k]) if d.get(k) and v.get(k) else None
+                                       for k in METRICS if k != "completed"}
+                                   for s, d in results.items() if s != "vllm"}
     (out / "openai_serve.json").write_text(json.dumps(report, indent=2))
-    print(f"{'metric':<20}" + "".join(f"{s:>12}" for s in results) + ("       ratio" if len(results) == 2 else ""))
+    print(f"{'median of ' + str(args.reps):<20}" + "".join(f"{s:>15}" for s in results))
     for k in METRICS:
-        row = f"{k:<20}" + "".join(f"{(results[s].get(k) or 0):>12.1f}" for s in results)
-        if "ratio_duopool_to_vllm" in report and k in report["ratio_duopool_to_vllm"]:
-            r = report["ratio_duopool_to_vllm"][k]
-            row += f"{r:>12.2f}" if r else f"{'-':>12}"
-        print(row)
+        print(f"{k:<20}" + "".join(f"{(results[s].get(k) or 0):>15.1f}" for s in results))
+    for s, ratio in report.get("ratio_to_vllm", {}).items():
+        print(f"{s} / vllm: " + ", ".join(f"{k} {r:.2f}" for k, r in ratio.items() if r))
     print(f"wrote {out / 'openai_serve.json'}")
     return 0
 

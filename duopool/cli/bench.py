@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCH_MODULES = ["kv", "serving", "replay", "openai_serve", "batch_accept", "telemetry", "park"]
+BENCH_MODULES = ["kv", "serving", "replay", "openai_serve", "batch_accept", "telemetry", "park", "control_plane"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

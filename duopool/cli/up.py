@@ -22,14 +22,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2",
                    help="smollm2 (SmolLM2-135M-Instruct, the demo), tiny (seeded random Llama), or a "
                    "checkpoint dir [smollm2]")
-    p.add_argument("--prefill", type=int, default=1, help="prefill workers [1]")
-    p.add_argument("--decode", type=int, default=1, help="decode workers [1]")
+    p.add_argument("--prefill", type=int, default=None, help="prefill workers [1; 0 with --mixed]")
+    p.add_argument("--decode", type=int, default=None, help="decode workers [1; 0 with --mixed]")
+    p.add_argument("--mixed", type=int, default=0,
+                   help="mixed workers: each prefills and decodes its own requests, no KV moved (on a host too small "
+                        "for a prefill/decode pair one mixed engine serves faster: docs/fast-path.md) [0]")
     p.add_argument("--port", type=int, default=50051, help="router gRPC port (0: a free one) [50051]")
     p.add_argument("--http-port", type=int, default=None,
                    help="router OpenAI HTTP port (0: a free one) [8000 with the default --port, else free]")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", ""),
                    help="use this Redis instead of starting one [env REDIS_URL]")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per engine [1]")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per engine; 0: one per core of the engine's share when pinned, else 1 [0]")
+    p.add_argument("--pin-cpus", choices=("on", "off"), default="on",
+                   help="on: each vLLM engine runs on its own share of this machine's cores (said at start) [on]")
     p.add_argument("--max-model-len", type=int, default=2048, help="context length [2048]")
     p.add_argument("--policy", default="least-loaded", help="placement policy [least-loaded]")
     p.add_argument("--run-dir", type=pathlib.Path, default=None,
@@ -55,12 +61,20 @@ def run(args: argparse.Namespace) -> int:
     from duopool.models import cache_dir
     from duopool.topology import Topology
 
-    topo = Topology(engine=args.engine, model=args.model, prefill_workers=args.prefill,
-                    decode_workers=args.decode, threads=args.threads, max_model_len=args.max_model_len,
+    if args.mixed < 0 or (args.prefill or 0) < 0 or (args.decode or 0) < 0:
+        print("duopool up: --prefill, --decode and --mixed must be >= 0", file=sys.stderr)
+        return 2
+    prefill = args.prefill if args.prefill is not None else (0 if args.mixed else 1)
+    decode = args.decode if args.decode is not None else (0 if args.mixed else 1)
+    if not args.mixed and not (prefill and decode):
+        print("duopool up: a cluster needs a prefill and a decode worker, or --mixed N", file=sys.stderr)
+        return 2
+    topo = Topology(engine=args.engine, model=args.model, prefill_workers=prefill, decode_workers=decode,
+                    mixed_workers=args.mixed, threads=args.threads, max_model_len=args.max_model_len,
                     policy=args.policy, preempt_trigger=args.preempt_trigger or "")
     run_dir = args.run_dir or cache_dir() / "runs" / time.strftime("%Y%m%d-%H%M%S")
     cluster = LocalCluster(topo, run_dir, redis_url=args.redis_url, router_port=args.port,
-                           http_port=args.http_port, kv_root=args.kv_root)
+                           http_port=args.http_port, kv_root=args.kv_root, pin_cpus=args.pin_cpus == "on")
     cluster.log = lambda m: print(m, file=sys.stderr, flush=True)
     sink = None
     if not args.no_trace_sink and not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):

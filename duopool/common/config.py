@@ -246,6 +246,9 @@ class WorkerConfig(ServiceConfig):
                      "16-bit; float32 makes greedy output stable across batch shapes)",
                      ("auto", "bfloat16", "float16", "float32"))
     threads: int = opt(1, "DUOPOOL_THREADS", "torch threads for this engine (pin when engines share cores)")
+    cpus: str = opt("", "DUOPOOL_CPUS",
+                    "CPU cores this worker and its engine processes run on, e.g. 0 or 0-1,4 (pinned at start and "
+                    "logged; `duopool up` gives each engine its own cores); empty: not pinned")
     heartbeat_s: float = opt(1.0, "DUOPOOL_HEARTBEAT_S", "seconds between heartbeats")
     sim_hardware: str = opt("H100-SXM", "DUOPOOL_SIM_HARDWARE", "sim engine: hardware it imitates")
     sim_model: str = opt("llama-3.1-8b", "DUOPOOL_SIM_MODEL", "sim engine: model it imitates")
@@ -258,7 +261,7 @@ class WorkerConfig(ServiceConfig):
     tpot_slo_ms: float = opt(100.0, "DUOPOOL_TPOT_SLO_MS", "--step-policy: the TPOT SLO its step plans hold, ms")
     park_kv: str = opt("on", "DUOPOOL_PARK_KV",
                        "on: a preempted offline decode's KV is saved into kvtransfer's pool and its resume, on any "
-                       "worker, computes only the tail (engines that can park: sim; vLLM recomputes); off: "
+                       "worker, computes only the tail (both engines park: sim and vLLM); off: "
                        "preempted work recomputes its context", ("on", "off"))
 
     def validate(self) -> None:
@@ -277,6 +280,15 @@ class WorkerConfig(ServiceConfig):
             raise ConfigError("max_model_len", "must be > 0")
         if self.threads <= 0:
             raise ConfigError("threads", "must be > 0")
+        if self.cpus:
+            try:
+                cpus = parse_cpus(self.cpus)
+            except ValueError as exc:
+                raise ConfigError("cpus", str(exc)) from None
+            unknown = cpus - available_cpus()
+            if unknown:
+                raise ConfigError("cpus", f"core(s) {sorted(unknown)} not available to this process "
+                                          f"(available: {format_cpus(available_cpus())})")
         if self.heartbeat_s <= 0:
             raise ConfigError("heartbeat_s", "must be > 0")
         if self.sim_speedup <= 0:
@@ -386,3 +398,39 @@ def _limits_and_secrets() -> list[str]:
 
 if __name__ == "__main__":
     print(render_settings_markdown(), end="")
+
+
+def parse_cpus(text: str) -> set[int]:
+    """A CPU list as Linux writes it (``0``, ``0-3``, ``0,2,4-5``) -> the set of core numbers."""
+    out: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise ValueError(f"{text!r} is not a CPU list like 0 or 0-1,3")
+        a, b = int(lo), int(hi) if hi else int(lo)
+        if b < a:
+            raise ValueError(f"{part!r}: range ends before it starts")
+        out.update(range(a, b + 1))
+    if not out:
+        raise ValueError("empty CPU list")
+    return out
+
+
+def format_cpus(cpus: set[int]) -> str:
+    """The inverse of ``parse_cpus`` (ranges collapsed)."""
+    out: list[str] = []
+    for c in sorted(cpus):
+        if out and out[-1].split("-")[-1] == str(c - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{c}"
+        else:
+            out.append(str(c))
+    return ",".join(out)
+
+
+def available_cpus() -> set[int]:
+    import os
+
+    return set(os.sched_getaffinity(0))
+

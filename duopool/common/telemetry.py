@@ -6,7 +6,9 @@ is set, else ``none``), ``OTEL_EXPORTER_OTLP_ENDPOINT`` (OTLP/gRPC, e.g. http://
 ``OTEL_SERVICE_NAME`` (default ``duopool-<service>``), and the ``OTEL_BSP_*`` batch settings.
 Exports to a dead collector must not stall shutdown, so the export timeouts default low (2 s).
 
-gRPC instrumentation is switched on here, before any channel or server exists, so trace context
+With no exporter configured (the default without an OTLP endpoint, or ``OTEL_TRACES_EXPORTER=none``)
+nothing is installed: a no-op tracer and no gRPC interceptors, so tracing off costs nothing per request.
+Otherwise gRPC instrumentation is switched on here, before any channel or server exists, so trace context
 propagates over gRPC metadata and one ``Generate`` is one trace across all services. Health checks and
 server reflection (probes, grpcurl) are not traced, on the server side nor the client side; nor are the
 services named in ``OTEL_PYTHON_GRPC_EXCLUDED_SERVICES`` (comma-separated full names).
@@ -37,12 +39,26 @@ def grpc_trace_filter():
     return filters.negate(filters.any_of(*excluded))
 
 
+def configured_exporters() -> list[str]:
+    """The span exporters ``OTEL_TRACES_EXPORTER`` names (``none`` dropped; unset: ``otlp`` when an OTLP
+    endpoint is set, else none)."""
+    exporter_name = os.environ.get("OTEL_TRACES_EXPORTER")
+    if exporter_name is None:
+        has_endpoint = any(
+            os.environ.get(v) for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        )
+        exporter_name = "otlp" if has_endpoint else "none"
+    return [e for e in (x.strip() for x in exporter_name.split(",")) if e not in ("none", "")]
+
+
 def init_telemetry(service: str) -> trace.Tracer:
     global _initialised
     if not _initialised:
         _initialised = True
-        if os.environ.get("DUOPOOL_TRACING", "1") in ("0", "false", "off"):
-            return trace.get_tracer(f"duopool.{service}")  # no-op tracer, no gRPC instrumentation, no spans
+        exporters = configured_exporters()
+        if os.environ.get("DUOPOOL_TRACING", "1") in ("0", "false", "off") or not exporters:
+            # No exporter: a no-op tracer, no gRPC interceptors, no span work on the request path at all.
+            return trace.get_tracer(f"duopool.{service}")
         os.environ.setdefault("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
         os.environ.setdefault("OTEL_BSP_EXPORT_TIMEOUT", "2000")
         from opentelemetry.sdk.resources import Resource
@@ -51,20 +67,14 @@ def init_telemetry(service: str) -> trace.Tracer:
 
         name = os.environ.get("OTEL_SERVICE_NAME") or f"duopool-{service}"
         provider = TracerProvider(resource=Resource.create({"service.name": name, "duopool.service": service}))
-        exporter_name = os.environ.get("OTEL_TRACES_EXPORTER")
-        if exporter_name is None:
-            has_endpoint = any(
-                os.environ.get(v) for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            )
-            exporter_name = "otlp" if has_endpoint else "none"
-        for exp in (e.strip() for e in exporter_name.split(",")):
+        for exp in exporters:
             if exp == "otlp":
                 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
                 provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
             elif exp == "console":
                 provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-            elif exp not in ("none", ""):
+            else:
                 raise ValueError(f"OTEL_TRACES_EXPORTER: unsupported exporter {exp!r} (otlp, console, none)")
         trace.set_tracer_provider(provider)
         from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer

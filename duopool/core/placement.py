@@ -113,7 +113,9 @@ def placement_policy_names() -> list[str]:
 class LeastLoaded:
     """Least-loaded prefill worker, least-loaded decode worker; ties broken by worker id (deterministic).
 
-    Prefers distinct workers for the two phases when both exist, so prefill and decode disaggregate.
+    A request prefilled on a mixed worker decodes there too (its KV stays where it is: one streamed call,
+    nothing moved); a request prefilled on a prefill worker decodes on the least-loaded other worker that
+    decodes, so prefill and decode disaggregate.
     """
 
     name = "least-loaded"
@@ -127,5 +129,7 @@ class LeastLoaded:
         if not prefills or not decodes:
             return None
         prefill = prefills[0]
+        if prefill.role == Role.MIXED:
+            return PlacementDecision(prefill.worker_id, prefill.worker_id, self.name, reason="least load, one worker")
         decode = next((w for w in decodes if w.worker_id != prefill.worker_id), decodes[0])
         return PlacementDecision(prefill.worker_id, decode.worker_id, self.name, reason="least load")

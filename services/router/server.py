@@ -378,6 +378,21 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 preq.messages.CopyFrom(request.messages)
             else:
                 preq.token_ids.CopyFrom(request.token_ids)
+            if placement.prefill.worker_id == placement.decode.worker_id and placement.prefill.address:
+                # Both phases on one (mixed) worker: one streamed call, no KV exported, moved or tracked.
+                preq.export_kv = False
+                try:
+                    async for msg in self._generate_local(rid, request, preq, placement, arrived, deadline, seen):
+                        yield msg
+                    return
+                except _LocalFailed as exc:
+                    if attempt < self.config.place_retries:
+                        log.warning("request %s: worker %s failed before its first token (%s); placing again",
+                                    rid, placement.prefill.worker_id, exc.code.name)
+                        exclude.append(placement.prefill.worker_id)
+                        await self.channels.drop(placement.prefill.address)
+                        continue
+                    raise RequestFailed(exc.code, exc.message) from None
             try:
                 pre = await self.worker(placement.prefill.address).Prefill(preq, timeout=_left(deadline))
                 break
@@ -468,6 +483,83 @@ class RouterService(router_pb2_grpc.RouterServicer):
             kv_transferred_tokens=pre.kv.num_tokens if pre.HasField("kv") else 0, decode_cached_tokens=cached,
             kv_bytes=pre.kv.num_bytes if pre.HasField("kv") else 0, trace_id=current_trace_id(),
         ))
+
+    async def _generate_local(self, rid, request, preq, placement, arrived, deadline: float, seen: dict):
+        """Prefill and decode on one worker (``Worker.PrefillDecode``): the first message carries the first
+        token, the rest stream as the engine makes them. A worker lost before the first token raises
+        ``_LocalFailed`` (the caller places again); lost after it, the rest continues on another decode
+        worker from the tokens already streamed (recomputed there), as in the disaggregated path."""
+        w = placement.prefill
+        generated: list[int] = []
+        token_times: list[float] = []
+        prompt_ids: list[int] = []
+        finish_reason = ""
+        max_tokens = request.max_tokens
+        decode_worker, addr, moves = w.worker_id, w.address, 0
+        stream = self.worker(addr).PrefillDecode(preq, timeout=_left(deadline))
+        while True:
+            try:
+                async for m in stream:
+                    if not prompt_ids:
+                        prompt_ids = list(m.prompt_token_ids)
+                        max_tokens = m.max_tokens or max_tokens
+                        seen.update(prompt_ids=prompt_ids, prompt_len=len(prompt_ids), max_tokens=max_tokens,
+                                    generated=generated, output_tokens=0)
+                        if placement.report_first_token:
+                            self._notify(self.scheduler.FirstToken(
+                                scheduler_pb2.FirstTokenRequest(request_id=rid), timeout=2),
+                                f"first-token notice of {rid}")
+                    if m.token_ids:
+                        generated.extend(m.token_ids)
+                        seen["output_tokens"] = len(generated)
+                        now = (time.perf_counter() - arrived) * 1e3
+                        token_times.extend([now] * len(m.token_ids))
+                        yield router_pb2.GenerateResponse(chunk=router_pb2.TokenChunk(text=m.text,
+                                                                                      token_ids=m.token_ids))
+                    if m.finished:
+                        finish_reason = m.finish_reason
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    await self.channels.drop(addr)
+                code = exc.code() if exc.code() != grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE
+                if not generated:
+                    if exc.code() in RETRYABLE:
+                        raise _LocalFailed(code, exc.details() or code.name) from None
+                    raise RequestFailed(code, exc.details() or code.name) from None
+                left = max_tokens - len(generated)
+                if (exc.code() == grpc.StatusCode.UNAVAILABLE and moves < self.config.place_retries and left > 0
+                        and not finish_reason and deadline - time.monotonic() > 0.5):
+                    moved = await self._place(rid, request, [decode_worker])
+                    if moved.decode.worker_id != decode_worker:
+                        log.warning("request %s: worker %s lost after %d token(s); continuing on %s", rid,
+                                    decode_worker, len(generated), moved.decode.worker_id)
+                        moves += 1
+                        metrics.RESUMES.labels("decode_lost").inc()
+                        trace.get_current_span().add_event("duopool.resume", {
+                            "duopool.reason": "decode_lost", "duopool.lost_worker": decode_worker,
+                            "duopool.worker": moved.decode.worker_id, "duopool.tokens_so_far": len(generated)})
+                        decode_worker, addr = moved.decode.worker_id, moved.decode.address
+                        stream = self.worker(addr).Decode(worker_pb2.DecodeRequest(
+                            request_id=rid, prompt_token_ids=prompt_ids, generated_token_ids=generated,
+                            max_tokens=left, sampling=request.sampling, request_class=request.request_class),
+                            timeout=_left(deadline))
+                        continue
+                raise RequestFailed(code, f"worker {decode_worker}: {exc.details()}") from None
+        if not generated:
+            raise RequestFailed(grpc.StatusCode.INTERNAL, f"worker {w.worker_id}: no token produced")
+        yield router_pb2.GenerateResponse(summary=router_pb2.GenerateSummary(
+            request_id=rid, prompt_tokens=len(prompt_ids), output_tokens=len(generated), ttft_ms=token_times[0],
+            token_times_ms=token_times, prefill_worker=w.worker_id, decode_worker=decode_worker,
+            finish_reason=finish_reason or "length", engine=w.engine, trace_id=current_trace_id()))
+
+
+class _LocalFailed(Exception):
+    """The one-worker path failed before its first token with a retryable status: place it again."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
 def _observe(klass: str, summary: router_pb2.GenerateSummary, e2e_s: float) -> None:

@@ -36,6 +36,7 @@ import concurrent.futures
 import logging
 import os
 import pathlib
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -111,6 +112,7 @@ class DuopoolConnector(KVConnectorBase_V1):
         self._open_saves: dict[str, KvSegment] = {}
         self._parks: dict[str, concurrent.futures.Future] = {}  # req_id -> its copy (a background thread)
         self._park_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._staging = threading.local()  # per thread (the step's and the park copier's): a reused gather buffer
 
     # ================================ scheduler side ================================
 
@@ -257,7 +259,7 @@ class DuopoolConnector(KVConnectorBase_V1):
         if not meta.loads:
             return
         for op in meta.loads:
-            with KvSegment.open(pathlib.Path(op.path)) as seg:
+            with KvSegment.open(pathlib.Path(op.path), populate=True) as seg:
                 n = len(op.dst_block_ids)
                 dst_idx = torch.tensor(op.dst_block_ids, dtype=torch.long)
                 for li, name in enumerate(seg.meta.layer_names):
@@ -283,7 +285,7 @@ class DuopoolConnector(KVConnectorBase_V1):
                 kv = tensors[name]
                 if seg is None:
                     seg = self._create_segment(op, kv)
-                torch.index_select(kv, 0, idx, out=self._segment_blocks(seg, li, kv.dtype))
+                self._save_layer(seg, li, kv, idx)
             if seg is not None:
                 seg.seal_with_checksum()
         except Exception as exc:  # noqa: BLE001 - a park is an optimisation: never fail the step for it
@@ -324,8 +326,20 @@ class DuopoolConnector(KVConnectorBase_V1):
             if seg is None:
                 seg = self._create_segment(op, kv_layer)
                 self._open_saves[op.req_id] = seg
-            dst = self._segment_blocks(seg, layer, kv_layer.dtype)
-            torch.index_select(kv_layer, 0, torch.tensor(op.block_ids, dtype=torch.long), out=dst)
+            self._save_layer(seg, layer, kv_layer, torch.tensor(op.block_ids, dtype=torch.long))
+
+    def _save_layer(self, seg: KvSegment, layer: int, kv_layer: torch.Tensor, idx: torch.Tensor) -> None:
+        """One layer's blocks into the segment: gathered into a reused staging buffer of this thread (hot in
+        cache), then written with pwrite, which on a fresh tmpfs file skips the page faults and zero-fill
+        of gathering straight into the mapping."""
+        m = seg.meta
+        nbytes = m.num_blocks * m.block_bytes
+        stage = getattr(self._staging, "buf", None)
+        if stage is None or stage.numel() < nbytes:
+            stage = self._staging.buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
+        out = stage[:nbytes]
+        torch.index_select(kv_layer, 0, idx, out=out.view(kv_layer.dtype).view(m.num_blocks, *m.block_shape))
+        seg.write_layer(layer, out.numpy())
 
     def _create_segment(self, op: SaveOp, kv_layer: torch.Tensor) -> KvSegment:
         block_shape = tuple(kv_layer.shape[1:])

@@ -93,6 +93,29 @@ def test_segment_without_map_is_complete_iff_sealed(dirs):
     seg.close()
 
 
+def test_write_layer_writes_each_layer_and_checks_its_size(dirs):
+    src, _ = dirs
+    meta = make_meta("wl", 3, 4, 64)
+    layers = [bytes((li * 7 + i) % 251 for i in range(4 * 64)) for li in range(3)]
+    seg = KvSegment.create(segment_path("wl", src), meta)
+    for li in (2, 0, 1):  # any order
+        seg.write_layer(li, layers[li])
+    with pytest.raises(ValueError, match="256"):
+        seg.write_layer(0, b"short")
+    with pytest.raises(IndexError):
+        seg.write_layer(3, layers[0])
+    seg.seal_with_checksum()
+    seg.close()
+    with KvSegment.open(segment_path("wl", src), populate=True) as back:
+        assert [bytes(back.layer_view(li)) for li in range(3)] == layers and back.verify()
+        with pytest.raises(SegmentError):
+            back.write_layer(0, layers[0])  # read-only
+    with KvSegment.open(segment_path("wl", src), require_sealed=False, writable=True) as again:
+        again.write_layer(1, layers[0])  # reopened: through the mapping
+    with KvSegment.open(segment_path("wl", src)) as back:
+        assert bytes(back.layer_view(1)) == layers[0] and not back.verify()  # the checksum catches it
+
+
 # -- the fake: resume and idempotency -------------------------------------------------------------------
 def test_local_fake_resumes_after_failure_and_is_idempotent(dirs):
     src, dst = dirs

@@ -40,12 +40,18 @@ def test_excluded_workers_are_never_chosen_and_none_when_nothing_left():
     assert policy.place(REQ, [w("d0", Role.DECODE)], 0.0) is None
 
 
-def test_mixed_workers_serve_both_phases_preferring_distinct_ones():
+def test_a_mixed_worker_decodes_what_it_prefilled():
     policy = get_placement_policy("least-loaded")
     d = policy.place(REQ, [w("m0", Role.MIXED), w("m1", Role.MIXED, inflight=2)], 0.0)
-    assert d.prefill_worker_id == "m0" and d.decode_worker_id == "m1"
+    assert d.prefill_worker_id == d.decode_worker_id == "m0"  # its KV stays where it is
+    d = policy.place(REQ, [w("m0", Role.MIXED, inflight=3), w("m1", Role.MIXED, inflight=2)], 0.0)
+    assert d.prefill_worker_id == d.decode_worker_id == "m1"
     d = policy.place(REQ, [w("m0", Role.MIXED)], 0.0)
     assert d.prefill_worker_id == d.decode_worker_id == "m0"
+    # prefilled on a prefill worker: decoded elsewhere, a mixed worker being a decode candidate
+    d = policy.place(REQ, [w("p0", Role.PREFILL), w("m0", Role.MIXED, inflight=2), w("d0", Role.DECODE, inflight=3)],
+                     0.0)
+    assert (d.prefill_worker_id, d.decode_worker_id) == ("p0", "m0")
 
 
 def test_ties_are_deterministic():

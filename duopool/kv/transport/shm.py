@@ -95,7 +95,7 @@ class ShmTransport(KvTransport):
     def _open(path: pathlib.Path, *, sealed: bool, deadline: float) -> KvSegment:
         while True:
             try:
-                return KvSegment.open(path, require_sealed=sealed)
+                return KvSegment.open(path, require_sealed=sealed, populate=sealed)
             except SegmentError:
                 if time.monotonic() >= deadline:
                     raise

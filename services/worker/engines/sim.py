@@ -445,10 +445,7 @@ class SimEngine(Engine):
                            dtype="uint8", block_shape=(SIM_BLOCK_BYTES,), block_size=SIM_BLOCK_SIZE,
                            num_tokens=n * SIM_BLOCK_SIZE, layer_names=("sim",))
         with KvSegment.create(path, meta) as seg:
-            view = seg.layer_view(0)
-            for b in range(n):
-                view[b * SIM_BLOCK_BYTES : (b + 1) * SIM_BLOCK_BYTES] = sim_block_bytes(ids, b)
-            del view
+            seg.write_layer(0, b"".join(sim_block_bytes(ids, b) for b in range(n)))
             seg.seal_with_checksum() if checksum else seg.seal()
         return KvExport(transfer_id, str(path), n * SIM_BLOCK_SIZE, n, meta.data_bytes)
 
@@ -458,7 +455,7 @@ class SimEngine(Engine):
             return 0
         want = min(load.num_tokens, (len(r.req.prompt_token_ids) - 1) // SIM_BLOCK_SIZE * SIM_BLOCK_SIZE)
         try:
-            with KvSegment.open(pathlib.Path(load.path)) as seg:
+            with KvSegment.open(pathlib.Path(load.path), populate=True) as seg:
                 view = seg.layer_view(0)
                 for b in range(want // SIM_BLOCK_SIZE):
                     got = bytes(view[b * SIM_BLOCK_BYTES : (b + 1) * SIM_BLOCK_BYTES])
