@@ -8,8 +8,8 @@ Two kinds of files are the cluster's:
   (``psm_*``, ~160 MB each for the engine's message queues) and ``multiprocessing``'s named semaphores
   (``sem.mp-*``), which nothing unlinks after ``kill -9``.
 
-``sweep`` removes the ones no live process holds (mapped or open: read from ``/proc/*/maps`` and
-``/proc/*/fd``), that belong to this user and were not modified in the last ``min_age_s`` (a file being
+``sweep`` removes the ones no live process holds (mapped or open, matched by inode: read from
+``/proc/*/maps`` and ``/proc/*/fd``), that belong to this user and were not modified in the last ``min_age_s`` (a file being
 created right now is not mapped yet; Python maps it within the same call). The launcher sweeps at start, after it restarts a killed worker and at stop. A
 ``psm_*``/``sem.mp-*`` file that no process maps or keeps open is unreachable shared memory (its creator is gone or
 let go of it), whoever made it, so removing it frees memory nobody can use.
@@ -29,10 +29,15 @@ SHM_PATTERNS = ("psm_*", "sem.mp-*")
 KV_DIR_PREFIX = "duopool-kv-"
 
 
-def held_paths() -> set[str]:
-    """Paths any process we can inspect has mapped or open (a process we cannot read counts as holding
-    nothing it did not show us, so files owned by others are never swept: see ``sweep``)."""
-    held: set[str] = set()
+def _dev(st_dev: int) -> str:
+    return f"{os.major(st_dev):02x}:{os.minor(st_dev):02x}"
+
+
+def held_files() -> set[tuple[str, int]]:
+    """(device, inode) of every file a process we can inspect has mapped (``/proc/*/maps``) or open
+    (``/proc/*/fd``). By inode, not by path: glibc's ``sem_open`` maps a temporary file and then links it
+    under its ``sem.*`` name, so a live semaphore's mapping never shows that name."""
+    held: set[tuple[str, int]] = set()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -40,19 +45,25 @@ def held_paths() -> set[str]:
             with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
                 for line in f:
                     parts = line.split(None, 5)
-                    if len(parts) == 6 and parts[5].startswith("/"):
-                        held.add(parts[5].rstrip("\n").removesuffix(" (deleted)"))
-        except OSError:
+                    if len(parts) >= 5 and parts[4] != "0":
+                        held.add((parts[3], int(parts[4])))
+        except (OSError, ValueError):
             pass
         try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-                except OSError:
-                    pass
+            fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
-            pass
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            held.add((_dev(st.st_dev), st.st_ino))
     return held
+
+
+def is_held(st: os.stat_result, held: set[tuple[str, int]]) -> bool:
+    return (_dev(st.st_dev), st.st_ino) in held
 
 
 def _alive(pid: int) -> bool:
@@ -74,13 +85,13 @@ def sweep(shm_dir: pathlib.Path = pathlib.Path("/dev/shm"), kv_root: pathlib.Pat
     keep = {p.resolve() for p in keep or set()}
     candidates = [p for pattern in SHM_PATTERNS for p in shm_dir.glob(pattern)]
     if candidates:
-        held = held_paths()
+        held = held_files()
         for p in candidates:
             try:
                 st = p.lstat()
             except OSError:
                 continue
-            if st.st_uid != uid or now - st.st_mtime < min_age_s or str(p) in held or p.resolve() in keep:
+            if st.st_uid != uid or now - st.st_mtime < min_age_s or is_held(st, held) or p.resolve() in keep:
                 continue
             try:
                 p.unlink()

@@ -454,15 +454,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
                             and not finish_reason and deadline - time.monotonic() > 0.5):
                         # The decode worker is gone mid-stream: the rest continues on another one, from the
                         # tokens already streamed (its KV recomputed there), so the client sees one stream.
-                        moved = await self._place(rid, request, [decode_worker])
-                        if moved.decode.worker_id != decode_worker:
-                            log.warning("request %s: decode worker %s lost after %d token(s); continuing on %s",
-                                        rid, decode_worker, len(generated), moved.decode.worker_id)
+                        moved = await self._move_decode(rid, request, decode_worker, len(generated))
+                        if moved is not None:
                             moves += 1
-                            metrics.RESUMES.labels("decode_lost").inc()
-                            trace.get_current_span().add_event("duopool.resume", {
-                                "duopool.reason": "decode_lost", "duopool.lost_worker": decode_worker,
-                                "duopool.worker": moved.decode.worker_id, "duopool.tokens_so_far": len(generated)})
                             decode_worker, decode_addr = moved.decode.worker_id, moved.decode.address
                             dreq = worker_pb2.DecodeRequest(
                                 request_id=rid, prompt_token_ids=pre.prompt_token_ids, generated_token_ids=generated,
@@ -483,6 +477,20 @@ class RouterService(router_pb2_grpc.RouterServicer):
             kv_transferred_tokens=pre.kv.num_tokens if pre.HasField("kv") else 0, decode_cached_tokens=cached,
             kv_bytes=pre.kv.num_bytes if pre.HasField("kv") else 0, trace_id=current_trace_id(),
         ))
+
+    async def _move_decode(self, rid: str, request, lost: str, tokens_so_far: int) -> scheduler_pb2.Placement | None:
+        """Another decode worker for a request whose decode worker was lost mid-stream (None: no other one);
+        logged, counted and traced as a resume."""
+        moved = await self._place(rid, request, [lost])
+        if moved.decode.worker_id == lost:
+            return None
+        log.warning("request %s: decode worker %s lost after %d token(s); continuing on %s", rid, lost,
+                    tokens_so_far, moved.decode.worker_id)
+        metrics.RESUMES.labels("decode_lost").inc()
+        trace.get_current_span().add_event("duopool.resume", {
+            "duopool.reason": "decode_lost", "duopool.lost_worker": lost, "duopool.worker": moved.decode.worker_id,
+            "duopool.tokens_so_far": tokens_so_far})
+        return moved
 
     async def _generate_local(self, rid, request, preq, placement, arrived, deadline: float, seen: dict):
         """Prefill and decode on one worker (``Worker.PrefillDecode``): the first message carries the first
@@ -530,15 +538,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 left = max_tokens - len(generated)
                 if (exc.code() == grpc.StatusCode.UNAVAILABLE and moves < self.config.place_retries and left > 0
                         and not finish_reason and deadline - time.monotonic() > 0.5):
-                    moved = await self._place(rid, request, [decode_worker])
-                    if moved.decode.worker_id != decode_worker:
-                        log.warning("request %s: worker %s lost after %d token(s); continuing on %s", rid,
-                                    decode_worker, len(generated), moved.decode.worker_id)
+                    moved = await self._move_decode(rid, request, decode_worker, len(generated))
+                    if moved is not None:
                         moves += 1
-                        metrics.RESUMES.labels("decode_lost").inc()
-                        trace.get_current_span().add_event("duopool.resume", {
-                            "duopool.reason": "decode_lost", "duopool.lost_worker": decode_worker,
-                            "duopool.worker": moved.decode.worker_id, "duopool.tokens_so_far": len(generated)})
                         decode_worker, addr = moved.decode.worker_id, moved.decode.address
                         stream = self.worker(addr).Decode(worker_pb2.DecodeRequest(
                             request_id=rid, prompt_token_ids=prompt_ids, generated_token_ids=generated,

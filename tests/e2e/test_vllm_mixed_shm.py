@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from duopool.common.shm_sweep import held_paths
+from duopool.common.shm_sweep import held_files, is_held
 from duopool.launcher import LocalCluster
 from duopool.topology import Topology
 from duopool.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -33,8 +33,8 @@ def shm_entries() -> set[pathlib.Path]:
 
 def unheld_shm(entries: set[pathlib.Path]) -> set[pathlib.Path]:
     """The cluster-kind files among ``entries`` (psm_*, sem.mp-*, duopool-kv-*) that no live process holds."""
-    held = held_paths()
-    return {p for p in entries if p.exists() and str(p) not in held
+    held = held_files()
+    return {p for p in entries if p.exists() and not is_held(p.stat(), held)
             and (p.name.startswith(("psm_", "sem.mp-")) or (p.name.startswith("duopool-kv-") and p.is_file()))}
 
 
