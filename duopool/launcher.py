@@ -153,6 +153,12 @@ class LocalCluster:
                 return
             time.sleep(0.05)
 
+    def _sweep_after(self, name: str) -> None:
+        """Before a killed worker starts again: what its engine processes left in shared memory goes."""
+        if self.procs[name].spec.service == "worker":
+            self._wait_group_gone(name)
+            self.sweep_shm(f"{name} restarting")
+
     def sweep_shm(self, when: str) -> None:
         """Removes shared memory no live process holds that this cluster's kind of processes leave after a
         kill (duopool.common.shm_sweep): at start (a previous cluster killed), after a restart, at stop."""
@@ -269,9 +275,7 @@ class LocalCluster:
         proc = self.procs[name]
         if proc.popen.poll() is None:
             self.kill(name, signal.SIGTERM)
-        if proc.spec.service == "worker":
-            self._wait_group_gone(name)
-            self.sweep_shm(f"{name} restarting")
+        self._sweep_after(name)
         new = self._spawn(proc.spec)
         asyncio.run(self._wait(new, time.monotonic(), timeout))
 
@@ -315,9 +319,7 @@ class LocalCluster:
             os.killpg(self.procs[name].popen.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        if self.procs[name].spec.service == "worker":  # what its killed engine processes left behind
-            self._wait_group_gone(name)
-            self.sweep_shm(f"{name} restarting")
+        self._sweep_after(name)
         self._spawn(self.procs[name].spec)  # same ports and identity; it re-registers on its own
 
     def _restart_redis(self) -> None:

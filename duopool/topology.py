@@ -72,17 +72,9 @@ class Topology:
         return self.preempt_trigger or ("online" if self.engine == "vllm" else "slo")
 
 
-MIXED_BELOW_CORES = 0  # hosts with fewer cores than this get one mixed engine by default (docs/fast-path.md)
-
-
-def default_layout(cores: int | None = None) -> tuple[int, int, int]:
-    """(prefill, decode, mixed) workers `duopool up` starts on a host with ``cores`` usable cores when none
-    are named: a prefill/decode pair, or one mixed engine where the cores are too few for two engines to
-    beat one (measured: docs/fast-path.md)."""
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if cores is None else cores
-    return (0, 0, 1) if cores < MIXED_BELOW_CORES else (1, 1, 0)
+# (prefill, decode, mixed) workers of the layouts a benchmark compares. `duopool up` starts "pd" unless told
+# otherwise: one mixed engine lost to a pinned pair on every measurement (docs/fast-path.md).
+LAYOUTS: dict[str, tuple[int, int, int]] = {"pd": (1, 1, 0), "mixed": (0, 0, 1)}
 
 
 def services(topo: Topology, bind: dict[str, str], port: dict[str, int], addr: dict[str, str],

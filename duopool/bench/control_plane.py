@@ -29,6 +29,8 @@ import statistics
 import sys
 import time
 
+from duopool.topology import LAYOUTS
+
 CLK = os.sysconf("SC_CLK_TCK")
 
 
@@ -147,7 +149,7 @@ def _run_layout(layout: str, args, rates: list[float], engine_s: float, out: pat
     from duopool.launcher import LocalCluster
     from duopool.topology import Topology
 
-    prefill, decode, mixed = {"pd": (1, 1, 0), "mixed": (0, 0, 1)}[layout]
+    prefill, decode, mixed = LAYOUTS[layout]
     cluster = LocalCluster(Topology(engine="sim", prefill_workers=prefill, decode_workers=decode, mixed_workers=mixed),
                            out / f"run-{layout}", router_port=0,
                            extra_env={"DUOPOOL_SIM_SPEEDUP": str(args.sim_speedup), "OTEL_TRACES_EXPORTER": "none"})
@@ -156,8 +158,8 @@ def _run_layout(layout: str, args, rates: list[float], engine_s: float, out: pat
     rows = []
     try:
         pids = {name: p.popen.pid for name, p in cluster.procs.items()}
-        if cluster.redis is not None and cluster.redis._proc is not None:
-            pids["redis"] = cluster.redis._proc.pid
+        if cluster.redis is not None and cluster.redis.pid is not None:
+            pids["redis"] = cluster.redis.pid
         asyncio.run(_load(cluster.router_address, cluster.auth_metadata, 5, 2, args.max_tokens, 0))  # warm up
         for k, rate in enumerate(rates):
             before = {n: _cpu_s(p) for n, p in pids.items()}
@@ -191,7 +193,7 @@ def _run_layout(layout: str, args, rates: list[float], engine_s: float, out: pat
 def main(args: argparse.Namespace) -> int:
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
     layouts = [x.strip() for x in args.layout.split(",") if x.strip()]
-    if not rates or any(r <= 0 for r in rates) or any(x not in ("pd", "mixed") for x in layouts) or not layouts:
+    if not rates or any(r <= 0 for r in rates) or any(x not in LAYOUTS for x in layouts) or not layouts:
         print("--rates: positive numbers; --layout: pd and/or mixed", file=sys.stderr)
         return 2
     out = args.out.resolve()

@@ -71,9 +71,9 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -
 
 def _duopool_side(path: pathlib.Path, args, out: pathlib.Path, name: str, side: str = "duopool") -> dict:
     from duopool.launcher import LocalCluster
-    from duopool.topology import Topology, default_layout
+    from duopool.topology import LAYOUTS, Topology
 
-    layout = {"duopool-pd": (1, 1, 0), "duopool-mixed": (0, 0, 1)}.get(side) or default_layout()
+    layout = LAYOUTS["mixed" if side == "duopool-mixed" else "pd"]
     prefill, decode, mixed = layout
     cluster = LocalCluster(Topology(engine="vllm", model=str(path), prefill_workers=prefill, decode_workers=decode,
                                     mixed_workers=mixed, threads=0), out / f"{name}-run", router_port=0,

@@ -285,10 +285,10 @@ class WorkerConfig(ServiceConfig):
                 cpus = parse_cpus(self.cpus)
             except ValueError as exc:
                 raise ConfigError("cpus", str(exc)) from None
-            unknown = cpus - available_cpus()
-            if unknown:
-                raise ConfigError("cpus", f"core(s) {sorted(unknown)} not available to this process "
-                                          f"(available: {format_cpus(available_cpus())})")
+            usable = available_cpus()
+            if cpus - usable:
+                raise ConfigError("cpus", f"core(s) {sorted(cpus - usable)} not available to this process "
+                                          f"(available: {format_cpus(usable)})")
         if self.heartbeat_s <= 0:
             raise ConfigError("heartbeat_s", "must be > 0")
         if self.sim_speedup <= 0:
@@ -396,10 +396,6 @@ def _limits_and_secrets() -> list[str]:
     ]
 
 
-if __name__ == "__main__":
-    print(render_settings_markdown(), end="")
-
-
 def parse_cpus(text: str) -> set[int]:
     """A CPU list as Linux writes it (``0``, ``0-3``, ``0,2,4-5``) -> the set of core numbers."""
     out: set[int] = set()
@@ -434,3 +430,6 @@ def available_cpus() -> set[int]:
 
     return set(os.sched_getaffinity(0))
 
+
+if __name__ == "__main__":
+    print(render_settings_markdown(), end="")

@@ -9,10 +9,11 @@ Two kinds of files are the cluster's:
   (``sem.mp-*``), which nothing unlinks after ``kill -9``.
 
 ``sweep`` removes the ones no live process holds (mapped or open, matched by inode: read from
-``/proc/*/maps`` and ``/proc/*/fd``), that belong to this user and were not modified in the last ``min_age_s`` (a file being
-created right now is not mapped yet; Python maps it within the same call). The launcher sweeps at start, after it restarts a killed worker and at stop. A
-``psm_*``/``sem.mp-*`` file that no process maps or keeps open is unreachable shared memory (its creator is gone or
-let go of it), whoever made it, so removing it frees memory nobody can use.
+``/proc/*/maps`` and ``/proc/*/fd``), that belong to this user and were not modified in the last
+``min_age_s`` (a file being created right now is not mapped yet; Python maps it within the same call).
+The launcher sweeps at start, after it restarts a killed worker and at stop. A ``psm_*``/``sem.mp-*``
+file that no process maps or keeps open is unreachable shared memory (its creator is gone or let go of
+it), whoever made it, so removing it frees memory nobody can use.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def sweep(shm_dir: pathlib.Path = pathlib.Path("/dev/shm"), kv_root: pathlib.Pat
                 removed.append((p, st.st_size))
             except OSError:
                 pass
-    for root in {shm_dir, *( [kv_root] if kv_root else [])}:
+    for root in {shm_dir, kv_root or shm_dir}:
         for d in root.glob(f"{KV_DIR_PREFIX}*"):
             pid = d.name[len(KV_DIR_PREFIX):].split("-", 1)[0]
             try:

@@ -350,19 +350,20 @@ class KvSegment:
             self._write_header(SegmentMeta.from_json(
                 SegmentMeta(**{**asdict(self.meta), "sealed": False}).to_json()))
 
-    def close(self) -> None:
-        if self._fd is not None:
+    def _close_fd(self) -> None:
+        if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None
+
+    def close(self) -> None:
+        self._close_fd()
         try:
             self._mm.close()
         except BufferError:
             pass  # a caller still holds a view; the mapping goes when it does
 
     def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._close_fd()
 
     def __enter__(self) -> KvSegment:
         return self

@@ -415,7 +415,6 @@ class RouterService(router_pb2_grpc.RouterServicer):
         token_times = [(first_at - arrived) * 1e3]
         yield router_pb2.GenerateResponse(chunk=router_pb2.TokenChunk(text=pre.first_token_text,
                                                                       token_ids=[pre.first_token_id]))
-        output_tokens = 1
         finish_reason = pre.finish_reason
         cached = 0
         decode_worker = ""
@@ -436,13 +435,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                         if d.cached_tokens:
                             cached = d.cached_tokens
                         if d.token_ids:
-                            generated.extend(d.token_ids)
-                            seen["output_tokens"] = len(generated)
-                            now = (time.perf_counter() - arrived) * 1e3
-                            token_times.extend([now] * len(d.token_ids))
-                            output_tokens += len(d.token_ids)
-                            yield router_pb2.GenerateResponse(chunk=router_pb2.TokenChunk(text=d.text,
-                                                                                          token_ids=d.token_ids))
+                            yield _chunk(d, generated, token_times, seen, arrived)
                         if d.finished:
                             finish_reason = d.finish_reason
                     break
@@ -471,7 +464,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                             worker_pb2.AbortRequest(request_id=rid, kv=pre.kv), timeout=5), f"KV of {rid}")
                     raise
         yield router_pb2.GenerateResponse(summary=router_pb2.GenerateSummary(
-            request_id=rid, prompt_tokens=len(pre.prompt_token_ids), output_tokens=output_tokens,
+            request_id=rid, prompt_tokens=len(pre.prompt_token_ids), output_tokens=len(generated),
             ttft_ms=token_times[0], token_times_ms=token_times, prefill_worker=placement.prefill.worker_id,
             decode_worker=decode_worker, finish_reason=finish_reason or "length", engine=placement.prefill.engine,
             kv_transferred_tokens=pre.kv.num_tokens if pre.HasField("kv") else 0, decode_cached_tokens=cached,
@@ -518,12 +511,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                 scheduler_pb2.FirstTokenRequest(request_id=rid), timeout=2),
                                 f"first-token notice of {rid}")
                     if m.token_ids:
-                        generated.extend(m.token_ids)
-                        seen["output_tokens"] = len(generated)
-                        now = (time.perf_counter() - arrived) * 1e3
-                        token_times.extend([now] * len(m.token_ids))
-                        yield router_pb2.GenerateResponse(chunk=router_pb2.TokenChunk(text=m.text,
-                                                                                      token_ids=m.token_ids))
+                        yield _chunk(m, generated, token_times, seen, arrived)
                     if m.finished:
                         finish_reason = m.finish_reason
                 break
@@ -554,6 +542,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
             request_id=rid, prompt_tokens=len(prompt_ids), output_tokens=len(generated), ttft_ms=token_times[0],
             token_times_ms=token_times, prefill_worker=w.worker_id, decode_worker=decode_worker,
             finish_reason=finish_reason or "length", engine=w.engine, trace_id=current_trace_id()))
+
+
+def _chunk(m, generated: list[int], token_times: list[float], seen: dict, arrived: float):
+    """The client's chunk for a worker's message carrying tokens; the request's bookkeeping (tokens so far,
+    their arrival times, what a resume starts from) follows it."""
+    generated.extend(m.token_ids)
+    seen["output_tokens"] = len(generated)
+    token_times.extend([(time.perf_counter() - arrived) * 1e3] * len(m.token_ids))
+    return router_pb2.GenerateResponse(chunk=router_pb2.TokenChunk(text=m.text, token_ids=m.token_ids))
 
 
 class _LocalFailed(Exception):
