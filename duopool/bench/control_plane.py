@@ -1,7 +1,8 @@
 """`duopool bench control-plane`: what the serving layers add to a request, and where the CPU goes.
 
 A local cluster with SIMULATED workers sped up (``--sim-speedup``) so the model costs next to nothing; an
-open-loop Poisson load of short online requests (``--max-tokens`` 4 by default) at each of ``--rates``
+open-loop Poisson load of short online requests (``--max-tokens`` 4 by default; ``--prompt-tokens`` 32, two
+KV blocks, so the P/D path moves KV) at each of ``--rates``
 for ``--seconds``, from an asyncio gRPC client in this process (client, services and simulated engines all
 share this machine's cores, as the issue asks). Per rate:
 
@@ -12,7 +13,8 @@ share this machine's cores, as the issue asks). Per rate:
 * CPU per request of every service process (router, scheduler, kvtransfer, workers; Redis), from
   ``/proc/<pid>/stat`` before and after, and each one's share of a core: the one near 100% saturates.
 
-``--layout pd`` (1 prefill + 1 decode worker: Generate, Place, Prefill, StartTransfer, Decode, ...) and
+``--layout pd`` (1 prefill + 1 decode worker: Generate, Place, Prefill, Decode, Release; the KV
+bookkeeping, StartTransfer and CompleteTransfer, goes to kvtransfer off the token path) and
 ``--layout mixed`` (one mixed worker: Generate, Place, PrefillDecode, Release) can be compared in one
 invocation (``--layout pd,mixed``). Writes ``DIR/control_plane.json``.
 """
@@ -40,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rates", default="5,20,50,100,200", help="offered requests/s, comma-separated [5,20,50,100,200]")
     p.add_argument("--seconds", type=float, default=10.0, help="load duration per rate [10]")
     p.add_argument("--max-tokens", type=int, default=4, help="tokens per answer [4]")
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
+                   help=f"prompt length in (simulated) tokens; >= 16 exercises the KV transfer [{PROMPT_TOKENS}]")
     p.add_argument("--layout", default="pd,mixed", help="pd (1 prefill + 1 decode), mixed (1 mixed worker), or "
                                                        "both, comma-separated [pd,mixed]")
     p.add_argument("--sim-speedup", type=float, default=1000.0,
@@ -74,11 +78,15 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _prompt(i: int) -> str:
-    return f"control plane probe {i % 97} a b c d"
+PROMPT_TOKENS = 32  # two 16-token KV blocks: the P/D path exports, announces, loads and frees KV
 
 
-async def _engine_baseline(speedup: float, max_tokens: int, n: int = 50) -> float:
+def _prompt(i: int, tokens: int = PROMPT_TOKENS) -> str:
+    """A prompt of ``tokens`` words (the simulated engine's tokens), distinct per request."""
+    return " ".join([f"probe{i % 97}"] + [f"w{k}" for k in range(max(0, tokens - 1))])
+
+
+async def _engine_baseline(speedup: float, max_tokens: int, prompt_tokens: int, n: int = 50) -> float:
     """Median seconds one request spends in the simulated engine called directly (same speedup)."""
     import tempfile
 
@@ -91,7 +99,7 @@ async def _engine_baseline(speedup: float, max_tokens: int, n: int = 50) -> floa
         times = []
         try:
             for i in range(n):
-                req = EngineRequest(request_id=f"base-{i}", prompt_token_ids=tuple(sim_tokenize(_prompt(i))),
+                req = EngineRequest(request_id=f"base-{i}", prompt_token_ids=tuple(sim_tokenize(_prompt(i, prompt_tokens))),
                                     max_tokens=max_tokens, sampling=Sampling(temperature=0.0))
                 t0 = time.perf_counter()
                 async for _ in engine.generate(req):
@@ -102,7 +110,8 @@ async def _engine_baseline(speedup: float, max_tokens: int, n: int = 50) -> floa
     return statistics.median(times)
 
 
-async def _load(address: str, metadata, rate: float, seconds: float, max_tokens: int, seed: int) -> dict:
+async def _load(address: str, metadata, rate: float, seconds: float, max_tokens: int, seed: int,
+                prompt_tokens: int = PROMPT_TOKENS) -> dict:
     import grpc
 
     from duopool.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -116,7 +125,7 @@ async def _load(address: str, metadata, rate: float, seconds: float, max_tokens:
         async def one(i: int) -> None:
             t0 = time.perf_counter()
             try:
-                call = stub.Generate(router_pb2.GenerateRequest(text=_prompt(i), max_tokens=max_tokens,
+                call = stub.Generate(router_pb2.GenerateRequest(text=_prompt(i, prompt_tokens), max_tokens=max_tokens,
                                                                 request_class=common_pb2.ONLINE),
                                      timeout=seconds + 30, metadata=metadata)
                 async for _ in call:
@@ -160,12 +169,13 @@ def _run_layout(layout: str, args, rates: list[float], engine_s: float, out: pat
         pids = {name: p.popen.pid for name, p in cluster.procs.items()}
         if cluster.redis is not None and cluster.redis.pid is not None:
             pids["redis"] = cluster.redis.pid
-        asyncio.run(_load(cluster.router_address, cluster.auth_metadata, 5, 2, args.max_tokens, 0))  # warm up
+        asyncio.run(_load(cluster.router_address, cluster.auth_metadata, 5, 2, args.max_tokens, 0,
+                               args.prompt_tokens))  # warm up
         for k, rate in enumerate(rates):
             before = {n: _cpu_s(p) for n, p in pids.items()}
             client0 = time.process_time()
             res = asyncio.run(_load(cluster.router_address, cluster.auth_metadata, rate, args.seconds,
-                                    args.max_tokens, k + 1))
+                                    args.max_tokens, k + 1, args.prompt_tokens))
             client_cpu = time.process_time() - client0
             cpu = {n: _cpu_s(p) - before[n] for n, p in pids.items()}
             lat = res.pop("latencies")
@@ -198,9 +208,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    engine_s = asyncio.run(_engine_baseline(args.sim_speedup, args.max_tokens))
-    print(f"SIMULATED engine alone: {engine_s * 1e3:.2f} ms per {args.max_tokens}-token request (median)", flush=True)
+    engine_s = asyncio.run(_engine_baseline(args.sim_speedup, args.max_tokens, args.prompt_tokens))
+    print(f"SIMULATED engine alone: {engine_s * 1e3:.2f} ms per request of {args.prompt_tokens} + {args.max_tokens} "
+          "tokens (median)", flush=True)
     report = {"engine": "sim (SIMULATED)", "sim_speedup": args.sim_speedup, "max_tokens": args.max_tokens,
+              "prompt_tokens": args.prompt_tokens,
               "seconds": args.seconds, "cores": len(os.sched_getaffinity(0)), "engine_ms": engine_s * 1e3,
               "layouts": {}}
     for layout in layouts:

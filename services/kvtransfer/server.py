@@ -45,6 +45,7 @@ import grpc
 
 from duopool.common import metrics
 from duopool.common.config import KvTransferConfig
+from duopool.common.ids import check_id
 from duopool.common.metrics import start_metrics_server
 from duopool.common.rpc import Server
 from duopool.common.telemetry import init_telemetry
@@ -91,6 +92,10 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
         self.active_reads = 0
         self._changed = asyncio.Condition()
         self.evicted: OrderedDict[str, int] = OrderedDict()
+        # Transfers ended (completed, failed, released) before their StartTransfer arrived: the source worker
+        # announces its KV in the background, so a fast decode's CompleteTransfer can overtake it. The late
+        # StartTransfer then ends at once (its segment freed) instead of waiting out its lease.
+        self._ended_early: OrderedDict[str, tuple[int, str]] = OrderedDict()
         self._evicted_now: list[str] = []
         self.pool: KvPool | None = None
         if config.kv_pool_bytes > 0:
@@ -159,8 +164,21 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
         if existing is not None:  # idempotent: a retried StartTransfer returns the same transfer
             return existing.status()
         t = self._new_transfer(kv, request.destination_worker, request.destination_host, request.lease_s)
+        early = self._ended_early.pop(kv.transfer_id, None)
+        if early is not None:
+            await self._end(t, *early)
+            return t.status()
         await self._notify()
         return t.status()
+
+    def _end_unknown(self, transfer_id: str, state: int, error: str = "") -> None:
+        """A transfer ended before it was announced: remembered (bounded) for its StartTransfer, and its
+        segment, if the source wrote one here already, freed."""
+        self._ended_early[transfer_id] = (state, error)
+        while len(self._ended_early) > KEEP_EVICTED:
+            self._ended_early.popitem(last=False)
+        if not check_id("transfer_id", transfer_id):
+            unlink_segment(segment_path(transfer_id, self.kv_dir))
 
     async def _transfer_or_abort(self, transfer_id: str, context) -> Transfer:
         t = self.transfers.get(transfer_id)
@@ -186,11 +204,15 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
                     pass
 
     async def CompleteTransfer(self, request, context):
+        if request.transfer_id and request.transfer_id not in self.transfers:
+            self._end_unknown(request.transfer_id, S.COMPLETED if request.ok else S.FAILED, request.error)
         t = await self._transfer_or_abort(request.transfer_id, context)
         await self._end(t, S.COMPLETED if request.ok else S.FAILED, request.error)
         return t.status()
 
     async def Release(self, request, context):
+        if request.transfer_id and request.transfer_id not in self.transfers:
+            self._end_unknown(request.transfer_id, S.RELEASED)
         t = await self._transfer_or_abort(request.transfer_id, context)
         await self._end(t, S.RELEASED)
         return t.status()

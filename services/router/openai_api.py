@@ -13,6 +13,7 @@ OpenAI uses: 400 naming the parameter, 401, 404, 413, 429, 503 when no worker ca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -270,16 +271,17 @@ class _Run:
 async def _drive(ctx: HttpContext, g: router_pb2.GenerateRequest, run: _Run) -> AsyncIterator[str]:
     """Text pieces as they come; fills ``run``. Raises ApiError."""
     try:
-        async for msg in ctx.service.generate(g):
-            if msg.HasField("chunk"):
-                run.completion_tokens += len(msg.chunk.token_ids)
-                if msg.chunk.text:
-                    run.text.append(msg.chunk.text)
-                    yield msg.chunk.text
-            else:
-                run.prompt_tokens = msg.summary.prompt_tokens
-                run.completion_tokens = msg.summary.output_tokens
-                run.reason = msg.summary.finish_reason
+        async with contextlib.aclosing(ctx.service.generate(g)) as msgs:  # closed now if this one is
+            async for msg in msgs:
+                if msg.HasField("chunk"):
+                    run.completion_tokens += len(msg.chunk.token_ids)
+                    if msg.chunk.text:
+                        run.text.append(msg.chunk.text)
+                        yield msg.chunk.text
+                else:
+                    run.prompt_tokens = msg.summary.prompt_tokens
+                    run.completion_tokens = msg.summary.output_tokens
+                    run.reason = msg.summary.finish_reason
     except RequestFailed as exc:
         raise from_failure(exc) from None
     if run.reason == "preempted":  # offline (flex) work stopped for online work: never a cut answer as OK
@@ -343,8 +345,9 @@ def _stream(ctx: HttpContext, g, chat: bool, model: str, include_usage: bool, ti
         if chat:
             yield _sse(chunk(None, None, first=True))
         try:
-            async for piece in _drive(ctx, g, run):
-                yield _sse(chunk(piece, None))
+            async with contextlib.aclosing(_drive(ctx, g, run)) as pieces:
+                async for piece in pieces:
+                    yield _sse(chunk(piece, None))
         except ApiError as exc:  # the status line is sent: the error travels as an event (vLLM does the same)
             yield _sse(error_body(exc.message, TYPE_OF.get(exc.status, "api_error"), exc.param, exc.code))
             yield _sse("[DONE]")

@@ -10,6 +10,7 @@ and streams the rest. A prefill worker that is unreachable is excluded and the r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -218,16 +219,19 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def GetBatchResults(self, request, context):
         request.owner = self._owner(context)
         try:
-            async for r in self.scheduler.GetBatchResults(request, timeout=120):
-                yield r
+            call = self.scheduler.GetBatchResults(request, timeout=120)
+            async with _cancelling(call):
+                async for r in call:
+                    yield r
         except grpc.aio.AioRpcError as exc:
             code = exc.code() if exc.code() == grpc.StatusCode.NOT_FOUND else grpc.StatusCode.UNAVAILABLE
             await context.abort(code, exc.details() or exc.code().name)
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
-            async for msg in self.generate(request, context.time_remaining()):
-                yield msg
+            async with contextlib.aclosing(self.generate(request, context.time_remaining())) as msgs:
+                async for msg in msgs:
+                    yield msg
         except RequestFailed as exc:
             await context.abort(exc.code, exc.message)
 
@@ -254,15 +258,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
         release = scheduler_pb2.ReleaseRequest(request_id=rid, slo=request.slo)
         status = "cancelled"  # unless it ends otherwise: the client went away
         try:
-            async for msg in self._resuming(rid, request, arrived, deadline):
-                if msg.HasField("summary"):  # what the request saw, for the SLO-aware preemption trigger
-                    times = msg.summary.token_times_ms
-                    release.ttft_ms = times[0]
-                    if len(times) > 1:
-                        release.tpot_ms = (times[-1] - times[0]) / (len(times) - 1)
-                    _observe(klass, msg.summary, (time.perf_counter() - arrived))
-                    status = "ok"
-                yield msg
+            async with contextlib.aclosing(self._resuming(rid, request, arrived, deadline)) as msgs:
+                async for msg in msgs:
+                    if msg.HasField("summary"):  # what the request saw, for the SLO-aware preemption trigger
+                        times = msg.summary.token_times_ms
+                        release.ttft_ms = times[0]
+                        if len(times) > 1:
+                            release.tpot_ms = (times[-1] - times[0]) / (len(times) - 1)
+                        _observe(klass, msg.summary, (time.perf_counter() - arrived))
+                        status = "ok"
+                    yield msg
         except RequestFailed as exc:
             status = exc.code.name.lower()
             raise
@@ -289,22 +294,24 @@ class RouterService(router_pb2_grpc.RouterServicer):
         for attempt in range(resumes + 1):
             seen: dict = {}
             try:
-                async for msg in self._generate(rid, current, arrived, deadline, seen):
-                    if msg.HasField("chunk"):
-                        ids.extend(msg.chunk.token_ids)
-                        yield msg
-                        continue
-                    s = msg.summary
-                    times.extend(s.token_times_ms)
-                    prompt_len = prompt_len or s.prompt_tokens
-                    if s.finish_reason != "preempted" or not offline:
-                        s.prompt_tokens, s.output_tokens = prompt_len, len(ids)
-                        del s.token_times_ms[:]
-                        s.token_times_ms.extend(times)
-                        s.ttft_ms = times[0] if times else s.ttft_ms
-                        s.resumes = attempt
-                        yield msg
-                        return
+                attempt_msgs = self._generate(rid, current, arrived, deadline, seen)
+                async with contextlib.aclosing(attempt_msgs):
+                    async for msg in attempt_msgs:
+                        if msg.HasField("chunk"):
+                            ids.extend(msg.chunk.token_ids)
+                            yield msg
+                            continue
+                        s = msg.summary
+                        times.extend(s.token_times_ms)
+                        prompt_len = prompt_len or s.prompt_tokens
+                        if s.finish_reason != "preempted" or not offline:
+                            s.prompt_tokens, s.output_tokens = prompt_len, len(ids)
+                            del s.token_times_ms[:]
+                            s.token_times_ms.extend(times)
+                            s.ttft_ms = times[0] if times else s.ttft_ms
+                            s.resumes = attempt
+                            yield msg
+                            return
             except RequestFailed as exc:
                 if not (offline and exc.code == grpc.StatusCode.ABORTED):  # ABORTED: preempted in prefill
                     raise
@@ -382,8 +389,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 # Both phases on one (mixed) worker: one streamed call, no KV exported, moved or tracked.
                 preq.export_kv = False
                 try:
-                    async for msg in self._generate_local(rid, request, preq, placement, arrived, deadline, seen):
-                        yield msg
+                    local_msgs = self._generate_local(rid, request, preq, placement, arrived, deadline, seen)
+                    async with contextlib.aclosing(local_msgs):
+                        async for msg in local_msgs:
+                            yield msg
                     return
                 except _LocalFailed as exc:
                     if attempt < self.config.place_retries:
@@ -429,15 +438,17 @@ class RouterService(router_pb2_grpc.RouterServicer):
             decode_addr, moves = placement.decode.address, 0
             kv_unclaimed = pre.HasField("kv")  # until the decode worker answers, the KV is the router's to free
             while True:
+                call = self.worker(decode_addr).Decode(dreq, timeout=_left(deadline))
                 try:
-                    async for d in self.worker(decode_addr).Decode(dreq, timeout=_left(deadline)):
-                        kv_unclaimed = False
-                        if d.cached_tokens:
-                            cached = d.cached_tokens
-                        if d.token_ids:
-                            yield _chunk(d, generated, token_times, seen, arrived)
-                        if d.finished:
-                            finish_reason = d.finish_reason
+                    async with _cancelling(call):
+                        async for d in call:
+                            kv_unclaimed = False
+                            if d.cached_tokens:
+                                cached = d.cached_tokens
+                            if d.token_ids:
+                                yield _chunk(d, generated, token_times, seen, arrived)
+                            if d.finished:
+                                finish_reason = d.finish_reason
                     break
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() == grpc.StatusCode.UNAVAILABLE:  # a restarted worker gets a fresh channel at once
@@ -500,20 +511,21 @@ class RouterService(router_pb2_grpc.RouterServicer):
         stream = self.worker(addr).PrefillDecode(preq, timeout=_left(deadline))
         while True:
             try:
-                async for m in stream:
-                    if not prompt_ids:
-                        prompt_ids = list(m.prompt_token_ids)
-                        max_tokens = m.max_tokens or max_tokens
-                        seen.update(prompt_ids=prompt_ids, prompt_len=len(prompt_ids), max_tokens=max_tokens,
-                                    generated=generated, output_tokens=0)
-                        if placement.report_first_token:
-                            self._notify(self.scheduler.FirstToken(
-                                scheduler_pb2.FirstTokenRequest(request_id=rid), timeout=2),
-                                f"first-token notice of {rid}")
-                    if m.token_ids:
-                        yield _chunk(m, generated, token_times, seen, arrived)
-                    if m.finished:
-                        finish_reason = m.finish_reason
+                async with _cancelling(stream):
+                    async for m in stream:
+                        if not prompt_ids:
+                            prompt_ids = list(m.prompt_token_ids)
+                            max_tokens = m.max_tokens or max_tokens
+                            seen.update(prompt_ids=prompt_ids, prompt_len=len(prompt_ids), max_tokens=max_tokens,
+                                        generated=generated, output_tokens=0)
+                            if placement.report_first_token:
+                                self._notify(self.scheduler.FirstToken(
+                                    scheduler_pb2.FirstTokenRequest(request_id=rid), timeout=2),
+                                    f"first-token notice of {rid}")
+                        if m.token_ids:
+                            yield _chunk(m, generated, token_times, seen, arrived)
+                        if m.finished:
+                            finish_reason = m.finish_reason
                 break
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
@@ -542,6 +554,18 @@ class RouterService(router_pb2_grpc.RouterServicer):
             request_id=rid, prompt_tokens=len(prompt_ids), output_tokens=len(generated), ttft_ms=token_times[0],
             token_times_ms=token_times, prefill_worker=w.worker_id, decode_worker=decode_worker,
             finish_reason=finish_reason or "length", engine=w.engine, trace_id=current_trace_id()))
+
+
+@contextlib.asynccontextmanager
+async def _cancelling(call):
+    """A worker's (or the scheduler's) stream, cancelled however the block holding it ends. A generator closed
+    while suspended at a yield (its client went away while a message was being sent) gets GeneratorExit
+    there, which does not cancel the call it iterates; the call and its reader form a reference cycle, so
+    without this the worker would go on generating for nobody until the garbage collector ran."""
+    try:
+        yield call
+    finally:
+        call.cancel()
 
 
 def _chunk(m, generated: list[int], token_times: list[float], seen: dict, arrived: float):

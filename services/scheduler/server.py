@@ -103,6 +103,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.preemption_ms: deque[float] = deque(maxlen=1000)
         self.preempted = 0
         self._preempting: set[str] = set()
+        self._placing: Counter[str] = Counter()  # request id -> Place calls of it in progress
+        self._released_early: set[str] = set()  # released while a Place of it was in progress
         self._workers: list[registry.WorkerRecord] = []
         self._refreshed = 0.0
         self._lock = asyncio.Lock()
@@ -254,10 +256,22 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def Place(self, request: scheduler_pb2.PlaceRequest, context: grpc.aio.ServicerContext):
         if request.request_class not in (common_pb2.ONLINE, common_pb2.OFFLINE):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_class: must be ONLINE or OFFLINE")
+        rid, released = request.request_id, False
+        self._placing[rid] += 1
         try:
             workers = await self.workers()
         except Exception as exc:  # noqa: BLE001 - Redis unreachable
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"cluster state unavailable: {exc}")
+        finally:
+            self._placing[rid] -= 1
+            if self._placing[rid] <= 0:
+                del self._placing[rid]
+                released = rid in self._released_early
+                self._released_early.discard(rid)
+        if released:
+            # The router gave up on the request (its client went away) and released it while this call
+            # waited: placing it now would count it in flight forever.
+            await context.abort(grpc.StatusCode.CANCELLED, "request released before it was placed")
         if not workers:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no workers registered")
         online = request.request_class == common_pb2.ONLINE
@@ -311,6 +325,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.ReleaseResponse()
 
     async def Release(self, request, context):
+        if request.request_id in self._placing:
+            self._released_early.add(request.request_id)
         placed = self.placed.get(request.request_id)
         self.release(request.request_id)
         if placed and not placed[0]:

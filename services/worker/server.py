@@ -61,6 +61,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._pulled: dict[str, pathlib.Path] = {}  # transfer id -> local copy, unlinked once loaded
         self._kv_channel: grpc.aio.Channel | None = None
         self._kv_down = False  # a call's reconnect wait failed; cleared by the next call that gets through
+        self._background: set[asyncio.Task] = set()  # broker bookkeeping sent off the token path
         self.channels = Channels()
         self.tracer = init_telemetry("worker")
         self.served = 0
@@ -208,11 +209,30 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
             if finished:
                 await self._release_transfer(handle.transfer_id)
-            elif await self._traced_start(handle, request, context):
-                resp.kv.CopyFrom(handle)
-                metrics.KV_EXPORTS.labels(self.worker_id).inc()
-                metrics.KV_EXPORT_BYTES.labels(self.worker_id).inc(handle.num_bytes)
+            elif self.config.kv_load_failure_policy == "fail" or self._kv_down:
+                # fail: the prefill fails if its KV cannot be announced; kvtransfer known down: the segment is
+                # freed at once (fail fast) and the decode recomputes
+                if await self._traced_start(handle, request, context):
+                    self._exported(resp, handle)
+            else:
+                # The first token does not wait for the broker: the KV is written and sealed, the decode on
+                # this host loads it straight from shared memory, and the announcement goes in the background
+                # (if it fails the segment is freed and the decode recomputes).
+                self._exported(resp, handle)
+                self._spawn(self._traced_start(handle, request, None))
         return resp
+
+    def _exported(self, resp: worker_pb2.PrefillResponse, handle: common_pb2.KvHandle) -> None:
+        resp.kv.CopyFrom(handle)
+        metrics.KV_EXPORTS.labels(self.worker_id).inc()
+        metrics.KV_EXPORT_BYTES.labels(self.worker_id).inc(handle.num_bytes)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        """A broker call the request does not wait for (held until done; its failures are handled inside)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         await self._check_request(request.request_id, context)
@@ -262,6 +282,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             "duopool.context_tokens": len(prompt), "duopool.max_tokens": request.max_tokens,
             "duopool.kv.offered": bool(transfer_id)})
         produced, cached, reason, first = 0, 0, "", True
+        completing: asyncio.Task | None = None
         outputs = self._run(ereq)
         try:
             async for o in self._batched(outputs, ereq.offline, tokens):
@@ -273,9 +294,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     cached_tokens=o.num_cached_tokens,
                 )
                 if transfer_id and not completed:
-                    # The engine has taken the KV (or recomputed): the source segment can go.
+                    # The engine has taken the KV (or recomputed): the source segment can go. The broker
+                    # learns of it in the background (the token goes out first); the stream's end waits for it.
                     completed = True
-                    await self._complete_transfer(transfer_id, ok=o.num_cached_tokens > 0)
+                    completing = self._spawn(self._complete_transfer(transfer_id, ok=o.num_cached_tokens > 0,
+                                                                     local=kv_load.path if kv_load else ""))
                     metrics.KV_LOADS.labels(self.worker_id, "loaded" if o.num_cached_tokens > 0 else "recomputed").inc()
                 if request.park_key and first:  # the resume's first message
                     take_failure = take_failure or ("" if o.num_cached_tokens > 0 else "parked KV not loadable")
@@ -295,7 +318,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                  "duopool.finish_reason": reason})
             span.end()
             if transfer_id and not completed:
-                await self._complete_transfer(transfer_id, ok=False, error="decode ended before loading")
+                await self._complete_transfer(transfer_id, ok=False, error="decode ended before loading",
+                                              local=kv_load.path if kv_load else "")
+            elif completing is not None:
+                await asyncio.shield(completing)  # bounded by kv_rpc_timeout_s; the transfer's end is known
             self.served += 1
             metrics.WORKER_PHASE.labels(self.worker_id, "decode").observe(time.perf_counter() - t0)
 
@@ -512,7 +538,21 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def _is_remote(self, kv: common_pb2.KvHandle) -> bool:
         return bool(kv.source_host and kv.source_host != self.host) or not os.path.exists(kv.location)
 
+    def _is_local_segment(self, location: str) -> bool:
+        """A segment in this host's KV directory (where prefills on this host write theirs)."""
+        try:
+            return pathlib.Path(location).resolve().parent == pathlib.Path(self.config.kv_dir).resolve()
+        except OSError:
+            return False
+
     async def _fetch_kv(self, handle: common_pb2.KvHandle, context) -> KvLoad | None:
+        """Where the engine loads the KV from. A segment on this host, still there, loads straight from
+        shared memory: no broker round trip on the first decode token's path (the segment is sealed before
+        its prefill returns; one the broker expired or freed is gone, and then the broker says why). Else
+        the broker is asked (PollTransfer) and a segment on another host is pulled."""
+        if (handle.source_host in ("", self.host) and handle.transport in ("", "shm") and
+                self._is_local_segment(handle.location) and os.path.exists(handle.location)):
+            return KvLoad(path=handle.location, num_tokens=handle.num_tokens)
         try:
             st = await self._kv_call("PollTransfer", kvtransfer_pb2.PollTransferRequest(
                 transfer_id=handle.transfer_id, wait_ms=2000, destination_host=self.host), extra_s=2.0)
@@ -562,8 +602,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if path is not None:
             unlink_segment(path)
 
-    async def _complete_transfer(self, transfer_id: str, ok: bool, error: str = "") -> None:
-        self._drop_pulled(transfer_id)  # the engine has taken (or given up on) the local copy
+    async def _complete_transfer(self, transfer_id: str, ok: bool, error: str = "", local: str = "") -> None:
+        """The engine has taken (or given up on) the KV: its local copy goes now (a pulled copy, or the
+        source segment itself when it was loaded straight from this host's shared memory: whoever loads it
+        frees it, so nothing lingers when the broker is unreachable), then the broker ends the transfer."""
+        self._drop_pulled(transfer_id)
+        if local and self._is_local_segment(local):
+            unlink_segment(pathlib.Path(local))
         try:
             await self.kv.CompleteTransfer(kvtransfer_pb2.CompleteTransferRequest(
                 transfer_id=transfer_id, ok=ok, error=error), timeout=self.config.kv_rpc_timeout_s)

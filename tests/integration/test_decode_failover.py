@@ -65,7 +65,7 @@ def scheduler_inflight(cluster) -> int:
     return st.online_inflight + st.offline_inflight
 
 
-def wait_idle(cluster) -> None:
+def wait_idle(cluster, stage: str = "") -> None:
     def busy():
         running = {}
         for w in ("prefill-0", "decode-0", "decode-1"):
@@ -76,7 +76,7 @@ def wait_idle(cluster) -> None:
         return running, scheduler_inflight(cluster)
 
     wait_for(lambda: busy() == ({}, 0), 10, interval=0.1,
-             what=lambda: f"abandoned requests to leave the engines and the scheduler (still: {busy()})")
+             what=lambda: f"abandoned requests to leave the engines and the scheduler{stage} (still: {busy()})")
 
 
 def decoding(cluster) -> bool:
@@ -126,4 +126,4 @@ def test_client_cancel_reaches_the_engines_at_every_stage(cluster, router, klass
             time.sleep(delay)
         call.cancel()
         assert call.code() == grpc.StatusCode.CANCELLED, (delay, call.code(), call.details())
-    wait_idle(cluster)
+        wait_idle(cluster, f" after a cancel at {delay if delay is not None else 'the decode'} s")

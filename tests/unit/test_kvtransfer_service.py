@@ -99,6 +99,28 @@ async def test_destination_that_never_pulls_expires_and_the_segment_goes(kv_dir)
     assert late.state == S.EXPIRED
 
 
+@pytest.mark.parametrize("ending", ["complete", "fail", "release"])
+async def test_an_end_that_overtakes_its_start_ends_the_late_start_at_once(kv_dir, ending):
+    """The source announces its KV in the background, so a fast decode's CompleteTransfer (or a router's
+    Release) can arrive first: NOT_FOUND as before, but the late StartTransfer ends in that state at once and
+    the segment goes, rather than lingering for its lease."""
+    svc, _ = service(kv_dir)
+    path = segment_path("early-1", kv_dir)
+    with pytest.raises(Aborted) as err:
+        if ending == "release":
+            await svc.Release(kvtransfer_pb2.ReleaseTransferRequest(transfer_id="early-1"), Ctx())
+        else:
+            await svc.CompleteTransfer(kvtransfer_pb2.CompleteTransferRequest(
+                transfer_id="early-1", ok=ending == "complete", error="x"), Ctx())
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+    st = await start(svc, kv_dir, "early-1")
+    want = {"complete": S.COMPLETED, "fail": S.FAILED, "release": S.RELEASED}[ending]
+    assert st.state == want and not path.exists()
+    assert not svc._ended_early
+    again = await start(svc, kv_dir, "other-1")  # an unrelated transfer is untouched
+    assert again.state == S.READY and segment_path("other-1", kv_dir).exists()
+
+
 async def test_park_take_complete_moves_by_rename_and_counts(kv_dir):
     svc, _ = service(kv_dir)
     st = await start(svc, kv_dir, "t1")

@@ -43,3 +43,55 @@ def test_bad_scope_is_rejected():
     with pytest.raises(ConfigError, match="pressure_scope"):
         config_from_namespace(SchedulerConfig, argparse.Namespace(),
                               {"REDIS_URL": "redis://x", "DUOPOOL_PRESSURE_SCOPE": "rack"})
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    code = None
+
+    async def abort(self, code, details):
+        self.code = code
+        raise _Aborted(details)
+
+
+def test_a_release_that_overtakes_its_place_leaves_nothing_in_flight():
+    """A client that goes away while its request is being placed: the router's Release can be handled
+    while the Place still waits for the cluster state; that Place must not count the request afterwards.
+    A later request reusing the id is placed as usual."""
+    import asyncio
+
+    import grpc
+
+    from duopool.v1 import common_pb2, scheduler_pb2
+
+    async def scenario():
+        svc = service("worker")
+        svc.online.clear()
+        svc.offline.clear()
+        gate = asyncio.Event()
+        workers = svc._workers
+
+        async def slow_workers():
+            await gate.wait()
+            return workers
+
+        svc.workers = slow_workers
+        req = scheduler_pb2.PlaceRequest(request_id="r1", request_class=common_pb2.ONLINE, max_tokens=4)
+        ctx = _Context()
+        place = asyncio.ensure_future(svc.Place(req, ctx))
+        await asyncio.sleep(0)
+        await svc.Release(scheduler_pb2.ReleaseRequest(request_id="r1"), None)
+        gate.set()
+        with pytest.raises(_Aborted):
+            await place
+        assert ctx.code == grpc.StatusCode.CANCELLED
+        assert sum(svc.online.values()) + sum(svc.offline.values()) == 0 and "r1" not in svc.placed
+        placed = await svc.Place(req, _Context())  # the id reused by a new request: placed and counted
+        assert placed.prefill.worker_id and svc.placed["r1"]
+        await svc.Release(scheduler_pb2.ReleaseRequest(request_id="r1"), None)
+        assert sum(svc.online.values()) == 0 and not svc._released_early
+
+    asyncio.run(scenario())
