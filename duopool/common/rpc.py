@@ -243,6 +243,14 @@ class Channels:
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[tuple[str, type], object] = {}
+
+    def stub(self, address: str, cls: type):
+        """A cached stub of ``cls`` on the address's channel (a stub builds a callable per method)."""
+        stub = self._stubs.get((address, cls))
+        if stub is None:
+            stub = self._stubs[(address, cls)] = cls(self.get(address))
+        return stub
 
     def get(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
@@ -254,6 +262,8 @@ class Channels:
         return ch
 
     async def drop(self, address: str) -> None:
+        for key in [k for k in self._stubs if k[0] == address]:
+            del self._stubs[key]
         ch = self._channels.pop(address, None)
         if ch is not None:
             await ch.close()
@@ -262,6 +272,7 @@ class Channels:
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
+        self._stubs.clear()
 
 
 async def wait_healthy(address: str, timeout: float = 60.0, service: str = "") -> None:

@@ -147,9 +147,12 @@ class KvSegment:
         raw = meta.to_json()
         if _HEAD.size + len(raw) > HEADER_BYTES:
             raise SegmentError(f"segment header too large ({len(raw)} bytes of metadata)")
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        except FileNotFoundError:  # the directory's first segment
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             size = meta.total_bytes + _map_len(meta)
             os.ftruncate(fd, size)

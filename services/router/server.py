@@ -165,10 +165,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     @property
     def scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
-        return scheduler_pb2_grpc.SchedulerStub(self.channels.get(self.config.scheduler))
+        return self.channels.stub(self.config.scheduler, scheduler_pb2_grpc.SchedulerStub)
 
     def worker(self, address: str) -> worker_pb2_grpc.WorkerStub:
-        return worker_pb2_grpc.WorkerStub(self.channels.get(address))
+        return self.channels.stub(address, worker_pb2_grpc.WorkerStub)
 
     async def ListWorkers(self, request, context):
         """The workers as clients may see them: role, pool, model, load — not their internal addresses."""

@@ -134,7 +134,7 @@ class BrainDriver:
             return
         t0 = time.perf_counter()
         try:
-            stub = worker_pb2_grpc.WorkerStub(self.service.channels.get(w.address))
+            stub = self.service.channels.stub(w.address, worker_pb2_grpc.WorkerStub)
             resp = await stub.Preempt(worker_pb2.PreemptRequest(
                 request_class=common_pb2.OFFLINE, request_ids=list(e.request_ids), reason=e.reason), timeout=30)
         except grpc.aio.AioRpcError as exc:

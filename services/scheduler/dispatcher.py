@@ -448,7 +448,7 @@ class OfflineDispatcher:
             log.warning("releasing the KV of %s on %s failed: %s", rid, prefill_w.worker_id, exc.code().name)
 
     def _worker(self, w) -> worker_pb2_grpc.WorkerStub:
-        return worker_pb2_grpc.WorkerStub(self.service.channels.get(w.address))
+        return self.service.channels.stub(w.address, worker_pb2_grpc.WorkerStub)
 
 
 def _park_of(m) -> dict:

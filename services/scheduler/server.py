@@ -243,7 +243,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                                                                "duopool.max_requests": count,
                                                                "duopool.reason": reason})
         try:
-            stub = worker_pb2_grpc.WorkerStub(self.channels.get(w.address))
+            stub = self.channels.stub(w.address, worker_pb2_grpc.WorkerStub)
             resp = await stub.Preempt(worker_pb2.PreemptRequest(
                 request_class=common_pb2.OFFLINE, max_requests=count, reason=reason), timeout=30)
             if resp.request_ids:
@@ -439,7 +439,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     async def _apply_role(self, w: registry.WorkerRecord, role: str, pool: str, offline_only: bool = False):
         try:
-            stub = worker_pb2_grpc.WorkerStub(self.channels.get(w.address))
+            stub = self.channels.stub(w.address, worker_pb2_grpc.WorkerStub)
             info = await stub.SetRole(worker_pb2.SetRoleRequest(role=ROLE_PB[role], pool=POOL_PB[pool],
                                                                 offline_only=offline_only), timeout=5)
             log.info("worker %s set to role %s, pool %s", w.worker_id, role, pool)

@@ -62,6 +62,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._kv_channel: grpc.aio.Channel | None = None
         self._kv_down = False  # a call's reconnect wait failed; cleared by the next call that gets through
         self._background: set[asyncio.Task] = set()  # broker bookkeeping sent off the token path
+        self._kv_dir = os.path.normpath(str(segment_path("x", pathlib.Path(config.kv_dir)).parent))
+        self._kv_stub: kvtransfer_pb2_grpc.KvTransferStub | None = None
         self.channels = Channels()
         self.tracer = init_telemetry("worker")
         self.served = 0
@@ -79,9 +81,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         """kvtransfer, on a channel of its own that retries the connection quickly (at most every
         ``KV_MAX_RECONNECT_MS``), so a restarted kvtransfer is found again within seconds; until then calls
         fail fast with UNAVAILABLE and the decode recomputes."""
-        if self._kv_channel is None:
+        if self._kv_stub is None:
             self._kv_channel = aio_channel(self.config.kvtransfer, options=KV_CHANNEL_OPTIONS)
-        return kvtransfer_pb2_grpc.KvTransferStub(self._kv_channel)
+            self._kv_stub = kvtransfer_pb2_grpc.KvTransferStub(self._kv_channel)
+        return self._kv_stub
 
     def record(self) -> registry.WorkerRecord:
         load = self.engine.load()
@@ -539,11 +542,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return bool(kv.source_host and kv.source_host != self.host) or not os.path.exists(kv.location)
 
     def _is_local_segment(self, location: str) -> bool:
-        """A segment in this host's KV directory (where prefills on this host write theirs)."""
-        try:
-            return pathlib.Path(location).resolve().parent == pathlib.Path(self.config.kv_dir).resolve()
-        except OSError:
-            return False
+        """A segment in this host's KV directory, named as the prefills on this host name theirs (the same
+        directory string: a path spelled otherwise goes through the broker; no resolve() per request)."""
+        return bool(location) and os.path.dirname(location) == self._kv_dir and ".." not in location
 
     async def _fetch_kv(self, handle: common_pb2.KvHandle, context) -> KvLoad | None:
         """Where the engine loads the KV from. A segment on this host, still there, loads straight from
