@@ -149,6 +149,59 @@ async def _load(address: str, metadata, rate: float, seconds: float, max_tokens:
             "latencies": lat}
 
 
+def _floor_server(port_out, stop) -> None:
+    """A bare grpc.aio server (no interceptors, no auth, a no-op handler) for ``_grpc_floor``."""
+    import grpc
+
+    async def run() -> None:
+        async def echo(request, context):
+            return request
+
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "floor.Floor", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+        port_out.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        await server.stop(0)
+
+    asyncio.run(run())
+
+
+def _grpc_floor(calls: int = 3000) -> dict:
+    """What one gRPC hop costs on this machine with nothing of ours in it: ``calls`` sequential no-op unary
+    calls (16-byte messages) between two processes over loopback, CPU ms per call on each side. A request
+    that crosses k hops cannot cost its services less than about k times this."""
+    import multiprocessing as mp
+
+    import grpc
+
+    ctx = mp.get_context("spawn")
+    port_q, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_floor_server, args=(port_q, stop), daemon=True)
+    proc.start()
+    try:
+        port = port_q.get(timeout=60)
+
+        async def client() -> tuple[float, float, float]:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                echo = ch.unary_unary("/floor.Floor/Echo")
+                for _ in range(200):
+                    await echo(b"x" * 16)
+                srv0, cli0, t0 = _cpu_s(proc.pid), time.process_time(), time.perf_counter()
+                for _ in range(calls):
+                    await echo(b"x" * 16)
+                return _cpu_s(proc.pid) - srv0, time.process_time() - cli0, time.perf_counter() - t0
+
+        srv, cli, wall = asyncio.run(client())
+    finally:
+        stop.set()
+        proc.join(10)
+    return {"calls": calls, "server_cpu_ms_per_call": srv * 1e3 / calls, "client_cpu_ms_per_call": cli * 1e3 / calls,
+            "latency_ms_per_call": wall * 1e3 / calls}
+
+
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
@@ -211,7 +264,12 @@ def main(args: argparse.Namespace) -> int:
     engine_s = asyncio.run(_engine_baseline(args.sim_speedup, args.max_tokens, args.prompt_tokens))
     print(f"SIMULATED engine alone: {engine_s * 1e3:.2f} ms per request of {args.prompt_tokens} + {args.max_tokens} "
           "tokens (median)", flush=True)
+    floor = _grpc_floor()
+    print(f"one bare gRPC hop (no-op unary, loopback): client {floor['client_cpu_ms_per_call']:.3f} ms + server "
+          f"{floor['server_cpu_ms_per_call']:.3f} ms of CPU, {floor['latency_ms_per_call']:.3f} ms round trip",
+          flush=True)
     report = {"engine": "sim (SIMULATED)", "sim_speedup": args.sim_speedup, "max_tokens": args.max_tokens,
+              "grpc_hop": floor,
               "prompt_tokens": args.prompt_tokens,
               "seconds": args.seconds, "cores": len(os.sched_getaffinity(0)), "engine_ms": engine_s * 1e3,
               "layouts": {}}

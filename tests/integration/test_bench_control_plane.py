@@ -19,6 +19,8 @@ def test_control_plane_bench_writes_its_figures(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "control_plane.json").read_text())
     assert report["engine"].startswith("sim") and report["engine_ms"] > 0
+    hop = report["grpc_hop"]  # the floor one bare gRPC hop costs here
+    assert hop["calls"] > 0 and hop["client_cpu_ms_per_call"] > 0 and hop["latency_ms_per_call"] > 0
     for layout in ("pd", "mixed"):
         (row,) = report["layouts"][layout]["rows"]
         assert row["offered"] > 10 and row["completed"] == row["offered"] and not row["errors"]
