@@ -323,10 +323,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             if transfer_id and not completed:
                 await self._complete_transfer(transfer_id, ok=False, error="decode ended before loading",
                                               local=kv_load.path if kv_load else "")
-            elif completing is not None:
-                await asyncio.shield(completing)  # bounded by kv_rpc_timeout_s; the transfer's end is known
             self.served += 1
             metrics.WORKER_PHASE.labels(self.worker_id, "decode").observe(time.perf_counter() - t0)
+            if completing is not None:  # bounded by kv_rpc_timeout_s: the stream ends with its transfer ended
+                await asyncio.shield(completing)
 
     async def _batched(self, outputs, offline: bool, counter, first_now: bool = False):
         """The engine's outputs, counted; offline tokens go out in batches (at most every OFFLINE_FLUSH_S, and
