@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from duopool.v1 import common_pb2 as duopool_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64uopool/v1/kvtransfer.proto\x12\nduopool.v1\x1a\x17\x64uopool/v1/common.proto\"N\n\x17RegisterEndpointRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x12\n\ntransports\x18\x03 \x03(\t\"\x1a\n\x18RegisterEndpointResponse\"\x7f\n\x14StartTransferRequest\x12 \n\x02kv\x18\x01 \x01(\x0b\x32\x14.duopool.v1.KvHandle\x12\x1a\n\x12\x64\x65stination_worker\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65stination_host\x18\x03 \x01(\t\x12\x0f\n\x07lease_s\x18\x04 \x01(\x01\"U\n\x13PollTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\x05\x12\x18\n\x10\x64\x65stination_host\x18\x03 \x01(\t\"I\n\x17\x43ompleteTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"y\n\rRecordRequest\x12\x30\n\x06starts\x18\x01 \x03(\x0b\x32 .duopool.v1.StartTransferRequest\x12\x36\n\tcompletes\x18\x02 \x03(\x0b\x32#.duopool.v1.CompleteTransferRequest\"k\n\x0eRecordResponse\x12*\n\x06starts\x18\x01 \x03(\x0b\x32\x1a.duopool.v1.TransferStatus\x12-\n\tcompletes\x18\x02 \x03(\x0b\x32\x1a.duopool.v1.TransferStatus\"-\n\x16ReleaseTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"\x80\x01\n\x0eTransferStatus\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.duopool.v1.TransferState\x12 \n\x02kv\x18\x03 \x01(\x0b\x32\x14.duopool.v1.KvHandle\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"F\n\x0bReadRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x05\x12\r\n\x05units\x18\x03 \x03(\r\")\n\tDataChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x10\n\x0eKvStatsRequest\"\xcb\x03\n\x0fKvStatsResponse\x12\x18\n\x10\x61\x63tive_transfers\x18\x01 \x01(\x05\x12\x14\n\x0c\x61\x63tive_bytes\x18\x02 \x01(\x03\x12\x11\n\tcompleted\x18\x03 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x03\x12\x0f\n\x07\x65xpired\x18\x05 \x01(\x03\x12\x13\n\x0b\x62ytes_moved\x18\x06 \x01(\x03\x12\x10\n\x08released\x18\x07 \x01(\x03\x12\x18\n\x10parked_transfers\x18\x08 \x01(\x03\x12\x16\n\x0e\x62ytes_streamed\x18\t \x01(\x03\x12\x14\n\x0c\x61\x63tive_reads\x18\n \x01(\x05\x12\x1b\n\x13pool_capacity_bytes\x18\x0b \x01(\x03\x12\x17\n\x0fpool_used_bytes\x18\x0c \x01(\x03\x12\x14\n\x0cpool_entries\x18\r \x01(\x05\x12\x12\n\npool_parks\x18\x0e \x01(\x03\x12\x16\n\x0epool_evictions\x18\x0f \x01(\x03\x12\x1a\n\x12pool_evicted_bytes\x18\x10 \x01(\x03\x12\x11\n\tpool_hits\x18\x11 \x01(\x03\x12\x13\n\x0bpool_misses\x18\x12 \x01(\x03\x12\x14\n\x0cpool_refused\x18\x13 \x01(\x03\x12\x13\n\x0bpool_policy\x18\x14 \x01(\t\"S\n\x0bParkRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x10\n\x08location\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\"S\n\x0cParkResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x0f\n\x07\x65victed\x18\x04 \x03(\t\"z\n\x0bTakeRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x17\n\x0fnew_transfer_id\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65stination_worker\x18\x03 \x01(\t\x12\x18\n\x10\x64\x65stination_host\x18\x04 \x01(\t\x12\x0f\n\x07lease_s\x18\x05 \x01(\x01\"\x1a\n\x0b\x44ropRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x1d\n\x0c\x44ropResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*\x89\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\t\n\x05READY\x10\x02\x12\r\n\tCOMPLETED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x0b\n\x07\x45XPIRED\x10\x05\x12\x0c\n\x08RELEASED\x10\x06\x12\n\n\x06PARKED\x10\x07\x32\x97\x06\n\nKvTransfer\x12]\n\x10RegisterEndpoint\x12#.duopool.v1.RegisterEndpointRequest\x1a$.duopool.v1.RegisterEndpointResponse\x12M\n\rStartTransfer\x12 .duopool.v1.StartTransferRequest\x1a\x1a.duopool.v1.TransferStatus\x12K\n\x0cPollTransfer\x12\x1f.duopool.v1.PollTransferRequest\x1a\x1a.duopool.v1.TransferStatus\x12S\n\x10\x43ompleteTransfer\x12#.duopool.v1.CompleteTransferRequest\x1a\x1a.duopool.v1.TransferStatus\x12I\n\x07Release\x12\".duopool.v1.ReleaseTransferRequest\x1a\x1a.duopool.v1.TransferStatus\x12?\n\x06Record\x12\x19.duopool.v1.RecordRequest\x1a\x1a.duopool.v1.RecordResponse\x12\x38\n\x04Read\x12\x17.duopool.v1.ReadRequest\x1a\x15.duopool.v1.DataChunk0\x01\x12@\n\x05Stats\x12\x1a.duopool.v1.KvStatsRequest\x1a\x1b.duopool.v1.KvStatsResponse\x12\x39\n\x04Park\x12\x17.duopool.v1.ParkRequest\x1a\x18.duopool.v1.ParkResponse\x12;\n\x04Take\x12\x17.duopool.v1.TakeRequest\x1a\x1a.duopool.v1.TransferStatus\x12\x39\n\x04\x44rop\x12\x17.duopool.v1.DropRequest\x1a\x18.duopool.v1.DropResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64uopool/v1/kvtransfer.proto\x12\nduopool.v1\x1a\x17\x64uopool/v1/common.proto\"N\n\x17RegisterEndpointRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x12\n\ntransports\x18\x03 \x03(\t\"\x1a\n\x18RegisterEndpointResponse\"\x7f\n\x14StartTransferRequest\x12 \n\x02kv\x18\x01 \x01(\x0b\x32\x14.duopool.v1.KvHandle\x12\x1a\n\x12\x64\x65stination_worker\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65stination_host\x18\x03 \x01(\t\x12\x0f\n\x07lease_s\x18\x04 \x01(\x01\"U\n\x13PollTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\x05\x12\x18\n\x10\x64\x65stination_host\x18\x03 \x01(\t\"I\n\x17\x43ompleteTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"-\n\x16ReleaseTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"\x80\x01\n\x0eTransferStatus\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.duopool.v1.TransferState\x12 \n\x02kv\x18\x03 \x01(\x0b\x32\x14.duopool.v1.KvHandle\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"F\n\x0bReadRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x05\x12\r\n\x05units\x18\x03 \x03(\r\")\n\tDataChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x10\n\x0eKvStatsRequest\"\xcb\x03\n\x0fKvStatsResponse\x12\x18\n\x10\x61\x63tive_transfers\x18\x01 \x01(\x05\x12\x14\n\x0c\x61\x63tive_bytes\x18\x02 \x01(\x03\x12\x11\n\tcompleted\x18\x03 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x03\x12\x0f\n\x07\x65xpired\x18\x05 \x01(\x03\x12\x13\n\x0b\x62ytes_moved\x18\x06 \x01(\x03\x12\x10\n\x08released\x18\x07 \x01(\x03\x12\x18\n\x10parked_transfers\x18\x08 \x01(\x03\x12\x16\n\x0e\x62ytes_streamed\x18\t \x01(\x03\x12\x14\n\x0c\x61\x63tive_reads\x18\n \x01(\x05\x12\x1b\n\x13pool_capacity_bytes\x18\x0b \x01(\x03\x12\x17\n\x0fpool_used_bytes\x18\x0c \x01(\x03\x12\x14\n\x0cpool_entries\x18\r \x01(\x05\x12\x12\n\npool_parks\x18\x0e \x01(\x03\x12\x16\n\x0epool_evictions\x18\x0f \x01(\x03\x12\x1a\n\x12pool_evicted_bytes\x18\x10 \x01(\x03\x12\x11\n\tpool_hits\x18\x11 \x01(\x03\x12\x13\n\x0bpool_misses\x18\x12 \x01(\x03\x12\x14\n\x0cpool_refused\x18\x13 \x01(\x03\x12\x13\n\x0bpool_policy\x18\x14 \x01(\t\"S\n\x0bParkRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x10\n\x08location\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\"S\n\x0cParkResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x0f\n\x07\x65victed\x18\x04 \x03(\t\"z\n\x0bTakeRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x17\n\x0fnew_transfer_id\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65stination_worker\x18\x03 \x01(\t\x12\x18\n\x10\x64\x65stination_host\x18\x04 \x01(\t\x12\x0f\n\x07lease_s\x18\x05 \x01(\x01\"\x1a\n\x0b\x44ropRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x1d\n\x0c\x44ropResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*\x89\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\t\n\x05READY\x10\x02\x12\r\n\tCOMPLETED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x0b\n\x07\x45XPIRED\x10\x05\x12\x0c\n\x08RELEASED\x10\x06\x12\n\n\x06PARKED\x10\x07\x32\xd6\x05\n\nKvTransfer\x12]\n\x10RegisterEndpoint\x12#.duopool.v1.RegisterEndpointRequest\x1a$.duopool.v1.RegisterEndpointResponse\x12M\n\rStartTransfer\x12 .duopool.v1.StartTransferRequest\x1a\x1a.duopool.v1.TransferStatus\x12K\n\x0cPollTransfer\x12\x1f.duopool.v1.PollTransferRequest\x1a\x1a.duopool.v1.TransferStatus\x12S\n\x10\x43ompleteTransfer\x12#.duopool.v1.CompleteTransferRequest\x1a\x1a.duopool.v1.TransferStatus\x12I\n\x07Release\x12\".duopool.v1.ReleaseTransferRequest\x1a\x1a.duopool.v1.TransferStatus\x12\x38\n\x04Read\x12\x17.duopool.v1.ReadRequest\x1a\x15.duopool.v1.DataChunk0\x01\x12@\n\x05Stats\x12\x1a.duopool.v1.KvStatsRequest\x1a\x1b.duopool.v1.KvStatsResponse\x12\x39\n\x04Park\x12\x17.duopool.v1.ParkRequest\x1a\x18.duopool.v1.ParkResponse\x12;\n\x04Take\x12\x17.duopool.v1.TakeRequest\x1a\x1a.duopool.v1.TransferStatus\x12\x39\n\x04\x44rop\x12\x17.duopool.v1.DropRequest\x1a\x18.duopool.v1.DropResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'duopool.v1.kvtransfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSFERSTATE']._serialized_start=1826
-  _globals['_TRANSFERSTATE']._serialized_end=1963
+  _globals['_TRANSFERSTATE']._serialized_start=1594
+  _globals['_TRANSFERSTATE']._serialized_end=1731
   _globals['_REGISTERENDPOINTREQUEST']._serialized_start=68
   _globals['_REGISTERENDPOINTREQUEST']._serialized_end=146
   _globals['_REGISTERENDPOINTRESPONSE']._serialized_start=148
@@ -44,32 +44,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POLLTRANSFERREQUEST']._serialized_end=390
   _globals['_COMPLETETRANSFERREQUEST']._serialized_start=392
   _globals['_COMPLETETRANSFERREQUEST']._serialized_end=465
-  _globals['_RECORDREQUEST']._serialized_start=467
-  _globals['_RECORDREQUEST']._serialized_end=588
-  _globals['_RECORDRESPONSE']._serialized_start=590
-  _globals['_RECORDRESPONSE']._serialized_end=697
-  _globals['_RELEASETRANSFERREQUEST']._serialized_start=699
-  _globals['_RELEASETRANSFERREQUEST']._serialized_end=744
-  _globals['_TRANSFERSTATUS']._serialized_start=747
-  _globals['_TRANSFERSTATUS']._serialized_end=875
-  _globals['_READREQUEST']._serialized_start=877
-  _globals['_READREQUEST']._serialized_end=947
-  _globals['_DATACHUNK']._serialized_start=949
-  _globals['_DATACHUNK']._serialized_end=990
-  _globals['_KVSTATSREQUEST']._serialized_start=992
-  _globals['_KVSTATSREQUEST']._serialized_end=1008
-  _globals['_KVSTATSRESPONSE']._serialized_start=1011
-  _globals['_KVSTATSRESPONSE']._serialized_end=1470
-  _globals['_PARKREQUEST']._serialized_start=1472
-  _globals['_PARKREQUEST']._serialized_end=1555
-  _globals['_PARKRESPONSE']._serialized_start=1557
-  _globals['_PARKRESPONSE']._serialized_end=1640
-  _globals['_TAKEREQUEST']._serialized_start=1642
-  _globals['_TAKEREQUEST']._serialized_end=1764
-  _globals['_DROPREQUEST']._serialized_start=1766
-  _globals['_DROPREQUEST']._serialized_end=1792
-  _globals['_DROPRESPONSE']._serialized_start=1794
-  _globals['_DROPRESPONSE']._serialized_end=1823
-  _globals['_KVTRANSFER']._serialized_start=1966
-  _globals['_KVTRANSFER']._serialized_end=2757
+  _globals['_RELEASETRANSFERREQUEST']._serialized_start=467
+  _globals['_RELEASETRANSFERREQUEST']._serialized_end=512
+  _globals['_TRANSFERSTATUS']._serialized_start=515
+  _globals['_TRANSFERSTATUS']._serialized_end=643
+  _globals['_READREQUEST']._serialized_start=645
+  _globals['_READREQUEST']._serialized_end=715
+  _globals['_DATACHUNK']._serialized_start=717
+  _globals['_DATACHUNK']._serialized_end=758
+  _globals['_KVSTATSREQUEST']._serialized_start=760
+  _globals['_KVSTATSREQUEST']._serialized_end=776
+  _globals['_KVSTATSRESPONSE']._serialized_start=779
+  _globals['_KVSTATSRESPONSE']._serialized_end=1238
+  _globals['_PARKREQUEST']._serialized_start=1240
+  _globals['_PARKREQUEST']._serialized_end=1323
+  _globals['_PARKRESPONSE']._serialized_start=1325
+  _globals['_PARKRESPONSE']._serialized_end=1408
+  _globals['_TAKEREQUEST']._serialized_start=1410
+  _globals['_TAKEREQUEST']._serialized_end=1532
+  _globals['_DROPREQUEST']._serialized_start=1534
+  _globals['_DROPREQUEST']._serialized_end=1560
+  _globals['_DROPRESPONSE']._serialized_start=1562
+  _globals['_DROPRESPONSE']._serialized_end=1591
+  _globals['_KVTRANSFER']._serialized_start=1734
+  _globals['_KVTRANSFER']._serialized_end=2460
 # @@protoc_insertion_point(module_scope)

@@ -73,22 +73,6 @@ class CompleteTransferRequest(_message.Message):
     error: str
     def __init__(self, transfer_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
-class RecordRequest(_message.Message):
-    __slots__ = ("starts", "completes")
-    STARTS_FIELD_NUMBER: _ClassVar[int]
-    COMPLETES_FIELD_NUMBER: _ClassVar[int]
-    starts: _containers.RepeatedCompositeFieldContainer[StartTransferRequest]
-    completes: _containers.RepeatedCompositeFieldContainer[CompleteTransferRequest]
-    def __init__(self, starts: _Optional[_Iterable[_Union[StartTransferRequest, _Mapping]]] = ..., completes: _Optional[_Iterable[_Union[CompleteTransferRequest, _Mapping]]] = ...) -> None: ...
-
-class RecordResponse(_message.Message):
-    __slots__ = ("starts", "completes")
-    STARTS_FIELD_NUMBER: _ClassVar[int]
-    COMPLETES_FIELD_NUMBER: _ClassVar[int]
-    starts: _containers.RepeatedCompositeFieldContainer[TransferStatus]
-    completes: _containers.RepeatedCompositeFieldContainer[TransferStatus]
-    def __init__(self, starts: _Optional[_Iterable[_Union[TransferStatus, _Mapping]]] = ..., completes: _Optional[_Iterable[_Union[TransferStatus, _Mapping]]] = ...) -> None: ...
-
 class ReleaseTransferRequest(_message.Message):
     __slots__ = ("transfer_id",)
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]

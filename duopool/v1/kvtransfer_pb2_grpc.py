@@ -59,11 +59,6 @@ class KvTransferStub:
                 request_serializer=duopool_dot_v1_dot_kvtransfer__pb2.ReleaseTransferRequest.SerializeToString,
                 response_deserializer=duopool_dot_v1_dot_kvtransfer__pb2.TransferStatus.FromString,
                 _registered_method=True)
-        self.Record = channel.unary_unary(
-                '/duopool.v1.KvTransfer/Record',
-                request_serializer=duopool_dot_v1_dot_kvtransfer__pb2.RecordRequest.SerializeToString,
-                response_deserializer=duopool_dot_v1_dot_kvtransfer__pb2.RecordResponse.FromString,
-                _registered_method=True)
         self.Read = channel.unary_stream(
                 '/duopool.v1.KvTransfer/Read',
                 request_serializer=duopool_dot_v1_dot_kvtransfer__pb2.ReadRequest.SerializeToString,
@@ -124,15 +119,6 @@ class KvTransferServicer:
 
     def Release(self, request, context):
         """Drops a transfer and frees its buffers, whatever its state.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Record(self, request, context):
-        """Several StartTransfer and CompleteTransfer in one call (a worker sends what piled up while its previous
-        Record was in flight: one call per request at low load, far fewer than two per request at high load).
-        Each item is answered as its own call would be; one that call would refuse has its error set.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -202,11 +188,6 @@ def add_KvTransferServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=duopool_dot_v1_dot_kvtransfer__pb2.ReleaseTransferRequest.FromString,
                     response_serializer=duopool_dot_v1_dot_kvtransfer__pb2.TransferStatus.SerializeToString,
-            ),
-            'Record': grpc.unary_unary_rpc_method_handler(
-                    servicer.Record,
-                    request_deserializer=duopool_dot_v1_dot_kvtransfer__pb2.RecordRequest.FromString,
-                    response_serializer=duopool_dot_v1_dot_kvtransfer__pb2.RecordResponse.SerializeToString,
             ),
             'Read': grpc.unary_stream_rpc_method_handler(
                     servicer.Read,
@@ -369,33 +350,6 @@ class KvTransfer:
             '/duopool.v1.KvTransfer/Release',
             duopool_dot_v1_dot_kvtransfer__pb2.ReleaseTransferRequest.SerializeToString,
             duopool_dot_v1_dot_kvtransfer__pb2.TransferStatus.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Record(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/duopool.v1.KvTransfer/Record',
-            duopool_dot_v1_dot_kvtransfer__pb2.RecordRequest.SerializeToString,
-            duopool_dot_v1_dot_kvtransfer__pb2.RecordResponse.FromString,
             options,
             channel_credentials,
             insecure,

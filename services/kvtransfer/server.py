@@ -79,19 +79,6 @@ class Transfer:
                                              error=self.error)
 
 
-class _ItemRefused(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code, self.details = code, details
-
-
-class _ItemContext:
-    """The context a batched item's handler runs with: a refusal becomes that item's error, not the call's."""
-
-    async def abort(self, code: grpc.StatusCode, details: str = ""):
-        raise _ItemRefused(code, details)
-
-
 class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
     def __init__(self, config: KvTransferConfig, clock=time.monotonic) -> None:
         self.config = config
@@ -222,22 +209,6 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
         t = await self._transfer_or_abort(request.transfer_id, context)
         await self._end(t, S.COMPLETED if request.ok else S.FAILED, request.error)
         return t.status()
-
-    async def Record(self, request, context):
-        """StartTransfer and CompleteTransfer items, each handled as its own call (starts first: a batch can
-        carry a transfer's start and its end)."""
-        out = kvtransfer_pb2.RecordResponse()
-        for item in request.starts:
-            out.starts.append(await self._as_item(self.StartTransfer, item, item.kv.transfer_id))
-        for item in request.completes:
-            out.completes.append(await self._as_item(self.CompleteTransfer, item, item.transfer_id))
-        return out
-
-    async def _as_item(self, handler, item, transfer_id: str) -> kvtransfer_pb2.TransferStatus:
-        try:
-            return await handler(item, _ItemContext())
-        except _ItemRefused as exc:
-            return kvtransfer_pb2.TransferStatus(transfer_id=transfer_id, error=f"{exc.code.name}: {exc.details}")
 
     async def Release(self, request, context):
         if request.transfer_id and request.transfer_id not in self.transfers:

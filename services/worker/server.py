@@ -31,7 +31,6 @@ from duopool.common.wire import PB_POOL, PB_ROLE, worker_info_pb
 from duopool.kv.segment import KvSegment, SegmentError, segment_path, unlink_segment
 from duopool.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from duopool.worker.engines.base import Engine, EngineError, EngineRequest, KvLoad, Sampling, create_engine
-from duopool.worker.kv_record import KvRecorder
 
 log = logging.getLogger("duopool.worker")
 
@@ -65,7 +64,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._background: set[asyncio.Task] = set()  # broker bookkeeping sent off the token path
         self._kv_dir = os.path.normpath(str(segment_path("x", pathlib.Path(config.kv_dir)).parent))
         self._kv_stub: kvtransfer_pb2_grpc.KvTransferStub | None = None
-        self.recorder = KvRecorder(lambda req: self._kv_call("Record", req))  # bookkeeping, batched
         self.channels = Channels()
         self.tracer = init_telemetry("worker")
         self.served = 0
@@ -221,10 +219,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     self._exported(resp, handle)
             else:
                 # The first token does not wait for the broker: the KV is written and sealed, the decode on
-                # this host loads it straight from shared memory, and the announcement goes in the background,
-                # batched with others (if it fails the segment is freed and the decode recomputes).
+                # this host loads it straight from shared memory, and the announcement goes in the background
+                # (if it fails the segment is freed and the decode recomputes).
                 self._exported(resp, handle)
-                self._spawn(self._traced_start(handle, request, None, batched=True))
+                self._spawn(self._traced_start(handle, request, None))
         return resp
 
     def _exported(self, resp: worker_pb2.PrefillResponse, handle: common_pb2.KvHandle) -> None:
@@ -480,38 +478,32 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         log.warning("transfer %s not loadable (%s); recomputing the prompt", transfer_id, error)
 
     async def _traced_start(self, handle: common_pb2.KvHandle, request: worker_pb2.PrefillRequest,
-                            context, batched: bool = False) -> bool:
+                            context) -> bool:
         with self.tracer.start_as_current_span("duopool.kv.export", attributes={
                 "duopool.worker": self.worker_id, "duopool.kv.transfer_id": handle.transfer_id,
                 "duopool.kv.bytes": handle.num_bytes, "duopool.kv.tokens": handle.num_tokens,
                 "duopool.kv.blocks": handle.num_blocks, "duopool.kv.transport": handle.transport,
                 "duopool.decode_worker": request.decode_worker}) as span:
-            ok = await self._start_transfer(handle, request, context, batched)
+            ok = await self._start_transfer(handle, request, context)
             span.set_attribute("duopool.kv.announced", ok)
             return ok
 
     async def _start_transfer(self, handle: common_pb2.KvHandle, request: worker_pb2.PrefillRequest,
-                              context, batched: bool = False) -> bool:
-        """Announces exported KV to the broker (``batched``: through the recorder). If the broker is
-        unreachable or refuses it the segment is freed at once (nobody could find it) and the decode
-        recomputes — or, under ``fail``, the prefill fails."""
-        item = kvtransfer_pb2.StartTransferRequest(
-            kv=handle, destination_worker=request.decode_worker, destination_host=request.decode_host)
+                              context) -> bool:
+        """Announces exported KV to the broker. If the broker is unreachable the segment is freed at once
+        (nobody could find it) and the decode recomputes — or, under ``fail``, the prefill fails."""
         try:
-            if not batched:
-                await self._kv_call("StartTransfer", item)
-                return True
-            st = await self.recorder.start(item)
-            if not st.error:
-                return True
-            error = f"kvtransfer refused it: {st.error}"
+            await self._kv_call("StartTransfer", kvtransfer_pb2.StartTransferRequest(
+                kv=handle, destination_worker=request.decode_worker, destination_host=request.decode_host,
+            ))
+            return True
         except grpc.aio.AioRpcError as exc:
+            unlink_segment(pathlib.Path(handle.location))
             error = f"kvtransfer unreachable: {exc.code().name}"
-        unlink_segment(pathlib.Path(handle.location))
-        if self.config.kv_load_failure_policy == "fail" and context is not None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv: transfer {handle.transfer_id} not started: {error}")
-        log.warning("transfer %s not started (%s); the decode will recompute", handle.transfer_id, error)
-        return False
+            if self.config.kv_load_failure_policy == "fail":
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv: transfer {handle.transfer_id} not started: {error}")
+            log.warning("transfer %s not started (%s); the decode will recompute", handle.transfer_id, error)
+            return False
 
     async def _kv_call(self, method: str, request, extra_s: float = 0.0):
         """One kvtransfer call, bounded by ``kv_rpc_timeout_s``. Fails fast when kvtransfer is down, but an
@@ -619,14 +611,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if local and self._is_local_segment(local):
             unlink_segment(pathlib.Path(local))
         try:
-            st = await self.recorder.complete(kvtransfer_pb2.CompleteTransferRequest(
-                transfer_id=transfer_id, ok=ok, error=error))
+            await self.kv.CompleteTransfer(kvtransfer_pb2.CompleteTransferRequest(
+                transfer_id=transfer_id, ok=ok, error=error), timeout=self.config.kv_rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:  # the lease frees it anyway
             log.warning("CompleteTransfer %s failed: %s", transfer_id, exc.code().name)
-            return
-        if st.error:  # NOT_FOUND: it overtook its StartTransfer (the broker ends that one at once)
-            log.log(logging.DEBUG if st.error.startswith("NOT_FOUND") else logging.WARNING,
-                    "CompleteTransfer %s: %s", transfer_id, st.error)
 
     async def _release_transfer(self, transfer_id: str) -> None:
         """Frees KV nobody will load (the request ended at its first token)."""

@@ -115,7 +115,7 @@ def test_one_trace_spans_all_four_services(router, otlp_sink):
     assert len(s.trace_id) == 32
 
     want = {"/duopool.v1.Router/Generate", "/duopool.v1.Scheduler/Place", "/duopool.v1.Worker/Prefill",
-            "/duopool.v1.Worker/Decode", "/duopool.v1.KvTransfer/Record"}  # the KV bookkeeping, batched
+            "/duopool.v1.Worker/Decode", "/duopool.v1.KvTransfer/StartTransfer"}
 
     def services():
         return {sp.service for sp in otlp_sink.spans(s.trace_id)}

@@ -121,22 +121,6 @@ async def test_an_end_that_overtakes_its_start_ends_the_late_start_at_once(kv_di
     assert again.state == S.READY and segment_path("other-1", kv_dir).exists()
 
 
-async def test_record_answers_each_item_as_its_own_call(kv_dir):
-    svc, _ = service(kv_dir)
-    path = make_segment(kv_dir, "r1")
-    kv = common_pb2.KvHandle(transfer_id="r1", num_tokens=64, num_blocks=4, transport="shm", location=str(path))
-    bad = common_pb2.KvHandle(transfer_id="r2", transport="shm", location="/etc/passwd")
-    resp = await svc.Record(S.RecordRequest(
-        starts=[S.StartTransferRequest(kv=kv), S.StartTransferRequest(kv=bad)],
-        completes=[S.CompleteTransferRequest(transfer_id="r1", ok=True),
-                   S.CompleteTransferRequest(transfer_id="nobody", ok=True)]), Ctx())
-    assert [st.state for st in resp.starts][0] == S.READY  # started, then completed in the same batch
-    assert resp.starts[1].error.startswith("INVALID_ARGUMENT") and "kv.location" in resp.starts[1].error
-    assert resp.completes[0].state == S.COMPLETED and not path.exists()
-    assert resp.completes[1].error.startswith("NOT_FOUND")
-    assert "r2" not in svc.transfers
-
-
 async def test_park_take_complete_moves_by_rename_and_counts(kv_dir):
     svc, _ = service(kv_dir)
     st = await start(svc, kv_dir, "t1")
