@@ -74,6 +74,28 @@ class ReleaseResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SessionRequest(_message.Message):
+    __slots__ = ("seq", "place", "release")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    PLACE_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    place: PlaceRequest
+    release: ReleaseRequest
+    def __init__(self, seq: _Optional[int] = ..., place: _Optional[_Union[PlaceRequest, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ...) -> None: ...
+
+class SessionReply(_message.Message):
+    __slots__ = ("seq", "placement", "code", "details")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    placement: Placement
+    code: int
+    details: str
+    def __init__(self, seq: _Optional[int] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., code: _Optional[int] = ..., details: _Optional[str] = ...) -> None: ...
+
 class SchedulerStatsRequest(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -46,6 +46,11 @@ class SchedulerStub:
                 request_serializer=duopool_dot_v1_dot_scheduler__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=duopool_dot_v1_dot_scheduler__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/duopool.v1.Scheduler/Session',
+                request_serializer=duopool_dot_v1_dot_scheduler__pb2.SessionRequest.SerializeToString,
+                response_deserializer=duopool_dot_v1_dot_scheduler__pb2.SessionReply.FromString,
+                _registered_method=True)
         self.FirstToken = channel.unary_unary(
                 '/duopool.v1.Scheduler/FirstToken',
                 request_serializer=duopool_dot_v1_dot_scheduler__pb2.FirstTokenRequest.SerializeToString,
@@ -100,6 +105,15 @@ class SchedulerServicer:
 
     def Release(self, request, context):
         """Tells the scheduler a placed request has ended (frees its in-flight accounting).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """Place and Release as messages on one long-lived stream (a router keeps one open): each exchange costs
+        about half a unary call's CPU on both sides. Replies come in any order, matched by seq; a Release has
+        no reply. The same checks and errors as the unary calls (an error reply carries the status code).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,6 +184,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=duopool_dot_v1_dot_scheduler__pb2.ReleaseRequest.FromString,
                     response_serializer=duopool_dot_v1_dot_scheduler__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=duopool_dot_v1_dot_scheduler__pb2.SessionRequest.FromString,
+                    response_serializer=duopool_dot_v1_dot_scheduler__pb2.SessionReply.SerializeToString,
             ),
             'FirstToken': grpc.unary_unary_rpc_method_handler(
                     servicer.FirstToken,
@@ -266,6 +285,33 @@ class Scheduler:
             '/duopool.v1.Scheduler/Release',
             duopool_dot_v1_dot_scheduler__pb2.ReleaseRequest.SerializeToString,
             duopool_dot_v1_dot_scheduler__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/duopool.v1.Scheduler/Session',
+            duopool_dot_v1_dot_scheduler__pb2.SessionRequest.SerializeToString,
+            duopool_dot_v1_dot_scheduler__pb2.SessionReply.FromString,
             options,
             channel_credentials,
             insecure,

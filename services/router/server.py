@@ -25,7 +25,8 @@ from duopool.common.config import RouterConfig
 from duopool.common.ids import MAX_CUSTOM_ID, check_id
 from duopool.common.metrics import start_metrics_server
 from duopool.common.rpc import Channels, Server
-from duopool.common.telemetry import current_trace_id, init_telemetry
+from duopool.common.telemetry import configured_exporters, current_trace_id, init_telemetry
+from duopool.router.session import SchedulerSession
 from duopool.v1 import (
     common_pb2,
     router_pb2,
@@ -140,6 +141,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.keys = None  # ApiKeys, set by serve()
         self.client_id = ""  # this router's liveness key id, once it keeps one (serve(), with Redis)
         self._cleanups: set[asyncio.Task] = set()
+        # Place and Release as messages on one stream, unless tracing is on (then each is a traced call)
+        self.session = None if configured_exporters() else SchedulerSession(lambda: self.scheduler)
 
     def _notify(self, coro, what: str) -> asyncio.Task:
         """Sends a call the request does not wait for, in a task of its own (failures only logged)."""
@@ -278,7 +281,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             self.inflight.discard(rid)
             metrics.ROUTER_INFLIGHT.labels(klass).dec()
             metrics.REQUESTS.labels(klass, status).inc()
-            await self._cleanup(self.scheduler.Release(release, timeout=2), f"release of {rid}")
+            await self._cleanup(self.session.release(release) if self.session is not None
+                                else self.scheduler.Release(release, timeout=2), f"release of {rid}")
 
     async def _resuming(self, rid: str, request: router_pb2.GenerateRequest, arrived: float, deadline: float):
         """``_generate``, and for OFFLINE work preempted by online work (in prefill or decode) the rest of it
@@ -352,10 +356,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def _place(self, rid, request, exclude: list[str]) -> scheduler_pb2.Placement:
         prompt_tokens = len(request.token_ids.ids) if request.WhichOneof("prompt") == "token_ids" else 0
         try:
-            return await self.scheduler.Place(scheduler_pb2.PlaceRequest(
+            preq = scheduler_pb2.PlaceRequest(
                 request_id=rid, request_class=request.request_class, prompt_tokens=prompt_tokens,
-                max_tokens=request.max_tokens, slo=request.slo, exclude_workers=exclude,
-                client_id=self.client_id), timeout=5)
+                max_tokens=request.max_tokens, slo=request.slo, exclude_workers=exclude, client_id=self.client_id)
+            if self.session is not None:
+                return await self.session.place(preq, timeout=5)
+            return await self.scheduler.Place(preq, timeout=5)
         except grpc.aio.AioRpcError as exc:
             code = exc.code() if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT,
                                                 grpc.StatusCode.RESOURCE_EXHAUSTED) \
@@ -694,4 +700,6 @@ async def serve(config: RouterConfig, stop: asyncio.Event, ready: asyncio.Event 
     if http is not None:
         await http.stop()
     await server.stop()
+    if service.session is not None:
+        await service.session.close()
     await service.channels.close()

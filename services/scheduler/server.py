@@ -76,6 +76,19 @@ def batch_status_pb(h: dict) -> router_pb2.BatchStatus:
     )
 
 
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _SessionCall:
+    """The context a Session message's handler runs with: a refusal is that message's reply."""
+
+    async def abort(self, code: grpc.StatusCode, details: str = ""):
+        raise _Refused(code, details)
+
+
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, config: SchedulerConfig, redis, clock=time.time) -> None:
         self.config = config
@@ -323,6 +336,46 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if self.driver is not None and request.request_id:
             self.driver.first_token(request.request_id)
         return scheduler_pb2.ReleaseResponse()
+
+    async def Session(self, request_iterator, context):
+        """Place and Release as messages of one stream (a router's): each Place runs as its own task (they
+        wait on the cluster state concurrently, as unary calls do) and is answered by seq when done; a
+        Release is handled in arrival order, so one sent after its Place is never handled before it."""
+        replies: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+
+        async def place(seq: int, req: scheduler_pb2.PlaceRequest) -> None:
+            try:
+                reply = scheduler_pb2.SessionReply(seq=seq, placement=await self.Place(req, _SessionCall()))
+            except _Refused as exc:
+                reply = scheduler_pb2.SessionReply(seq=seq, code=exc.code.value[0], details=exc.details)
+            except Exception as exc:  # noqa: BLE001 - one request's failure, not the session's
+                log.exception("Place %s failed", req.request_id)
+                reply = scheduler_pb2.SessionReply(seq=seq, code=grpc.StatusCode.INTERNAL.value[0], details=str(exc))
+            replies.put_nowait(reply)
+
+        async def read() -> None:
+            try:
+                async for msg in request_iterator:
+                    kind = msg.WhichOneof("call")
+                    if kind == "place":
+                        task = asyncio.get_running_loop().create_task(place(msg.seq, msg.place))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                    elif kind == "release":
+                        await self.Release(msg.release, None)
+                await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                replies.put_nowait(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
 
     async def Release(self, request, context):
         if request.request_id in self._placing:

@@ -37,6 +37,7 @@ import logging
 import os
 import pathlib
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("duopool.kv_connector")
+EXPORT_LOG_S = 10.0  # how often the export rate inside the forward pass is logged (when there were exports)
 
 PARAMS_KEY = "duopool"
 
@@ -97,6 +99,11 @@ def _params(request: Request) -> dict[str, Any] | None:
 class DuopoolConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        if not logging.getLogger().handlers and not log.handlers:  # an engine process that set up no logging
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s engine %(levelname)s %(name)s: %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
         self._block_size = vllm_config.cache_config.block_size
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self._kv_dir = pathlib.Path(extra.get("kv_dir") or os.environ.get("DUOPOOL_KV_DIR", "/dev/shm/duopool-kv"))
@@ -110,6 +117,8 @@ class DuopoolConnector(KVConnectorBase_V1):
         self._pending_parks: list[SaveOp] = []  # for the next step's worker half
         # worker side
         self._open_saves: dict[str, KvSegment] = {}
+        # time the forward pass spent exporting KV (gather + write + seal), summed and logged every EXPORT_LOG_S
+        self._export = {"s": 0.0, "bytes": 0, "segments": 0, "since": time.monotonic()}
         self._parks: dict[str, concurrent.futures.Future] = {}  # req_id -> its copy (a background thread)
         self._park_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._staging = threading.local()  # per thread (the step's and the park copier's): a reused gather buffer
@@ -321,12 +330,14 @@ class DuopoolConnector(KVConnectorBase_V1):
         if not meta.saves:
             return
         layer = self._layer_names.index(layer_name)
+        t0 = time.perf_counter()
         for op in meta.saves:
             seg = self._open_saves.get(op.req_id)
             if seg is None:
                 seg = self._create_segment(op, kv_layer)
                 self._open_saves[op.req_id] = seg
             self._save_layer(seg, layer, kv_layer, torch.tensor(op.block_ids, dtype=torch.long))
+        self._export["s"] += time.perf_counter() - t0
 
     def _save_layer(self, seg: KvSegment, layer: int, kv_layer: torch.Tensor, idx: torch.Tensor) -> None:
         """One layer's blocks into the segment: gathered into a reused staging buffer of this thread (hot in
@@ -352,7 +363,17 @@ class DuopoolConnector(KVConnectorBase_V1):
         return KvSegment.create(pathlib.Path(op.path), meta)
 
     def wait_for_save(self):
+        t0 = time.perf_counter()
+        ex = self._export
         for seg in self._open_saves.values():
             seg.seal()
             seg.close()
+            ex["bytes"] += seg.meta.data_bytes
+            ex["segments"] += 1
         self._open_saves.clear()
+        ex["s"] += time.perf_counter() - t0
+        if ex["segments"] and time.monotonic() - ex["since"] >= EXPORT_LOG_S:
+            log.info("KV export inside the forward pass: %d segment(s), %.1f MiB in %.1f ms (%.2f GB/s) over the "
+                     "last %.0f s", ex["segments"], ex["bytes"] / 2**20, ex["s"] * 1e3,
+                     ex["bytes"] / ex["s"] / 1e9 if ex["s"] > 0 else 0.0, time.monotonic() - ex["since"])
+            self._export = {"s": 0.0, "bytes": 0, "segments": 0, "since": time.monotonic()}

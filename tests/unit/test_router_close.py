@@ -75,6 +75,7 @@ class _Router(RouterService):
     def __init__(self, local: bool):
         super().__init__(RouterConfig())
         self._scheduler, self._worker = _Scheduler(local), _Worker()
+        self.session = None  # the unary Place/Release path (the session is tested against a real scheduler)
 
     @property
     def scheduler(self):
