@@ -14,6 +14,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -176,17 +177,27 @@ def test_preempted_offline_requests_resume_with_identical_greedy_output(cluster,
                                   f"{r.custom_id} (preempted {r.preemptions}x)")
 
 
-def _preempt_mid_decode(worker, rid: str, prompt: list[int], after: int) -> tuple[list[int], worker_pb2.DecodeResponse]:
-    """Decodes ``prompt`` offline on ``worker`` and preempts it once ``after`` tokens arrived: (tokens, end)."""
-    got, end, sent = [], None, False
+def _preempt_mid_decode(worker, rid: str, prompt: list[int], after_s: float) -> tuple[list[int], worker_pb2.DecodeResponse]:
+    """Decodes ``prompt`` offline on ``worker`` and preempts it ``after_s`` after the engine took it: (tokens,
+    end). Timed from the engine, not from the tokens streamed: offline tokens reach the caller in batches
+    (every 0.5 s), by which time a fast engine may be done with the whole answer."""
+    import threading
+
+    def preempt() -> None:
+        wait_for(lambda: worker.Stats(worker_pb2.StatsRequest(), timeout=10).running_offline > 0, 60,
+                 interval=0.01, what="the offline decode to start")
+        time.sleep(after_s)
+        worker.Preempt(worker_pb2.PreemptRequest(request_class=common_pb2.OFFLINE, request_ids=[rid],
+                                                 reason="e2e park"), timeout=30)
+
+    t = threading.Thread(target=preempt, daemon=True)
+    t.start()
+    got, end = [], None
     for d in worker.Decode(worker_pb2.DecodeRequest(request_id=rid, prompt_token_ids=prompt, max_tokens=OFFLINE_TOKENS,
                                                     request_class=common_pb2.OFFLINE), timeout=300):
         got += d.token_ids
-        if len(got) >= after and not sent and not d.finished:
-            sent = True
-            worker.Preempt(worker_pb2.PreemptRequest(request_class=common_pb2.OFFLINE, request_ids=[rid],
-                                                     reason="e2e park"), timeout=30)
         end = d if d.finished else end
+    t.join(60)
     return got, end
 
 
@@ -202,7 +213,7 @@ def test_a_preempted_decode_parks_its_kv_and_resumes_on_the_other_worker(cluster
         for corrupt in (False, True):
             prompt, want, margin = PARK_PROMPTS[corrupt], reference[first + corrupt], margins[first + corrupt]
             rid = f"park-e2e-{int(corrupt)}"
-            got, end = _preempt_mid_decode(decode, rid, prompt, after=60)
+            got, end = _preempt_mid_decode(decode, rid, prompt, after_s=0.3)
             assert end is not None and end.finish_reason == "preempted", end
             assert end.parked_key == rid, f"not parked: {end.park_failure!r}"
             context = len(prompt) + len(got)
