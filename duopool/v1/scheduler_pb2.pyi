@@ -75,14 +75,16 @@ class ReleaseResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class SessionRequest(_message.Message):
-    __slots__ = ("seq", "place", "release")
+    __slots__ = ("seq", "place", "release", "traceparent")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     PLACE_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     seq: int
     place: PlaceRequest
     release: ReleaseRequest
-    def __init__(self, seq: _Optional[int] = ..., place: _Optional[_Union[PlaceRequest, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, seq: _Optional[int] = ..., place: _Optional[_Union[PlaceRequest, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class SessionReply(_message.Message):
     __slots__ = ("seq", "placement", "code", "details")

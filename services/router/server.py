@@ -25,7 +25,7 @@ from duopool.common.config import RouterConfig
 from duopool.common.ids import MAX_CUSTOM_ID, check_id
 from duopool.common.metrics import start_metrics_server
 from duopool.common.rpc import Channels, Server
-from duopool.common.telemetry import configured_exporters, current_trace_id, init_telemetry
+from duopool.common.telemetry import current_trace_id, init_telemetry
 from duopool.router.session import SchedulerSession
 from duopool.v1 import (
     common_pb2,
@@ -141,8 +141,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.keys = None  # ApiKeys, set by serve()
         self.client_id = ""  # this router's liveness key id, once it keeps one (serve(), with Redis)
         self._cleanups: set[asyncio.Task] = set()
-        # Place and Release as messages on one stream, unless tracing is on (then each is a traced call)
-        self.session = None if configured_exporters() else SchedulerSession(lambda: self.scheduler)
+        self.session = SchedulerSession(lambda: self.scheduler)  # Place and Release as messages on one stream
 
     def _notify(self, coro, what: str) -> asyncio.Task:
         """Sends a call the request does not wait for, in a task of its own (failures only logged)."""

@@ -23,7 +23,8 @@ import time
 from collections import Counter, deque
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 
 from duopool.common import metrics, registry
 from duopool.common.config import SchedulerConfig
@@ -344,7 +345,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         replies: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
 
-        async def place(seq: int, req: scheduler_pb2.PlaceRequest) -> None:
+        async def place(seq: int, req: scheduler_pb2.PlaceRequest, traceparent: str) -> None:
+            token = otel_context.attach(propagate.extract({"traceparent": traceparent})) if traceparent else None
             try:
                 reply = scheduler_pb2.SessionReply(seq=seq, placement=await self.Place(req, _SessionCall()))
             except _Refused as exc:
@@ -352,6 +354,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             except Exception as exc:  # noqa: BLE001 - one request's failure, not the session's
                 log.exception("Place %s failed", req.request_id)
                 reply = scheduler_pb2.SessionReply(seq=seq, code=grpc.StatusCode.INTERNAL.value[0], details=str(exc))
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
             replies.put_nowait(reply)
 
         async def read() -> None:
@@ -359,7 +364,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 async for msg in request_iterator:
                     kind = msg.WhichOneof("call")
                     if kind == "place":
-                        task = asyncio.get_running_loop().create_task(place(msg.seq, msg.place))
+                        task = asyncio.get_running_loop().create_task(place(msg.seq, msg.place, msg.traceparent))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
                     elif kind == "release":
