@@ -63,6 +63,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("duopool.kv_connector")
 EXPORT_LOG_S = 10.0  # how often the export rate inside the forward pass is logged (when there were exports)
 
+
+def _export_counters() -> dict[str, float]:
+    return {"s": 0.0, "create_s": 0.0, "seal_s": 0.0, "gather_s": 0.0, "write_s": 0.0, "calls": 0, "bytes": 0,
+            "segments": 0,
+            "since": time.monotonic()}
+
 PARAMS_KEY = "duopool"
 
 
@@ -118,7 +124,7 @@ class DuopoolConnector(KVConnectorBase_V1):
         # worker side
         self._open_saves: dict[str, KvSegment] = {}
         # time the forward pass spent exporting KV (gather + write + seal), summed and logged every EXPORT_LOG_S
-        self._export = {"s": 0.0, "bytes": 0, "segments": 0, "since": time.monotonic()}
+        self._export = _export_counters()
         self._parks: dict[str, concurrent.futures.Future] = {}  # req_id -> its copy (a background thread)
         self._park_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._staging = threading.local()  # per thread (the step's and the park copier's): a reused gather buffer
@@ -336,8 +342,10 @@ class DuopoolConnector(KVConnectorBase_V1):
             if seg is None:
                 seg = self._create_segment(op, kv_layer)
                 self._open_saves[op.req_id] = seg
+                self._export["create_s"] += time.perf_counter() - t0
             self._save_layer(seg, layer, kv_layer, torch.tensor(op.block_ids, dtype=torch.long))
         self._export["s"] += time.perf_counter() - t0
+        self._export["calls"] += 1
 
     def _save_layer(self, seg: KvSegment, layer: int, kv_layer: torch.Tensor, idx: torch.Tensor) -> None:
         """One layer's blocks into the segment: gathered into a reused staging buffer of this thread (hot in
@@ -349,8 +357,12 @@ class DuopoolConnector(KVConnectorBase_V1):
         if stage is None or stage.numel() < nbytes:
             stage = self._staging.buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
         out = stage[:nbytes]
+        t0 = time.perf_counter()
         torch.index_select(kv_layer, 0, idx, out=out.view(kv_layer.dtype).view(m.num_blocks, *m.block_shape))
+        t1 = time.perf_counter()
         seg.write_layer(layer, out.numpy())
+        self._export["gather_s"] += t1 - t0
+        self._export["write_s"] += time.perf_counter() - t1
 
     def _create_segment(self, op: SaveOp, kv_layer: torch.Tensor) -> KvSegment:
         block_shape = tuple(kv_layer.shape[1:])
@@ -372,8 +384,11 @@ class DuopoolConnector(KVConnectorBase_V1):
             ex["segments"] += 1
         self._open_saves.clear()
         ex["s"] += time.perf_counter() - t0
+        ex["seal_s"] += time.perf_counter() - t0
         if ex["segments"] and time.monotonic() - ex["since"] >= EXPORT_LOG_S:
-            log.info("KV export inside the forward pass: %d segment(s), %.1f MiB in %.1f ms (%.2f GB/s) over the "
-                     "last %.0f s", ex["segments"], ex["bytes"] / 2**20, ex["s"] * 1e3,
-                     ex["bytes"] / ex["s"] / 1e9 if ex["s"] > 0 else 0.0, time.monotonic() - ex["since"])
-            self._export = {"s": 0.0, "bytes": 0, "segments": 0, "since": time.monotonic()}
+            log.info("KV export inside the forward pass: %d segment(s), %.1f MiB in %.1f ms (%.2f GB/s; creating "
+                     "%.1f ms, gathering %.1f ms, writing %.1f ms, sealing %.1f ms, %d layer calls) over the last "
+                     "%.0f s", ex["segments"], ex["bytes"] / 2**20, ex["s"] * 1e3,
+                     ex["bytes"] / ex["s"] / 1e9 if ex["s"] > 0 else 0.0, ex["create_s"] * 1e3, ex["gather_s"] * 1e3,
+                     ex["write_s"] * 1e3, ex["seal_s"] * 1e3, ex["calls"], time.monotonic() - ex["since"])
+            self._export = _export_counters()
