@@ -76,3 +76,30 @@ def router(cluster):
 
     with grpc.insecure_channel(cluster.router_address) as ch:
         yield router_pb2_grpc.RouterStub(ch)
+
+
+def kill_mid_stream(cluster, router, text: str, max_tokens: int, workers: tuple[str, str]):
+    """Streams one long online request, kills whichever of ``workers`` serves it once some tokens have
+    streamed, waits for the request to end and restarts the killed worker. Returns (the killed worker, the
+    streamed token ids, the summary)."""
+    import threading
+
+    from duopool.v1 import common_pb2, router_pb2, worker_pb2, worker_pb2_grpc
+
+    def running_online(name: str) -> int:
+        with cluster.internal_channel(name) as ch:
+            return worker_pb2_grpc.WorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=5).running_online
+
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(list(router.Generate(router_pb2.GenerateRequest(
+        text=text, max_tokens=max_tokens, request_class=common_pb2.ONLINE), timeout=120))))
+    t.start()
+    serving = wait_for(lambda: next((w for w in workers if running_online(w)), None), 30, interval=0.05,
+                       what="the request to start")
+    time.sleep(0.5)  # some tokens streamed
+    cluster.kill(serving)
+    t.join(120)
+    assert out, "the request did not end"
+    cluster.restart(serving)
+    tokens = [tok for m in out[0] if m.HasField("chunk") for tok in m.chunk.token_ids]
+    return serving, tokens, out[0][-1].summary

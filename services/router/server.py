@@ -280,8 +280,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             self.inflight.discard(rid)
             metrics.ROUTER_INFLIGHT.labels(klass).dec()
             metrics.REQUESTS.labels(klass, status).inc()
-            await self._cleanup(self.session.release(release) if self.session is not None
-                                else self.scheduler.Release(release, timeout=2), f"release of {rid}")
+            await self._cleanup(self.session.release(release), f"release of {rid}")
 
     async def _resuming(self, rid: str, request: router_pb2.GenerateRequest, arrived: float, deadline: float):
         """``_generate``, and for OFFLINE work preempted by online work (in prefill or decode) the rest of it
@@ -358,9 +357,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             preq = scheduler_pb2.PlaceRequest(
                 request_id=rid, request_class=request.request_class, prompt_tokens=prompt_tokens,
                 max_tokens=request.max_tokens, slo=request.slo, exclude_workers=exclude, client_id=self.client_id)
-            if self.session is not None:
-                return await self.session.place(preq, timeout=5)
-            return await self.scheduler.Place(preq, timeout=5)
+            return await self.session.place(preq, timeout=5)
         except grpc.aio.AioRpcError as exc:
             code = exc.code() if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT,
                                                 grpc.StatusCode.RESOURCE_EXHAUSTED) \
@@ -458,19 +455,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() == grpc.StatusCode.UNAVAILABLE:  # a restarted worker gets a fresh channel at once
                         await self.channels.drop(decode_addr)
-                    left = max_tokens - len(generated)
-                    if (exc.code() == grpc.StatusCode.UNAVAILABLE and moves < self.config.place_retries and left > 0
-                            and not finish_reason and deadline - time.monotonic() > 0.5):
-                        # The decode worker is gone mid-stream: the rest continues on another one, from the
-                        # tokens already streamed (its KV recomputed there), so the client sees one stream.
-                        moved = await self._move_decode(rid, request, decode_worker, len(generated))
-                        if moved is not None:
-                            moves += 1
-                            decode_worker, decode_addr = moved.decode.worker_id, moved.decode.address
-                            dreq = worker_pb2.DecodeRequest(
-                                request_id=rid, prompt_token_ids=pre.prompt_token_ids, generated_token_ids=generated,
-                                max_tokens=left, sampling=request.sampling, request_class=request.request_class)
-                            continue
+                    moved = await self._move_decode(rid, request, exc, decode_worker, pre.prompt_token_ids,
+                                                    generated, max_tokens, finish_reason, moves, deadline)
+                    if moved is not None:
+                        moves += 1
+                        (decode_worker, decode_addr), dreq = moved
+                        continue
                     code = exc.code() if exc.code() != grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE
                     raise RequestFailed(code, f"decode worker {decode_worker}: {exc.details()}") from None
                 except BaseException:  # cancelled (client gone) before the decode worker took the KV
@@ -487,19 +477,30 @@ class RouterService(router_pb2_grpc.RouterServicer):
             kv_bytes=pre.kv.num_bytes if pre.HasField("kv") else 0, trace_id=current_trace_id(),
         ))
 
-    async def _move_decode(self, rid: str, request, lost: str, tokens_so_far: int) -> scheduler_pb2.Placement | None:
-        """Another decode worker for a request whose decode worker was lost mid-stream (None: no other one);
-        logged, counted and traced as a resume."""
+    async def _move_decode(self, rid: str, request, exc: grpc.aio.AioRpcError, lost: str, prompt_ids,
+                           generated: list[int], max_tokens: int, finish_reason: str, moves: int,
+                           deadline: float) -> tuple[tuple[str, str], worker_pb2.DecodeRequest] | None:
+        """A decode worker lost mid-stream (UNAVAILABLE): the rest continues on another one from the tokens
+        already streamed (its KV recomputed there), so the client sees one stream. Returns (the new worker's
+        id and address, the DecodeRequest that continues there), logged, counted and traced as a resume; None
+        when it cannot continue elsewhere (another error, out of moves, nothing left, no time, no other
+        worker)."""
+        left = max_tokens - len(generated)
+        if not (exc.code() == grpc.StatusCode.UNAVAILABLE and moves < self.config.place_retries and left > 0
+                and not finish_reason and deadline - time.monotonic() > 0.5):
+            return None
         moved = await self._place(rid, request, [lost])
         if moved.decode.worker_id == lost:
             return None
         log.warning("request %s: decode worker %s lost after %d token(s); continuing on %s", rid, lost,
-                    tokens_so_far, moved.decode.worker_id)
+                    len(generated), moved.decode.worker_id)
         metrics.RESUMES.labels("decode_lost").inc()
         trace.get_current_span().add_event("duopool.resume", {
             "duopool.reason": "decode_lost", "duopool.lost_worker": lost, "duopool.worker": moved.decode.worker_id,
-            "duopool.tokens_so_far": tokens_so_far})
-        return moved
+            "duopool.tokens_so_far": len(generated)})
+        return (moved.decode.worker_id, moved.decode.address), worker_pb2.DecodeRequest(
+            request_id=rid, prompt_token_ids=prompt_ids, generated_token_ids=generated, max_tokens=left,
+            sampling=request.sampling, request_class=request.request_class)
 
     async def _generate_local(self, rid, request, preq, placement, arrived, deadline: float, seen: dict):
         """Prefill and decode on one worker (``Worker.PrefillDecode``): the first message carries the first
@@ -540,18 +541,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     if exc.code() in RETRYABLE:
                         raise _LocalFailed(code, exc.details() or code.name) from None
                     raise RequestFailed(code, exc.details() or code.name) from None
-                left = max_tokens - len(generated)
-                if (exc.code() == grpc.StatusCode.UNAVAILABLE and moves < self.config.place_retries and left > 0
-                        and not finish_reason and deadline - time.monotonic() > 0.5):
-                    moved = await self._move_decode(rid, request, decode_worker, len(generated))
-                    if moved is not None:
-                        moves += 1
-                        decode_worker, addr = moved.decode.worker_id, moved.decode.address
-                        stream = self.worker(addr).Decode(worker_pb2.DecodeRequest(
-                            request_id=rid, prompt_token_ids=prompt_ids, generated_token_ids=generated,
-                            max_tokens=left, sampling=request.sampling, request_class=request.request_class),
-                            timeout=_left(deadline))
-                        continue
+                moved = await self._move_decode(rid, request, exc, decode_worker, prompt_ids, generated, max_tokens,
+                                                finish_reason, moves, deadline)
+                if moved is not None:
+                    moves += 1
+                    (decode_worker, addr), dreq = moved
+                    stream = self.worker(addr).Decode(dreq, timeout=_left(deadline))
+                    continue
                 raise RequestFailed(code, f"worker {decode_worker}: {exc.details()}") from None
         if not generated:
             raise RequestFailed(grpc.StatusCode.INTERNAL, f"worker {w.worker_id}: no token produced")
@@ -699,6 +695,5 @@ async def serve(config: RouterConfig, stop: asyncio.Event, ready: asyncio.Event 
     if http is not None:
         await http.stop()
     await server.stop()
-    if service.session is not None:
-        await service.session.close()
+    await service.session.close()
     await service.channels.close()

@@ -62,7 +62,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._kv_channel: grpc.aio.Channel | None = None
         self._kv_down = False  # a call's reconnect wait failed; cleared by the next call that gets through
         self._background: set[asyncio.Task] = set()  # broker bookkeeping sent off the token path
-        self._kv_dir = os.path.normpath(str(segment_path("x", pathlib.Path(config.kv_dir)).parent))
+        self._kv_dir = str(pathlib.Path(config.kv_dir))  # the directory part of this host's segment paths
         self._kv_stub: kvtransfer_pb2_grpc.KvTransferStub | None = None
         self.channels = Channels()
         self.tracer = init_telemetry("worker")
@@ -542,17 +542,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return bool(kv.source_host and kv.source_host != self.host) or not os.path.exists(kv.location)
 
     def _is_local_segment(self, location: str) -> bool:
-        """A segment in this host's KV directory, named as the prefills on this host name theirs (the same
-        directory string: a path spelled otherwise goes through the broker; no resolve() per request)."""
-        return bool(location) and os.path.dirname(location) == self._kv_dir and ".." not in location
+        """A segment directly in this host's KV directory, spelled as the prefills on this host spell theirs
+        (``segment_path``; a path spelled otherwise goes through the broker; no resolve() per request)."""
+        return os.path.dirname(location) == self._kv_dir
 
     async def _fetch_kv(self, handle: common_pb2.KvHandle, context) -> KvLoad | None:
         """Where the engine loads the KV from. A segment on this host, still there, loads straight from
         shared memory: no broker round trip on the first decode token's path (the segment is sealed before
         its prefill returns; one the broker expired or freed is gone, and then the broker says why). Else
         the broker is asked (PollTransfer) and a segment on another host is pulled."""
-        if (handle.source_host in ("", self.host) and handle.transport in ("", "shm") and
-                self._is_local_segment(handle.location) and os.path.exists(handle.location)):
+        if handle.transport in ("", "shm") and self._is_local_segment(handle.location) and not self._is_remote(handle):
             return KvLoad(path=handle.location, num_tokens=handle.num_tokens)
         try:
             st = await self._kv_call("PollTransfer", kvtransfer_pb2.PollTransferRequest(

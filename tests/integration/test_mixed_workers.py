@@ -5,9 +5,6 @@ from the tokens already streamed. Offline batch work runs on them too, exactly o
 
 from __future__ import annotations
 
-import threading
-import time
-
 import grpc
 import openai
 import pytest
@@ -19,11 +16,9 @@ from duopool.v1 import (
     kvtransfer_pb2,
     kvtransfer_pb2_grpc,
     router_pb2,
-    worker_pb2,
-    worker_pb2_grpc,
 )
 from duopool.worker.engines.sim import sim_tokenize
-from tests.conftest import sim_expected_tokens, wait_for
+from tests.conftest import kill_mid_stream, sim_expected_tokens, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -42,11 +37,6 @@ def cluster(tmp_path_factory, redis_server):
 def kv_stats(cluster) -> kvtransfer_pb2.KvStatsResponse:
     with cluster.internal_channel("kvtransfer") as ch:
         return kvtransfer_pb2_grpc.KvTransferStub(ch).Stats(kvtransfer_pb2.KvStatsRequest(), timeout=5)
-
-
-def running_online(cluster, name: str) -> int:
-    with cluster.internal_channel(name) as ch:
-        return worker_pb2_grpc.WorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=5).running_online
 
 
 def test_a_request_is_served_on_one_worker_without_moving_kv(cluster, router):
@@ -84,21 +74,9 @@ def test_bad_input_gets_invalid_argument_naming_the_field(router):
 
 def test_lost_worker_mid_stream_the_request_continues_on_the_other(cluster, router):
     text, n = "a long answer from a mixed worker " * 2, 400
-    out: list = []
-    t = threading.Thread(target=lambda: out.append(list(router.Generate(router_pb2.GenerateRequest(
-        text=text, max_tokens=n, request_class=common_pb2.ONLINE), timeout=120))))
-    t.start()
-    serving = wait_for(lambda: next((w for w in ("mixed-0", "mixed-1") if running_online(cluster, w)), None),
-                       30, interval=0.05, what="the request to start")
-    time.sleep(0.5)  # some tokens streamed
-    cluster.kill(serving)
-    t.join(120)
-    assert out, "the request did not end"
-    tokens = [tok for m in out[0] if m.HasField("chunk") for tok in m.chunk.token_ids]
-    summary = out[0][-1].summary
+    serving, tokens, summary = kill_mid_stream(cluster, router, text, n, ("mixed-0", "mixed-1"))
     assert summary.decode_worker == ("mixed-1" if serving == "mixed-0" else "mixed-0")
     assert tokens == sim_expected_tokens(sim_tokenize(text), n), "the moved stream differs from an uninterrupted one"
-    cluster.restart(serving)
 
 
 def test_batch_on_mixed_workers_runs_every_request_exactly_once(router):

@@ -71,11 +71,27 @@ class _Worker:
         return self.streams[-1]
 
 
+class _Session:
+    """SchedulerSession's interface, answered by the fake scheduler."""
+
+    def __init__(self, scheduler: _Scheduler) -> None:
+        self.scheduler = scheduler
+
+    async def place(self, req, timeout):
+        return await self.scheduler.Place(req, timeout=timeout)
+
+    async def release(self, req):
+        await self.scheduler.Release(req)
+
+    async def close(self) -> None:
+        return None
+
+
 class _Router(RouterService):
     def __init__(self, local: bool):
         super().__init__(RouterConfig())
         self._scheduler, self._worker = _Scheduler(local), _Worker()
-        self.session = None  # the unary Place/Release path (the session is tested against a real scheduler)
+        self.session = _Session(self._scheduler)  # the real session is tested against a real scheduler
 
     @property
     def scheduler(self):

@@ -5,6 +5,7 @@ that breaks falls back to unary calls and is reopened on next use."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
@@ -67,17 +68,28 @@ class Scheduler(scheduler_pb2_grpc.SchedulerServicer):
             yield r
 
 
+@contextlib.asynccontextmanager
+async def _serving(impl: Scheduler):
+    """``impl`` served on a real loopback port; a SchedulerSession to it."""
+    server = grpc.aio.server()
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(impl, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = scheduler_pb2_grpc.SchedulerStub(channel)
+    session = SchedulerSession(lambda: stub)
+    try:
+        yield session
+    finally:
+        await session.close()
+        await channel.close()
+        await server.stop(0)
+
+
 def test_session_places_releases_and_survives_a_broken_stream():
     async def scenario():
         impl = Scheduler()
-        server = grpc.aio.server()
-        scheduler_pb2_grpc.add_SchedulerServicer_to_server(impl, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        stub = scheduler_pb2_grpc.SchedulerStub(channel)
-        session = SchedulerSession(lambda: stub)
-        try:
+        async with _serving(impl) as session:
             slow = asyncio.ensure_future(session.place(scheduler_pb2.PlaceRequest(request_id="slow"), 5))
             fast = await session.place(scheduler_pb2.PlaceRequest(request_id="fast"), 5)
             assert fast.prefill.worker_id == "w-fast" and not slow.done()  # answered out of order
@@ -95,10 +107,6 @@ def test_session_places_releases_and_survives_a_broken_stream():
             assert again.prefill.worker_id == "w-after"
             assert impl.sessions == session.opened == 2 and impl.unary == 0
             assert impl.events == ["place fast", "place slow", "release fast", "release break", "place after"]
-        finally:
-            await session.close()
-            await channel.close()
-            await server.stop(0)
 
     asyncio.run(scenario())
 
@@ -111,23 +119,12 @@ def test_a_session_the_server_cannot_open_falls_back_to_unary_calls():
                 yield  # pragma: no cover
 
         impl = Old()
-        server = grpc.aio.server()
-        scheduler_pb2_grpc.add_SchedulerServicer_to_server(impl, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        stub = scheduler_pb2_grpc.SchedulerStub(channel)
-        session = SchedulerSession(lambda: stub)
-        try:
+        async with _serving(impl) as session:
             got = await session.place(scheduler_pb2.PlaceRequest(request_id="a"), 5)
             assert got.prefill.worker_id == "w-a" and impl.unary == 1
             assert session.unsupported  # no stream tried again
             await session.place(scheduler_pb2.PlaceRequest(request_id="b"), 5)
             await session.release(scheduler_pb2.ReleaseRequest(request_id="b"))
             assert impl.unary == 3 and session.opened == 1
-        finally:
-            await session.close()
-            await channel.close()
-            await server.stop(0)
 
     asyncio.run(scenario())
