@@ -54,14 +54,21 @@ class Topology:
     policy: str = "least-loaded"
     pressure_scope: str = ""  # "" = host for vllm engines (CPU engines of one machine share its cores), else worker
     preempt_trigger: str = ""  # "" = online for vllm engines on shared CPU cores, else slo (docs/colocation.md)
+    engine_plans: bool = True  # the engines run the policy's step plans where they can (False: the scheduler's RPCs)
 
     @property
     def step_plans(self) -> bool:
-        """Simulated workers form their steps by the scheduler's research policy (its step plans run inside
-        the engines, as in the simulator); vLLM engines batch by vLLM's scheduler."""
+        """The workers form their steps by the scheduler's research policy (its step plans run inside the
+        engines, as in the simulator): simulated workers for every research policy, vLLM engines for those
+        whose plan reads only the measured latency predictor (hygen); otherwise vLLM's own order."""
         from duopool.core.policies import policy_names
+        from duopool.worker.engines.step_plan import ENGINE_STEP_POLICIES
 
-        return self.engine == "sim" and self.policy in policy_names()
+        if not self.engine_plans:
+            return False
+        if self.engine == "sim":
+            return self.policy in policy_names()
+        return self.policy in ENGINE_STEP_POLICIES
 
     @property
     def scope(self) -> str:

@@ -55,6 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offline-moves", choices=("on", "off"), default="off",
                    help="research policies pull running offline decodes, their KV parked and moved (on), or only "
                         "at a first token (off) [off]")
+    p.add_argument("--engine-plans", choices=("on", "off"), default="on",
+                   help="the engines form their steps by the policy's step plan where they can (sim: every "
+                        "research policy; vllm: hygen) and stop offline work at their step boundary (on), or the "
+                        "scheduler plans on its mirror and preempts by Worker.Preempt RPCs (off) [on]")
     p.add_argument("--offline-per-worker", type=int, default=4, help="offline requests per idle worker [4]")
     p.add_argument("--drain-timeout", type=float, default=120.0,
                    help="after the window, wait this long for the offline job to finish (lost/duplicated check)")
@@ -143,6 +147,29 @@ class _Jobs:
         return out
 
 
+async def _engine_plans(cluster) -> dict[str, dict]:
+    """Each worker's step-plan counters (``Worker.Stats``), for the engines that run plans and report them."""
+    from google.protobuf.json_format import MessageToDict
+
+    from duopool.topology import instance_names
+    from duopool.v1 import worker_pb2, worker_pb2_grpc
+
+    out = {}
+    for name in instance_names(cluster.topology):
+        if name in ("scheduler", "kvtransfer", "router"):
+            continue
+        async with cluster.aio_internal_channel(name) as ch:
+            try:
+                st = await worker_pb2_grpc.WorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=5)
+            except Exception as exc:  # noqa: BLE001 - a worker that died: reported as such
+                out[name] = {"error": str(exc)[:200]}
+                continue
+        if st.HasField("step_plans"):
+            out[name] = MessageToDict(st.step_plans, preserving_proto_field_name=True,
+                                      always_print_fields_with_no_presence=True)
+    return out
+
+
 async def _replay(args, cluster, online, offline) -> dict:
     import grpc
 
@@ -210,6 +237,7 @@ async def _replay(args, cluster, online, offline) -> dict:
             duplicated = len(indices) - len(set(indices))
             lost = (len(offline) - len(set(indices))) if drained else 0
             stats = await sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
+        engine_plans = await _engine_plans(cluster)
     # Offline throughput is a capacity figure only while the backlog lasts: over a window in which it ran
     # out, tokens / window understates it. ``backlogged_tok_s`` is tokens generated / time while backlogged,
     # counting the tokens of requests still running at the end as the simulator does (tokens of finished
@@ -254,6 +282,8 @@ async def _replay(args, cluster, online, offline) -> dict:
         "preemptions": stats.preemptions,  # by the scheduler (Worker.Preempt RPCs, steps back at a first token)
         "preemptions_in_engine": int(stats.decisions.get("preempt:in-engine step plan", 0)),
         "preemption_ms": pct(samples) | {"samples": len(samples)},
+        # real engines running the step plans (vLLM's scheduler): per worker, what the plans did
+        "engine_plans": engine_plans,
         "preempt_trigger": stats.preempt_trigger,
         # how preempted offline requests resumed: from KV parked in kvtransfer's pool (only the tail computed)
         # or recomputing their context (by reason)
@@ -288,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
     shutil.rmtree(args.out / "run", ignore_errors=True)
     cluster = LocalCluster(Topology(engine=args.engine, model=args.model, prefill_workers=args.prefill,
                                     policy=args.policy, preempt_trigger=args.preempt_trigger or "",
+                                    engine_plans=args.engine_plans == "on",
                                     decode_workers=args.decode, max_model_len=max(2048, args.max_prompt + args.max_output + 8)),
                            args.out / "run", router_port=0, extra_env=env)
     cluster.log = lambda m: print(m, file=sys.stderr, flush=True)

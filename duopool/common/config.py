@@ -254,9 +254,12 @@ class WorkerConfig(ServiceConfig):
     sim_model: str = opt("llama-3.1-8b", "DUOPOOL_SIM_MODEL", "sim engine: model it imitates")
     sim_speedup: float = opt(1.0, "DUOPOOL_SIM_SPEEDUP", "sim engine: divide simulated step times by this")
     step_policy: str = opt("", "DUOPOOL_STEP_POLICY",
-                           "sim engine: form every step by this scheduling policy's step plan, the code the "
-                           "simulator's instances run (hygen, ooco, ...; `duopool up`/`bench replay` pass the "
-                           "scheduler's research policy); empty: vLLM-like batching (online first, FIFO)")
+                           "form every engine step by this scheduling policy's step plan, the code the "
+                           "simulator's instances run: the sim engine runs any research policy's (hygen, ooco, "
+                           "...), vLLM runs hygen's inside its own scheduler (a scheduler_cls, its latency "
+                           "predictor fitted to the engine's measured steps); `duopool up`/`bench replay` pass "
+                           "the scheduler's policy where the engine can run it. Empty: the engine's own order "
+                           "(online first by priority)")
     ttft_slo_ms: float = opt(1000.0, "DUOPOOL_TTFT_SLO_MS", "--step-policy: the TTFT SLO its step plans hold, ms")
     tpot_slo_ms: float = opt(100.0, "DUOPOOL_TPOT_SLO_MS", "--step-policy: the TPOT SLO its step plans hold, ms")
     park_kv: str = opt("on", "DUOPOOL_PARK_KV",
@@ -272,6 +275,11 @@ class WorkerConfig(ServiceConfig):
             if self.step_policy not in policy_names():
                 raise ConfigError("step_policy", f"unknown scheduling policy {self.step_policy!r}; known: "
                                                  f"{', '.join(policy_names())}")
+            from duopool.worker.engines.step_plan import ENGINE_STEP_POLICIES
+
+            if self.engine == "vllm" and self.step_policy not in ENGINE_STEP_POLICIES:
+                raise ConfigError("step_policy", f"the vllm engine runs the step plans of "
+                                                 f"{', '.join(ENGINE_STEP_POLICIES)} only, not {self.step_policy!r}")
         if not (self.ttft_slo_ms > 0 and self.tpot_slo_ms > 0):
             raise ConfigError("ttft_slo_ms" if not self.ttft_slo_ms > 0 else "tpot_slo_ms", "must be > 0")
         if not self.redis_url:

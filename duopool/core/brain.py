@@ -54,6 +54,9 @@ class WorkerReport:
     step_ms: float = 0.0  # the engine's last step
     step_plans: str = ""  # the policy whose step plans the engine runs itself ("" none)
     offline_only: bool = False  # the worker knows itself as the policy's isolated offline share
+    # its step plans read a latency predictor fitted to the engine's own steps (a real engine), not the
+    # performance model this brain plans with: the brain then only keeps its queue stocked, KV permitting
+    own_predictor: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +228,7 @@ class Brain:
         self.meta: dict[str, _Live] = {}
         self.pinned: dict[str, int] = {}  # work-item key -> instance it was pulled to (resumes there)
         self.reported_steps: dict[int, int] = {}
+        self.own_predictor: set[int] = set()  # instances whose engines plan with their own measured predictor
         self.next_tick = 0.0
         self._laid_out: tuple[str, ...] = ()
         self._ids = itertools.count()
@@ -314,6 +318,10 @@ class Brain:
         inst = self.cluster.instances[idx]
         inst.role, inst.pool = Role(w.role), PoolName(w.pool)
         inst.engine_plans = w.step_plans == self.policy.name
+        if inst.engine_plans and w.own_predictor:
+            self.own_predictor.add(idx)
+        else:
+            self.own_predictor.discard(idx)
         if inst.engine_plans and self._laid_out and w.offline_only != inst.offline_only:
             # an engine that plans its own steps must know it is the offline share (after a restart too)
             return [SetRole(w.worker_id, inst.role, inst.pool, "policy layout: offline share",
@@ -497,6 +505,8 @@ class Brain:
         try:
             if inst.kv_free() - held < r.prompt + r.output + inst.block_size:
                 return False
+            if inst.idx in self.own_predictor:  # its plan's budgets are the engine's, measured there
+                return True
             return any(c[0] is r for c in self.policy.plan(inst, self.cluster, now).chunks)
         finally:
             inst.waiting_off = queued

@@ -138,20 +138,44 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("info", "requests_served", "tokens_generated", "simulated", "running_online", "running_offline")
+    __slots__ = ("info", "requests_served", "tokens_generated", "simulated", "running_online", "running_offline", "step_plans")
     INFO_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
     SIMULATED_FIELD_NUMBER: _ClassVar[int]
     RUNNING_ONLINE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_OFFLINE_FIELD_NUMBER: _ClassVar[int]
+    STEP_PLANS_FIELD_NUMBER: _ClassVar[int]
     info: _common_pb2.WorkerInfo
     requests_served: int
     tokens_generated: int
     simulated: bool
     running_online: int
     running_offline: int
-    def __init__(self, info: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., requests_served: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., simulated: _Optional[bool] = ..., running_online: _Optional[int] = ..., running_offline: _Optional[int] = ...) -> None: ...
+    step_plans: StepPlanStats
+    def __init__(self, info: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., requests_served: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., simulated: _Optional[bool] = ..., running_online: _Optional[int] = ..., running_offline: _Optional[int] = ..., step_plans: _Optional[_Union[StepPlanStats, _Mapping]] = ...) -> None: ...
+
+class StepPlanStats(_message.Message):
+    __slots__ = ("policy", "steps", "planned_steps", "preempted", "predictor_fitted", "predictor_samples", "predictor_mape", "preempt_latency_p50_ms", "preempt_latency_p99_ms")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTED_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_FITTED_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_MAPE_FIELD_NUMBER: _ClassVar[int]
+    PREEMPT_LATENCY_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPT_LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    steps: int
+    planned_steps: int
+    preempted: int
+    predictor_fitted: bool
+    predictor_samples: int
+    predictor_mape: float
+    preempt_latency_p50_ms: float
+    preempt_latency_p99_ms: float
+    def __init__(self, policy: _Optional[str] = ..., steps: _Optional[int] = ..., planned_steps: _Optional[int] = ..., preempted: _Optional[int] = ..., predictor_fitted: _Optional[bool] = ..., predictor_samples: _Optional[int] = ..., predictor_mape: _Optional[float] = ..., preempt_latency_p50_ms: _Optional[float] = ..., preempt_latency_p99_ms: _Optional[float] = ...) -> None: ...
 
 class PreemptRequest(_message.Message):
     __slots__ = ("request_class", "max_requests", "reason", "request_ids")

@@ -47,7 +47,8 @@ def build_brain(config: SchedulerConfig) -> b.Brain:
 def worker_report(w: registry.WorkerRecord) -> b.WorkerReport:
     return b.WorkerReport(w.worker_id, Role(w.role), PoolName(w.pool), running=w.running, waiting=w.waiting,
                           kv_usage=w.kv_usage, kv_capacity=w.kv_capacity, steps=w.steps, step_ms=w.step_ms,
-                          step_plans=w.step_plans, offline_only=w.offline_only)
+                          step_plans=w.step_plans, offline_only=w.offline_only,
+                          own_predictor=bool(w.step_plans) and w.engine != "sim")
 
 
 class BrainDriver:

@@ -727,9 +727,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Stats(self, request, context):
         offline = sum(1 for off, _ in self.active.values() if off)
+        plans = None
+        ps = getattr(self.engine, "plan_stats", lambda: None)()
+        if ps is not None:
+            plans = worker_pb2.StepPlanStats(
+                policy=self.engine.step_policy, steps=ps.steps, planned_steps=ps.planned_steps,
+                preempted=ps.preempted, predictor_fitted=ps.fitted, predictor_samples=ps.samples,
+                predictor_mape=ps.mape, preempt_latency_p50_ms=ps.latency_p50_ms,
+                preempt_latency_p99_ms=ps.latency_p99_ms)
         return worker_pb2.StatsResponse(info=self.info_pb(), requests_served=self.served,
                                         tokens_generated=self.tokens, simulated=self.engine.simulated,
-                                        running_online=len(self.active) - offline, running_offline=offline)
+                                        running_online=len(self.active) - offline, running_offline=offline,
+                                        step_plans=plans)
 
 
 async def _heartbeat_loop(service: WorkerService, stop: asyncio.Event) -> None:
@@ -787,6 +796,12 @@ async def serve(config: WorkerConfig, stop: asyncio.Event, ready: asyncio.Event 
     await stop.wait()
     await hb
     await server.stop()
+    ps = getattr(engine, "plan_stats", lambda: None)()
+    if ps is not None:
+        log.info("step plans (%s): %d of %d steps planned, %d offline requests preempted in the engine (online "
+                 "arrival -> stopped p50 %.1f / p99 %.1f ms), latency predictor %s on %d steps (MAPE %.1f%%)",
+                 engine.step_policy, ps.planned_steps, ps.steps, ps.preempted, ps.latency_p50_ms,
+                 ps.latency_p99_ms, "fitted" if ps.fitted else "not fitted", ps.samples, 100 * ps.mape)
     await engine.stop()
     await service.channels.close()
     if service._kv_channel is not None:

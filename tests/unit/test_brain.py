@@ -243,6 +243,24 @@ def test_engines_that_run_the_plans_get_a_stocked_queue_and_no_eviction_rpcs():
     assert not [x for x in brain.handle(Tick(), 30.0) if isinstance(x, Preempt)]
 
 
+def test_engines_planning_with_their_own_predictor_are_stocked_whatever_the_brains_model_says():
+    """A real engine runs the plan with a latency predictor fitted to its own steps: the brain's roofline
+    (an imitated GPU) says nothing about its budget, so the brain keeps its queue stocked, KV permitting,
+    where its own plan for that instance would admit nothing (a TPOT below the modelled step's fixed cost)."""
+    for own, expect in ((False, 0), (True, ENGINE_QUEUE)):
+        brain = make_brain("hygen", tpot=0.001)
+        brain.handle(WorkerReport("m0", M, R, step_plans="hygen", own_predictor=own, kv_capacity=200_000), 0.0)
+        placed = [e for k in range(20) for e in brain.handle(offline(f"o{k}", prompt=500, out=50), 0.0)
+                  if isinstance(e, Place)]
+        assert len(placed) == expect, own
+    # KV still bounds it: nothing is queued that the engine's memory cannot hold
+    brain = make_brain("hygen", tpot=0.001)
+    brain.handle(WorkerReport("m0", M, R, step_plans="hygen", own_predictor=True, kv_capacity=2000), 0.0)
+    placed = [e for k in range(20) for e in brain.handle(offline(f"o{k}", prompt=500, out=50), 0.0)
+              if isinstance(e, Place)]
+    assert 1 <= len(placed) < 4
+
+
 def test_without_engine_plans_the_same_workers_get_eviction_rpcs():
     brain = make_brain(tpot=0.02)
     join(brain, [("p0", P, R), ("d0", D, S)])
@@ -564,6 +582,9 @@ def test_worker_report_converts_a_record():
                        steps=11, step_ms=4.5, kv_capacity=1234, step_plans="hygen")
     assert worker_report(rec) == WorkerReport("w", D, S, running=3, waiting=2, kv_usage=0.5, kv_capacity=1234,
                                               steps=11, step_ms=4.5, step_plans="hygen")
+    # a real engine's plans use its own measured predictor
+    vllm = WorkerRecord(**{**rec.__dict__, "engine": "vllm"})
+    assert worker_report(vllm).own_predictor and not worker_report(rec).own_predictor
 
 
 # ------------------------------------------------------------------------------------------- simulator

