@@ -161,3 +161,28 @@ def test_stats_block_round_trip(tmp_path):
     block.close(unlink=True)
     assert not (tmp_path / "s").exists()
     assert math.isnan(PlanStats().mape)
+
+
+def test_evicted_decodes_resume_by_the_plans_rule_not_as_new_work():
+    p, clock = planner(tpot_ms=20.0)
+    run = [decoding(f"off{i}", OFF, 300, 20, t=900.0 + i) for i in range(60)]
+    d = p.decide(run, [FakeReq("new", 0, 800, 50, arrival_time=clock.t)], kv_used_tokens=60 * 352)
+    evicted = d.evict
+    assert len(evicted) > 2
+    for r in evicted:  # the engine preempted them: waiting, recomputing their context when resumed
+        r.num_computed_tokens = 0
+    online = FakeReq("new", 0, 800, 50, num_computed_tokens=800, num_output_tokens=1, arrival_time=clock.t)
+    # the next step has room: as new work they would all be admitted within the prefill room; as the plan's
+    # swapped decodes they come back by its resume rule, two a step (the oldest first), their recompute in
+    # the step's token budget
+    clock.t += 0.02
+    oldest_first = sorted(evicted, key=lambda r: r.arrival_time)
+    d2 = p.decide([online], oldest_first, kv_used_tokens=1000)
+    back = [r for r in oldest_first if r.request_id in d2.admit]
+    assert [r.request_id for r in back] == [r.request_id for r in oldest_first[:2]]
+    assert d2.token_budget >= sum(r.num_tokens for r in back) + 1
+    # once running again they are ordinary decodes; the rest still wait to be resumed
+    for r in back:
+        r.num_computed_tokens = r.num_tokens - 1
+    d3 = p.decide([online, *back], oldest_first[2:], kv_used_tokens=2000)
+    assert len([r for r in oldest_first[2:] if r.request_id in d3.admit]) <= 2

@@ -41,7 +41,7 @@ from duopool.core.placement import PoolName, Role
 from duopool.core.policies import PolicyConfig, SchedulingPolicy
 from duopool.core.policies.hygen import HyGen
 from duopool.core.predictor import LatencyPredictor, fit
-from duopool.core.state import OFFLINE, ONLINE, Cluster, Instance, Req
+from duopool.core.state import OFFLINE, ONLINE, Cluster, Instance, Phase, Req
 
 # Policies whose step plan a real engine can run: their plan reads the latency predictor (fitted to the
 # engine's own steps here), not the roofline of an imitated GPU.
@@ -140,6 +140,10 @@ class StepPlanner:
         self._policy: _MeasuredHyGen | None = None
         self._clock, self._wall = clock, wall
         self._first_token: dict[str, float] = {}  # request id -> when it was first seen decoding (monotonic)
+        # offline decodes the plan evicted that wait in the engine: the plan's swapped decodes, resumed by its
+        # own rule (HyGen: while the decode part is under the budget's share, two a step), not re-admitted
+        # as new work at the next step
+        self._evicted: set[str] = set()
         self.preempted = 0  # offline requests evicted by the plan
         self.latencies_ms: deque[float] = deque(maxlen=LATENCIES_KEPT)  # online arrival -> eviction for it
 
@@ -160,6 +164,8 @@ class StepPlanner:
         live = {r.request_id for r in running}
         for rid in [k for k in self._first_token if k not in live]:
             del self._first_token[rid]
+        if self._evicted:
+            self._evicted &= {r.request_id for r in waiting}  # resumed (running again) or gone
         if policy is None:
             return StepDecision(admit={r.request_id for r in [*running, *waiting] if is_offline(r)})
         inst = Instance(0, Role.MIXED, PoolName.RELAXED, kv_capacity=self.kv_capacity, block_size=self.block_size)
@@ -195,6 +201,10 @@ class StepPlanner:
                 m.inst = 0
                 inst.waiting.append(m)
                 inst.queued_prefill_tokens += m.prompt
+            elif r.request_id in self._evicted:
+                m.phase = Phase.SWAPPED
+                m.prompt, m.generated = r.num_prompt_tokens, r.num_output_tokens
+                cluster.resume.append(m)
             else:
                 cluster.backlog.append(m)
         inst.kv_reserved = max(0, kv_used_tokens - decode_part)  # prefills' blocks: the engine's own count
@@ -203,6 +213,7 @@ class StepPlanner:
         d.evict = [of[m.rid] for m in plan.evict if m.cls == OFFLINE and m.rid < n]
         if d.evict:
             self.preempted += len(d.evict)
+            self._evicted.update(r.request_id for r in d.evict)
             online_waiting = [m for m in inst.waiting if m.prefilled == 0]
             if online_waiting:  # what they were evicted for: the newest online arrival's wait
                 newest = max(m.arrival for m in online_waiting)
@@ -215,14 +226,20 @@ class StepPlanner:
                 d.admit.add(of[m.rid].request_id)
             elif m.rid >= n:
                 online_new = True
+        for m in plan.pull:  # swapped decodes resumed: the engine recomputes their context in this step
+            r = of.get(m.rid)
+            if r is not None and r.request_id in self._evicted:
+                d.admit.add(r.request_id)
+                tokens += r.num_tokens
         if online_new:
             # a new online prompt is scheduled after every running request: an offline prefill continuing
             # in the running batch would take the online prompt's share, so it waits this step
             d.admit = {rid for rid in d.admit if rid not in live}
-        if not plan.chunks and inst.n_decoding == 0 and not inst.waiting and (inst.waiting_off or cluster.backlog):
+        idle_queue = inst.waiting_off or cluster.backlog or cluster.resume
+        if not plan.chunks and not plan.pull and inst.n_decoding == 0 and not inst.waiting and idle_queue:
             # an idle engine holds no work: the budgets are for steps that carry online work (and a plan whose
             # fixed step cost alone is over its budget must not strand offline work here)
-            m = (inst.waiting_off or cluster.backlog)[0]
+            m = idle_queue[0]
             d.admit.add(of[m.rid].request_id)
             tokens = self.cfg.max_batched_tokens
         tokens += inst.n_decoding - len(d.evict)

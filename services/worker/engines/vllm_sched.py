@@ -42,6 +42,8 @@ from duopool.worker.engines.step_plan import (
 
 log = logging.getLogger(__name__)
 
+KV_HOLD_LIMIT = 0.9  # KV use above which offline prefills the plan holds back are preempted, not held
+
 
 
 class _StepPlanMixin:
@@ -80,8 +82,16 @@ class _StepPlanMixin:
                 if r.status == RequestStatus.RUNNING and r in self.running:
                     self.running.remove(r)
                     self._preempt_request(r, ts)
-        held_wait = [r for r in self.waiting if is_offline(r) and r.request_id not in d.admit]
         held_run = [r for r in self.running if is_offline(r) and prefilling(r) and r.request_id not in d.admit]
+        if held_run and self.kv_cache_manager.usage > KV_HOLD_LIMIT:
+            # memory is short: an offline prefill sitting the step out must not keep its blocks (vLLM's own
+            # preemption only sees the running list, so an online request could go instead)
+            ts = time.monotonic()
+            for r in held_run:
+                self.running.remove(r)
+                self._preempt_request(r, ts)
+            held_run = []
+        held_wait = [r for r in self.waiting if is_offline(r) and r.request_id not in d.admit]
         if held_wait:
             self.waiting.remove_requests(held_wait)
         if held_run:
