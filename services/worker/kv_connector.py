@@ -123,6 +123,7 @@ class DuopoolConnector(KVConnectorBase_V1):
         self._pending_parks: list[SaveOp] = []  # for the next step's worker half
         # worker side
         self._open_saves: dict[str, KvSegment] = {}
+        self._load_errors: set[int] = set()  # blocks of this step's loads whose segment was gone
         # time the forward pass spent exporting KV (gather + write + seal), summed and logged every EXPORT_LOG_S
         self._export = _export_counters()
         self._parks: dict[str, concurrent.futures.Future] = {}  # req_id -> its copy (a background thread)
@@ -274,16 +275,31 @@ class DuopoolConnector(KVConnectorBase_V1):
         if not meta.loads:
             return
         for op in meta.loads:
-            with KvSegment.open(pathlib.Path(op.path), populate=True) as seg:
-                n = len(op.dst_block_ids)
-                dst_idx = torch.tensor(op.dst_block_ids, dtype=torch.long)
-                for li, name in enumerate(seg.meta.layer_names):
-                    kv = layers[name].kv_cache
-                    if isinstance(kv, list):
-                        kv = kv[0]
-                    src = self._segment_blocks(seg, li, kv.dtype)[op.first_block : op.first_block + n]
-                    kv.index_copy_(0, dst_idx, src.to(kv.device))
-                del src
+            try:
+                self._load(op, layers)
+            except (SegmentError, OSError, ValueError) as exc:
+                # the segment went between the scheduler's check and this step (its transfer was released:
+                # the request was preempted or cancelled meanwhile, or its lease ended): vLLM recomputes
+                # these blocks (kv_load_failure_policy "recompute"); the engine and the step's other
+                # requests go on
+                log.warning("request %s: KV segment gone before it was loaded (%s); recomputing", op.req_id, exc)
+                self._load_errors.update(op.dst_block_ids)
+
+    def _load(self, op: LoadOp, layers: dict[str, Any]) -> None:
+        with KvSegment.open(pathlib.Path(op.path), populate=True) as seg:
+            n = len(op.dst_block_ids)
+            dst_idx = torch.tensor(op.dst_block_ids, dtype=torch.long)
+            for li, name in enumerate(seg.meta.layer_names):
+                kv = layers[name].kv_cache
+                if isinstance(kv, list):
+                    kv = kv[0]
+                src = self._segment_blocks(seg, li, kv.dtype)[op.first_block : op.first_block + n]
+                kv.index_copy_(0, dst_idx, src.to(kv.device))
+            del src
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
 
     @staticmethod
     def _layer_cache(layers: dict[str, Any], name: str) -> torch.Tensor:

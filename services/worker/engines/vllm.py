@@ -131,6 +131,10 @@ class VllmEngine(Engine):
                 kv_connector="DuopoolConnector",
                 kv_connector_module_path="duopool.worker.kv_connector",
                 kv_role="kv_both",
+                # a segment that goes between the scheduler's check and the load (its transfer released
+                # meanwhile) is recomputed, not an engine failure (the worker applies its own
+                # --kv-load-failure-policy before a request reaches the engine)
+                kv_load_failure_policy="recompute",
                 kv_connector_extra_config=extra,
             ),
         )
