@@ -59,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the engines form their steps by the policy's step plan where they can (sim: every "
                         "research policy; vllm: hygen) and stop offline work at their step boundary (on), or the "
                         "scheduler plans on its mirror and preempts by Worker.Preempt RPCs (off) [on]")
+    p.add_argument("--hygen-budget-frac", type=float, default=0.8,
+                   help="vllm engines running hygen's step plans: the step budget as a share of the TPOT SLO [0.8]")
+    p.add_argument("--pin-cpus", choices=("on", "off"), default="on",
+                   help="vllm engines: each pinned to its own cores where there are enough, as `duopool up` does "
+                        "(on), or sharing all cores (off) [on]")
     p.add_argument("--offline-per-worker", type=int, default=4, help="offline requests per idle worker [4]")
     p.add_argument("--drain-timeout", type=float, default=120.0,
                    help="after the window, wait this long for the offline job to finish (lost/duplicated check)")
@@ -260,6 +265,7 @@ async def _replay(args, cluster, online, offline) -> dict:
         "engine": args.engine + (" (SIMULATED)" if args.engine == "sim" else ""),
         "workers": {"prefill": args.prefill, "decode": args.decode},
         "window_s": window_s, "rate_scale": args.rate_scale, "park_kv": args.park_kv, "offline_moves": args.offline_moves,
+        "pin_cpus": args.pin_cpus, "engine_plans_setting": args.engine_plans, "hygen_budget_frac": args.hygen_budget_frac,
         "slo": {"ttft_ms": args.ttft_slo_ms, "tpot_ms": args.tpot_slo_ms},
         "online": {
             "requests": len(online), "failed": len(results) - len(ok),
@@ -311,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
            "DUOPOOL_SIM_SPEEDUP": str(args.sim_speedup), "DUOPOOL_SCHEDULER_ID": "replay",
            "DUOPOOL_TTFT_SLO_MS": str(args.ttft_slo_ms), "DUOPOOL_PARK_KV": args.park_kv,
            "DUOPOOL_OFFLINE_MOVES": args.offline_moves,
-           "DUOPOOL_TPOT_SLO_MS": str(args.tpot_slo_ms)}
+           "DUOPOOL_TPOT_SLO_MS": str(args.tpot_slo_ms), "DUOPOOL_HYGEN_BUDGET_FRAC": str(args.hygen_budget_frac)}
     args.out.mkdir(parents=True, exist_ok=True)
     # a fresh cluster each time: a run directory left by an earlier replay holds its Redis data, whose
     # unfinished batch would resume and compete with this one
@@ -320,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
                                     policy=args.policy, preempt_trigger=args.preempt_trigger or "",
                                     engine_plans=args.engine_plans == "on",
                                     decode_workers=args.decode, max_model_len=max(2048, args.max_prompt + args.max_output + 8)),
-                           args.out / "run", router_port=0, extra_env=env)
+                           args.out / "run", router_port=0, extra_env=env, pin_cpus=args.pin_cpus == "on")
     cluster.log = lambda m: print(m, file=sys.stderr, flush=True)
     with cluster:
         summary = asyncio.run(_replay(args, cluster, online, offline))

@@ -262,6 +262,9 @@ class WorkerConfig(ServiceConfig):
                            "(online first by priority)")
     ttft_slo_ms: float = opt(1000.0, "DUOPOOL_TTFT_SLO_MS", "--step-policy: the TTFT SLO its step plans hold, ms")
     tpot_slo_ms: float = opt(100.0, "DUOPOOL_TPOT_SLO_MS", "--step-policy: the TPOT SLO its step plans hold, ms")
+    hygen_budget_frac: float = opt(0.8, "DUOPOOL_HYGEN_BUDGET_FRAC",
+                                   "--step-policy hygen on vllm: each step's latency budget as a share of the TPOT "
+                                   "SLO (HyGen's profiled budget; lower leaves more room for what shares the host)")
     park_kv: str = opt("on", "DUOPOOL_PARK_KV",
                        "on: a preempted offline decode's KV is saved into kvtransfer's pool and its resume, on any "
                        "worker, computes only the tail (both engines park: sim and vLLM); off: "
@@ -280,6 +283,8 @@ class WorkerConfig(ServiceConfig):
             if self.engine == "vllm" and self.step_policy not in ENGINE_STEP_POLICIES:
                 raise ConfigError("step_policy", f"the vllm engine runs the step plans of "
                                                  f"{', '.join(ENGINE_STEP_POLICIES)} only, not {self.step_policy!r}")
+        if not 0 < self.hygen_budget_frac <= 1:
+            raise ConfigError("hygen_budget_frac", "must be in (0, 1]")
         if not (self.ttft_slo_ms > 0 and self.tpot_slo_ms > 0):
             raise ConfigError("ttft_slo_ms" if not self.ttft_slo_ms > 0 else "tpot_slo_ms", "must be > 0")
         if not self.redis_url:

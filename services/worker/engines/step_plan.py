@@ -50,12 +50,19 @@ PLAN_KEY = "duopool_step_plan"  # where vLLM's KV connector extra config carries
 MIN_SAMPLES = 40  # steps measured before the predictor is first fitted (until then: the engine's own order)
 REFIT_EVERY = 50  # new steps between refits
 MAX_SAMPLES = 2000  # the most recent steps a fit uses
+BIAS_ALPHA = 0.05  # weight of the newest step in the measured / predicted moving average (~20 steps)
+BIAS_RANGE = (0.5, 4.0)  # one step's ratio is clipped to this before it enters the average
 LATENCIES_KEPT = 1000  # in-engine preemption latencies kept for the percentiles
 
 
 class MeasuredPredictor:
     """HyGen's latency predictor fitted to the engine's own measured steps, refitted every ``REFIT_EVERY``
-    steps over the last ``MAX_SAMPLES``. ``pred`` is None until ``MIN_SAMPLES`` steps were measured."""
+    steps over the last ``MAX_SAMPLES``. ``pred`` is None until ``MIN_SAMPLES`` steps were measured.
+
+    The fit is plain least squares (the mean step for its shape: a TPOT is a mean of step periods), and
+    ``bias`` — a moving average of measured / predicted over the recent steps — corrects what a fit over the
+    last 2,000 steps lags behind: a host whose other processes (the other engine, the token streams) take
+    more of the CPU now than they did."""
 
     def __init__(self, min_samples: int = MIN_SAMPLES, refit_every: int = REFIT_EVERY) -> None:
         self.samples: deque[ProfileSample] = deque(maxlen=MAX_SAMPLES)
@@ -64,10 +71,16 @@ class MeasuredPredictor:
         self._every = refit_every
         self._new = 0
         self.fits = 0
+        self.bias = 1.0
 
     def add(self, sample: ProfileSample) -> None:
         if sample.step_ms <= 0 or not (sample.prefill or sample.decode_contexts):
             return
+        if self.pred is not None:
+            p = self.pred.predict_sample_ms(sample)
+            if p > 0:
+                ratio = min(BIAS_RANGE[1], max(BIAS_RANGE[0], sample.step_ms / p))
+                self.bias += BIAS_ALPHA * (ratio - self.bias)
         self.samples.append(sample)
         self._new += 1
         if len(self.samples) >= self._min and (self.pred is None or self._new >= self._every):
@@ -80,7 +93,7 @@ class MeasuredPredictor:
     def refit(self) -> None:
         self._new = 0
         try:
-            p = fit(list(self.samples), holdout=0.2)
+            p = fit(list(self.samples), holdout=0.2, relative=False)
         except (ValueError, np.linalg.LinAlgError):
             return
         if all(math.isfinite(c) for cs in p.coefs for c in cs):
@@ -95,13 +108,21 @@ class _MeasuredHyGen(HyGen):
     def __init__(self, cfg: PolicyConfig, predictor: LatencyPredictor) -> None:
         SchedulingPolicy.__init__(self, PerfModel.load(), cfg)  # the roofline's figures are not read
         self.pred = predictor
-        self.budget_ms = cfg.hygen_budget_frac * cfg.tpot_slo_s * 1e3
+        self.base_budget_ms = cfg.hygen_budget_frac * cfg.tpot_slo_s * 1e3
+        self.budget_ms = self.base_budget_ms
+        self.bias = 1.0
+
+    def calibrate(self, bias: float) -> None:
+        """Steps run ``bias`` × their prediction now: the plan holds the budget in measured time (a predicted
+        step of budget / bias)."""
+        self.bias = bias
+        self.budget_ms = self.base_budget_ms / bias
 
     def decode_time(self, inst: Instance, extra_n: int = 0, extra_ctx: int = 0, pad_to: int = 0) -> float:
         n = inst.n_decoding + extra_n
         if n <= 0:
             return 0.0
-        return max(0.0, self.pred.predict_ms(0, inst.ctx_sum() + extra_ctx, 0, n)) / 1e3
+        return max(0.0, self.pred.predict_ms(0, inst.ctx_sum() + extra_ctx, 0, n)) / 1e3  # predicted time, as budget_ms
 
 
 @dataclass
@@ -127,13 +148,14 @@ class StepPlanner:
 
     def __init__(self, policy: str, ttft_slo_ms: float, tpot_slo_ms: float, block_size: int, kv_capacity: int,
                  max_num_seqs: int, max_batched_tokens: int, predictor: MeasuredPredictor | None = None,
-                 clock=time.monotonic, wall=time.time) -> None:
+                 clock=time.monotonic, wall=time.time, budget_frac: float = 0.8) -> None:
         if policy not in ENGINE_STEP_POLICIES:
             raise ValueError(f"step policy {policy!r}: a real engine runs the step plans of "
                              f"{', '.join(ENGINE_STEP_POLICIES)} only")
         self.name = policy
         self.cfg = PolicyConfig(ttft_slo_s=ttft_slo_ms / 1e3, tpot_slo_s=tpot_slo_ms / 1e3,
-                                max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens)
+                                max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
+                                hygen_budget_frac=budget_frac)
         self.block_size = block_size
         self.kv_capacity = kv_capacity
         self.measured = predictor or MeasuredPredictor()
@@ -154,6 +176,7 @@ class StepPlanner:
             return None
         if self._policy is None or self._policy.pred is not p:
             self._policy = _MeasuredHyGen(self.cfg, p)
+        self._policy.calibrate(self.measured.bias)
         return self._policy
 
     def decide(self, running: Sequence, waiting: Iterable, kv_used_tokens: int) -> StepDecision:

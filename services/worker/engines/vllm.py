@@ -49,7 +49,7 @@ class VllmEngine(Engine):
 
     def __init__(self, model: str, max_model_len: int, kv_dir: str, kv_cache_gib: float = 1.0,
                  threads: int = 1, block_size: int = BLOCK_SIZE, dtype: str = "auto", step_policy: str = "",
-                 ttft_slo_ms: float = 1000.0, tpot_slo_ms: float = 100.0) -> None:
+                 ttft_slo_ms: float = 1000.0, tpot_slo_ms: float = 100.0, budget_frac: float = 0.8) -> None:
         self._model_arg = model
         self._max_model_len = max_model_len
         self._kv_dir = kv_dir
@@ -70,13 +70,14 @@ class VllmEngine(Engine):
         # through a small stats file
         self.step_policy = step_policy
         self._slo = (ttft_slo_ms, tpot_slo_ms)
+        self._budget_frac = budget_frac
         self._plan_stats: StatsBlock | None = None
 
     @classmethod
     def from_config(cls, config) -> VllmEngine:
         return cls(config.model, config.max_model_len, config.kv_dir, config.kv_cache_gib, config.threads,
                    dtype=config.dtype, step_policy=config.step_policy, ttft_slo_ms=config.ttft_slo_ms,
-                   tpot_slo_ms=config.tpot_slo_ms)
+                   tpot_slo_ms=config.tpot_slo_ms, budget_frac=config.hygen_budget_frac)
 
     @property
     def policy(self) -> _PlanName | None:
@@ -114,7 +115,8 @@ class VllmEngine(Engine):
             os.close(fd)
             self._plan_stats = StatsBlock.create(pathlib.Path(stats_path))
             extra[PLAN_KEY] = {"policy": self.step_policy, "ttft_slo_ms": self._slo[0],
-                               "tpot_slo_ms": self._slo[1], "stats_path": stats_path}
+                               "tpot_slo_ms": self._slo[1], "budget_frac": self._budget_frac,
+                               "stats_path": stats_path}
         args = AsyncEngineArgs(
             model=self._model_path,
             max_model_len=self._max_model_len,

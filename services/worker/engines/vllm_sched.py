@@ -16,8 +16,8 @@ Each step:
 5. vLLM's scheduler forms the step within those bounds (its KV allocation, prefix cache and priority
    preemption unchanged).
 
-The measured step (prefill chunks, decode contexts, time until its output comes back) feeds the planner's
-latency predictor. No RPC is involved: an online arrival changes the next step's plan.
+The measured step (prefill chunks, decode contexts, and its period: from its start to the next step's
+start while the engine stays busy, what a decode's TPOT sees) feeds the planner's latency predictor. No RPC is involved: an online arrival changes the next step's plan.
 """
 
 from __future__ import annotations
@@ -43,19 +43,27 @@ from duopool.worker.engines.step_plan import (
 log = logging.getLogger(__name__)
 
 KV_HOLD_LIMIT = 0.9  # KV use above which offline prefills the plan holds back are preempted, not held
-
+LOG_EVERY_S = 10.0  # how often the engine logs its planned steps: measured and predicted times
+IDLE_GAP_S = 0.002  # a next step starting later than this after the last one ended: the engine was idle
 
 
 class _StepPlanMixin:
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if not logging.getLogger().handlers and not log.handlers:  # vLLM's engine process: no logging set up
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s engine %(levelname)s %(name)s: %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
         ktc = self.vllm_config.kv_transfer_config
         cfg = ((ktc.kv_connector_extra_config or {}) if ktc is not None else {}).get(PLAN_KEY)
         self._planner: StepPlanner | None = None
         self._stats: StatsBlock | None = None
         self._steps = self._planned = 0
-        self._t_out = 0.0  # when the last step was handed to the model runner
-        self._shape: tuple[list, list] | None = None
+        self._t_start = 0.0  # when this step's schedule() began
+        self._shape: tuple[list, list] | None = None  # this step's prefill chunks and decode contexts
+        self._done: tuple | None = None  # (shape, start, end) of the last step: measured at the next start
+        self._acc, self._acc_t = [0, 0.0, 0.0, 0, 0, 0.0], time.monotonic()  # for the periodic log line
         if not cfg:
             return
         if self.policy != VllmQueuePolicy.PRIORITY:
@@ -64,16 +72,20 @@ class _StepPlanMixin:
         self._planner = StepPlanner(
             cfg["policy"], float(cfg["ttft_slo_ms"]), float(cfg["tpot_slo_ms"]), self.block_size,
             self.kv_cache_config.num_blocks * self.block_size, self.max_num_running_reqs,
-            self.scheduler_config.max_num_batched_tokens)
+            self.scheduler_config.max_num_batched_tokens, budget_frac=float(cfg.get("budget_frac", 0.8)))
         if cfg.get("stats_path"):
             self._stats = StatsBlock.open(cfg["stats_path"])
-        log.info("duopool step plans: %s (TTFT %s ms, TPOT %s ms), KV %d tokens", cfg["policy"],
-                 cfg["ttft_slo_ms"], cfg["tpot_slo_ms"], self.kv_cache_config.num_blocks * self.block_size)
+        log.info("duopool step plans: %s (TTFT %s ms, TPOT %s ms, step budget %s x TPOT), KV %d tokens",
+                 cfg["policy"], cfg["ttft_slo_ms"], cfg["tpot_slo_ms"], cfg.get("budget_frac", 0.8),
+                 self.kv_cache_config.num_blocks * self.block_size)
 
     def schedule(self, *args, **kwargs):
         p = self._planner
         if p is None:
             return super().schedule(*args, **kwargs)
+        now = time.monotonic()
+        self._measure(now)
+        self._t_start = now
         used = int(round(self.kv_cache_manager.usage * p.kv_capacity))
         d = p.decide(self.running, self.waiting, used)
         if d.evict:
@@ -114,8 +126,36 @@ class _StepPlanMixin:
             self.running.extend(held_run)
         self._steps += 1
         self._shape = self._step_shape(out)
-        self._t_out = time.monotonic()
         return out
+
+    def _measure(self, now: float) -> None:
+        """The last step's time, for the latency predictor. In a busy engine a decode's next token waits the
+        whole period from one step's start to the next (scheduling, the forward pass, output processing,
+        new input): that is what its TPOT sees, so that is the step's time; after an idle gap, only the
+        step's own part (start to the end of its update)."""
+        if self._done is None:
+            return
+        shape, t0, t1 = self._done
+        self._done = None
+        end = now if now - t1 < IDLE_GAP_S else t1
+        ms = (end - t0) * 1e3
+        pred = self._planner.measured.pred
+        if pred is not None:
+            s_p, n_d = sum(c for c, _ in shape[0]), len(shape[1])
+            a = self._acc
+            a[0] += 1
+            a[1] += ms
+            a[2] += pred.predict_ms(s_p, sum(shape[1]), len(shape[0]), n_d)
+            a[3] += s_p
+            a[4] += n_d
+            a[5] = max(a[5], ms)
+            if now - self._acc_t >= LOG_EVERY_S:
+                n = a[0]
+                log.info("step plans: %d steps in %.0f s, mean %.1f ms (predicted %.1f, longest %.1f), %.0f prefill "
+                         "tokens and %.1f decodes a step; %d offline preempted so far", n, now - self._acc_t,
+                         a[1] / n, a[2] / n, a[5], a[3] / n, a[4] / n, self._planner.preempted)
+                self._acc, self._acc_t = [0, 0.0, 0.0, 0, 0, 0.0], now
+        self._planner.record(shape[0], shape[1], ms)
 
     def _step_shape(self, out) -> tuple[list, list] | None:
         prefill, decode = [], []
@@ -131,10 +171,10 @@ class _StepPlanMixin:
         return (prefill, decode) if prefill or decode else None
 
     def update_from_output(self, scheduler_output, model_runner_output):
+        out = super().update_from_output(scheduler_output, model_runner_output)
         p = self._planner
         if p is not None and self._shape is not None:
-            step_ms = (time.monotonic() - self._t_out) * 1e3
-            p.record(self._shape[0], self._shape[1], step_ms)
+            self._done = (self._shape, self._t_start, time.monotonic())
             self._shape = None
             if self._stats is not None:
                 m = p.measured
@@ -142,7 +182,7 @@ class _StepPlanMixin:
                 self._stats.write(PlanStats(self._steps, p.preempted, self._planned, m.pred is not None,
                                             len(m.samples), m.pred.test_mape if m.pred is not None else math.nan,
                                             p50, p99))
-        return super().update_from_output(scheduler_output, model_runner_output)
+        return out
 
 
 class DuopoolScheduler(_StepPlanMixin, Scheduler):
