@@ -186,3 +186,40 @@ def test_evicted_decodes_resume_by_the_plans_rule_not_as_new_work():
         r.num_computed_tokens = r.num_tokens - 1
     d3 = p.decide([online, *back], oldest_first[2:], kv_used_tokens=2000)
     assert len([r for r in oldest_first[2:] if r.request_id in d3.admit]) <= 2
+
+
+def test_bias_correction_holds_the_budget_in_measured_time():
+    """Steps that run slower than the fit predicts (the host got busier): the moving measured/predicted ratio
+    rises and the plan admits less offline prefill, so measured steps come back within the budget."""
+    m = trained(300)
+    p, _ = planner(m)
+    run = [decoding(f"on{i}", 0, 200, 10) for i in range(4)]
+    backlog = [FakeReq(f"off{i}", OFF, 1500, 200, arrival_time=900.0 + i) for i in range(3)]
+    before = p.decide(run, backlog, kv_used_tokens=1000).token_budget
+    assert m.bias == pytest.approx(1.0, abs=0.05)
+    rng = random.Random(5)
+    for _ in range(200):  # the same shapes now take twice as long
+        chunks = [(rng.randint(1, 1024), 0)]
+        ctxs = [rng.randint(64, 2048) for _ in range(rng.randint(0, 40))]
+        m.add_sample(chunks, ctxs, 2 * true_ms(chunks[0][0], sum(ctxs), 1, len(ctxs)))
+    # the refits take in the slow steps too: fit and bias together predict the measured time
+    assert m.bias > 1.05
+    assert m.pred.predict_ms(500, 5000, 1, 20) * m.bias == pytest.approx(2 * true_ms(500, 5000, 1, 20), rel=0.25)
+    after = p.decide(run, backlog, kv_used_tokens=1000).token_budget
+    assert after < before
+    offline_tokens = after - 4
+    assert 2 * true_ms(offline_tokens, 4 * 210, 1, 4) <= 0.8 * 50 * 1.1  # measured time within the budget
+
+
+def test_online_prompts_get_a_sequence_slot_when_offline_decodes_fill_the_engine():
+    clock = Clock()
+    p = StepPlanner("hygen", ttft_slo_ms=1000, tpot_slo_ms=1000, block_size=32, kv_capacity=10_000_000,
+                    max_num_seqs=16, max_batched_tokens=2048, predictor=trained(), clock=clock, wall=clock)
+    run = [decoding(f"off{i}", OFF, 100, 5, t=900.0 + i) for i in range(16)]  # every slot, within the budget
+    online = [FakeReq(f"on{k}", 0, 100, 10, arrival_time=clock.t) for k in range(3)]
+    d = p.decide(run, online, kv_used_tokens=16 * 140)
+    assert [r.request_id for r in d.evict] == ["off15", "off14", "off13"]
+    # offline admission itself stops short of the limit: slots stay free for online arrivals
+    d = p.decide(run[:12], [FakeReq(f"new{k}", OFF, 100, 10, arrival_time=950.0 + k) for k in range(8)],
+                 kv_used_tokens=12 * 140)
+    assert len(d.admit & {f"new{k}" for k in range(8)}) == 16 - 16 // 8 - 12

@@ -52,6 +52,7 @@ REFIT_EVERY = 50  # new steps between refits
 MAX_SAMPLES = 2000  # the most recent steps a fit uses
 BIAS_ALPHA = 0.05  # weight of the newest step in the measured / predicted moving average (~20 steps)
 BIAS_RANGE = (0.5, 4.0)  # one step's ratio is clipped to this before it enters the average
+ONLINE_SEQ_SHARE = 8  # 1/8 of the engine's sequence slots are kept from offline admission for online prompts
 LATENCIES_KEPT = 1000  # in-engine preemption latencies kept for the percentiles
 
 
@@ -153,8 +154,11 @@ class StepPlanner:
             raise ValueError(f"step policy {policy!r}: a real engine runs the step plans of "
                              f"{', '.join(ENGINE_STEP_POLICIES)} only")
         self.name = policy
+        self.max_seqs = max_num_seqs
+        # offline admission leaves sequence slots free for online prompts arriving meanwhile
         self.cfg = PolicyConfig(ttft_slo_s=ttft_slo_ms / 1e3, tpot_slo_s=tpot_slo_ms / 1e3,
-                                max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
+                                max_num_seqs=max(1, max_num_seqs - max(1, max_num_seqs // ONLINE_SEQ_SHARE)),
+                                max_batched_tokens=max_batched_tokens,
                                 hygen_budget_frac=budget_frac)
         self.block_size = block_size
         self.kv_capacity = kv_capacity
@@ -234,6 +238,18 @@ class StepPlanner:
         plan = policy.plan(inst, cluster, now)
         d = StepDecision(planned=True)
         d.evict = [of[m.rid] for m in plan.evict if m.cls == OFFLINE and m.rid < n]
+        new_online = sum(1 for m in inst.waiting if m.rid >= n)
+        over = n - len(d.evict) + new_online - self.max_seqs
+        if over > 0:
+            # the engine admits no request past its sequence limit: an online prompt must not wait for an
+            # offline decode to finish, so the newest offline decodes make room for it
+            gone = {id(r) for r in d.evict}
+            for m in inst.newest_offline_decodes():
+                if over <= 0:
+                    break
+                if id(of[m.rid]) not in gone:
+                    d.evict.append(of[m.rid])
+                    over -= 1
         if d.evict:
             self.preempted += len(d.evict)
             self._evicted.update(r.request_id for r in d.evict)
