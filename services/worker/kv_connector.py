@@ -136,6 +136,10 @@ class DuopoolConnector(KVConnectorBase_V1):
         params = _params(request)
         if not params or params.get("op") != "load":
             return 0, False
+        if request.num_preemptions > 0:
+            # resumed after vLLM preempted it: a resumed request's loads are not built (only new requests'
+            # are), and its segment may be gone; its context is recomputed (from the prefix cache where held)
+            return 0, False
         num_tokens = int(params.get("num_tokens", 0))
         path = params.get("path", "")
         num_tokens -= num_tokens % self._block_size
@@ -277,8 +281,8 @@ class DuopoolConnector(KVConnectorBase_V1):
         for op in meta.loads:
             try:
                 self._load(op, layers)
-            except (SegmentError, OSError, ValueError) as exc:
-                # the segment went between the scheduler's check and this step (its transfer was released:
+            except (SegmentError, OSError, ValueError, RuntimeError) as exc:
+                # the segment went (or does not fit) between the scheduler's check and this step (its transfer was released:
                 # the request was preempted or cancelled meanwhile, or its lease ended): vLLM recomputes
                 # these blocks (kv_load_failure_policy "recompute"); the engine and the step's other
                 # requests go on

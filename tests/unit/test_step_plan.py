@@ -132,6 +132,7 @@ def test_a_continuing_offline_prefill_waits_while_a_new_online_prompt_is_schedul
     assert prefilling(half)
     d = p.decide([half], [FakeReq("on", 0, 300, 20, arrival_time=clock.t)], kv_used_tokens=1024)
     assert "half" not in d.admit
+    assert d.token_budget == 300  # the online prompt alone: the waiting chunk is not in the step's budget
     d = p.decide([half], [], kv_used_tokens=1024)  # no online prompt: it continues within the budget
     assert "half" in d.admit and 0 < d.token_budget <= 2048
 

@@ -24,6 +24,7 @@ only need ``request_id``, ``priority`` (> 0: offline), ``num_prompt_tokens``, ``
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
@@ -102,12 +103,18 @@ class MeasuredPredictor:
             self.fits += 1
 
 
+@functools.cache
+def _roofline() -> PerfModel:
+    """The performance model the policy's base class is built with (loaded once: a refit builds a policy)."""
+    return PerfModel.load()
+
+
 class _MeasuredHyGen(HyGen):
     """HyGen's plan on a real engine: its predictor is the engine's measured one, and the decode-time
     estimates its eviction rule uses come from the same predictor instead of an imitated GPU's roofline."""
 
     def __init__(self, cfg: PolicyConfig, predictor: LatencyPredictor) -> None:
-        SchedulingPolicy.__init__(self, PerfModel.load(), cfg)  # the roofline's figures are not read
+        SchedulingPolicy.__init__(self, _roofline(), cfg)  # the roofline's figures are not read
         self.pred = predictor
         self.base_budget_ms = cfg.hygen_budget_frac * cfg.tpot_slo_s * 1e3
         self.budget_ms = self.base_budget_ms
@@ -238,7 +245,7 @@ class StepPlanner:
         plan = policy.plan(inst, cluster, now)
         d = StepDecision(planned=True)
         d.evict = [of[m.rid] for m in plan.evict if m.cls == OFFLINE and m.rid < n]
-        new_online = sum(1 for m in inst.waiting if m.rid >= n)
+        new_online = sum(1 for m, _ in plan.chunks if m.cls == ONLINE and m.rid >= n)
         over = n - len(d.evict) + new_online - self.max_seqs
         if over > 0:
             # the engine admits no request past its sequence limit: an online prompt must not wait for an
@@ -259,10 +266,14 @@ class StepPlanner:
                 self.latencies_ms.append(max(0.0, (now - newest) * 1e3))
         tokens = 0
         online_new = False
+        running_offline_chunks: dict[str, int] = {}  # offline prefills continuing in the running batch
         for m, c in plan.chunks:
             tokens += c
             if m.cls == OFFLINE:
-                d.admit.add(of[m.rid].request_id)
+                rid = of[m.rid].request_id
+                d.admit.add(rid)
+                if m.rid < n:
+                    running_offline_chunks[rid] = running_offline_chunks.get(rid, 0) + c
             elif m.rid >= n:
                 online_new = True
         for m in plan.pull:  # swapped decodes resumed: the engine recomputes their context in this step
@@ -274,6 +285,7 @@ class StepPlanner:
             # a new online prompt is scheduled after every running request: an offline prefill continuing
             # in the running batch would take the online prompt's share, so it waits this step
             d.admit = {rid for rid in d.admit if rid not in live}
+            tokens -= sum(running_offline_chunks.values())  # ... and its chunk is not in the step's budget
         idle_queue = inst.waiting_off or cluster.backlog or cluster.resume
         if not plan.chunks and not plan.pull and inst.n_decoding == 0 and not inst.waiting and idle_queue:
             # an idle engine holds no work: the budgets are for steps that carry online work (and a plan whose

@@ -27,6 +27,7 @@ import math
 import time
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.request_queue import SchedulingPolicy as VllmQueuePolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
@@ -66,8 +67,9 @@ class _StepPlanMixin:
         self._acc, self._acc_t = [0, 0.0, 0.0, 0, 0, 0.0], time.monotonic()  # for the periodic log line
         if not cfg:
             return
-        if self.policy != VllmQueuePolicy.PRIORITY:
-            log.warning("duopool step plans need vLLM's priority scheduling; running vLLM's own order")
+        if self.policy != VllmQueuePolicy.PRIORITY or not self.scheduler_config.enable_chunked_prefill:
+            log.warning("duopool step plans need vLLM's priority scheduling and chunked prefill; running vLLM's "
+                        "own order")
             return
         self._planner = StepPlanner(
             cfg["policy"], float(cfg["ttft_slo_ms"]), float(cfg["tpot_slo_ms"]), self.block_size,
@@ -81,49 +83,53 @@ class _StepPlanMixin:
 
     def schedule(self, *args, **kwargs):
         p = self._planner
-        if p is None:
+        if p is None or self._pause_state != PauseState.UNPAUSED:
             return super().schedule(*args, **kwargs)
         now = time.monotonic()
-        self._measure(now)
+        try:
+            self._measure(now)
+            d = p.decide(self.running, self.waiting, int(round(self.kv_cache_manager.usage * p.kv_capacity)))
+        except Exception:  # noqa: BLE001 - a planning error must not take the engine down: vLLM's own order
+            log.exception("step plan failed; this step runs in vLLM's own order")
+            return super().schedule(*args, **kwargs)
         self._t_start = now
-        used = int(round(self.kv_cache_manager.usage * p.kv_capacity))
-        d = p.decide(self.running, self.waiting, used)
         if d.evict:
-            ts = time.monotonic()
             for r in d.evict:
                 if r.status == RequestStatus.RUNNING and r in self.running:
                     self.running.remove(r)
-                    self._preempt_request(r, ts)
+                    self._preempt_request(r, now)
         held_run = [r for r in self.running if is_offline(r) and prefilling(r) and r.request_id not in d.admit]
         if held_run and self.kv_cache_manager.usage > KV_HOLD_LIMIT:
-            # memory is short: an offline prefill sitting the step out must not keep its blocks (vLLM's own
-            # preemption only sees the running list, so an online request could go instead)
-            ts = time.monotonic()
+            # memory is short: an offline prefill sitting the step out must not keep its blocks meanwhile
             for r in held_run:
                 self.running.remove(r)
-                self._preempt_request(r, ts)
+                self._preempt_request(r, now)
             held_run = []
         held_wait = [r for r in self.waiting if is_offline(r) and r.request_id not in d.admit]
-        if held_wait:
-            self.waiting.remove_requests(held_wait)
-        if held_run:
-            held = set(held_run)
-            self.running = [r for r in self.running if r not in held]
-        if d.planned:
-            self._planned += 1
-            # decodes first, then online prefill chunks, then offline ones: within the step's budget an
-            # offline chunk gets what online work left (sort is stable)
-            self.running.sort(key=lambda r: 0 if not prefilling(r) else (2 if is_offline(r) else 1))
         budget = self.max_num_scheduled_tokens
-        if d.token_budget is not None:
-            self.max_num_scheduled_tokens = min(budget, d.token_budget)
+        eligible = [(r, r.next_decode_eligible_step) for r in held_run]
         try:
+            if held_wait:
+                self.waiting.remove_requests(held_wait)
+            # held running requests stay in the running list (they keep their sequence slot and vLLM's own
+            # priority preemption still sees them) but are not scheduled in this step: vLLM skips a running
+            # request until its next eligible step (``schedule`` counts this step first)
+            for r, _ in eligible:
+                r.next_decode_eligible_step = self.current_step + 2
+            if d.planned:
+                self._planned += 1
+                # decodes first, then online prefill chunks, then offline ones: within the step's budget an
+                # offline chunk gets what online work left (sort is stable)
+                self.running.sort(key=lambda r: 0 if not prefilling(r) else (2 if is_offline(r) else 1))
+            if d.token_budget is not None:
+                self.max_num_scheduled_tokens = min(budget, d.token_budget)
             out = super().schedule(*args, **kwargs)
         finally:
             self.max_num_scheduled_tokens = budget
             for r in held_wait:
                 self.waiting.add_request(r)
-            self.running.extend(held_run)
+            for r, step in eligible:
+                r.next_decode_eligible_step = step
         self._steps += 1
         self._shape = self._step_shape(out)
         return out
