@@ -99,7 +99,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             max_model_len=self.engine.max_model_len, block_size=self.engine.block_size, host=self.host,
             running=load.running, waiting=load.waiting, kv_usage=load.kv_usage, last_heartbeat=time.time(),
             steps=load.steps, step_ms=load.step_ms, kv_capacity=load.kv_capacity,
-            step_plans=getattr(getattr(self.engine, "policy", None), "name", ""),
+            step_plans=self.engine.step_plans,
             preempted=getattr(self.engine, "preempted_in_engine", 0), offline_only=self.offline_only,
         )
 
@@ -728,10 +728,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def Stats(self, request, context):
         offline = sum(1 for off, _ in self.active.values() if off)
         plans = None
-        ps = getattr(self.engine, "plan_stats", lambda: None)()
+        ps = self.engine.plan_stats()
         if ps is not None:
             plans = worker_pb2.StepPlanStats(
-                policy=self.engine.step_policy, steps=ps.steps, planned_steps=ps.planned_steps,
+                policy=self.engine.step_plans, steps=ps.steps, planned_steps=ps.planned_steps,
                 preempted=ps.preempted, predictor_fitted=ps.fitted, predictor_samples=ps.samples,
                 predictor_mape=ps.mape, preempt_latency_p50_ms=ps.latency_p50_ms,
                 preempt_latency_p99_ms=ps.latency_p99_ms)
@@ -796,11 +796,11 @@ async def serve(config: WorkerConfig, stop: asyncio.Event, ready: asyncio.Event 
     await stop.wait()
     await hb
     await server.stop()
-    ps = getattr(engine, "plan_stats", lambda: None)()
+    ps = engine.plan_stats()
     if ps is not None:
         log.info("step plans (%s): %d of %d steps planned, %d offline requests preempted in the engine (online "
                  "arrival -> stopped p50 %.1f / p99 %.1f ms), latency predictor %s on %d steps (MAPE %.1f%%)",
-                 engine.step_policy, ps.planned_steps, ps.steps, ps.preempted, ps.latency_p50_ms,
+                 engine.step_plans, ps.planned_steps, ps.steps, ps.preempted, ps.latency_p50_ms,
                  ps.latency_p99_ms, "fitted" if ps.fitted else "not fitted", ps.samples, 100 * ps.mape)
     await engine.stop()
     await service.channels.close()

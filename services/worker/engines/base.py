@@ -117,6 +117,16 @@ class Engine(abc.ABC):
         return 0
 
     @property
+    def step_plans(self) -> str:
+        """The scheduling policy whose step plans form this engine's steps ("" none), for heartbeats."""
+        return ""
+
+    def plan_stats(self):
+        """A real engine's step-plan counters (``step_plan.PlanStats``), or None where it runs no plans or
+        reports none."""
+        return None
+
+    @property
     def broken(self) -> str | None:
         """Why the engine can serve nothing more (its loop died), or None while it is healthy. A broken
         engine's worker stops heartbeating and reports NOT_SERVING, so no work is sent to it."""

@@ -62,6 +62,10 @@ class PlannedSimEngine(SimEngine):
                    max_model_len=config.max_model_len, hardware=config.sim_hardware, model=config.sim_model,
                    speedup=config.sim_speedup)
 
+    @property
+    def step_plans(self) -> str:
+        return self.policy.name
+
     def set_role(self, role: str, pool: str, offline_only: bool = False) -> None:
         """The worker's role changed (SetRole): the plans follow it (OOCO's pools, DOPD's roles, pd-static's
         offline share)."""

