@@ -296,7 +296,8 @@ async def _replay(args, cluster, online, offline) -> dict:
         "preemption": {"parked": stats.resumed_parked,
                        "recomputed": sum(stats.resumed_recomputed.values()),
                        "recomputed_by_reason": dict(stats.resumed_recomputed),
-                       "tokens_not_recomputed": stats.tokens_not_recomputed},
+                       "tokens_not_recomputed": stats.tokens_not_recomputed,
+                       "moved": stats.offline_moved},
         "slo_pressure_at_end": {k: round(v, 3) for k, v in sorted(stats.slo_pressure.items())},
     }
 

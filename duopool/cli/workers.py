@@ -140,7 +140,7 @@ def run_stats(args: argparse.Namespace) -> int:
     print(f"in flight: {st.online_inflight} online, {st.offline_inflight} offline (per worker placement)")
     print(f"offline: {st.offline_completed} completed, {st.offline_requeued} re-queued; "
           f"preemptions {st.preemptions} (latency p50/p99 {st.preemption_ms_p50:.1f}/{st.preemption_ms_p99:.1f} ms); "
-          f"role moves {st.role_moves}")
+          f"role moves {st.role_moves}" + (f"; offline decodes moved {st.offline_moved}" if st.offline_moved else ""))
     recomputed = sum(st.resumed_recomputed.values())
     if st.resumed_parked or recomputed:
         why = ", ".join(f"{k} {n}" for k, n in sorted(st.resumed_recomputed.items(), key=lambda kv: -kv[1]))

@@ -36,6 +36,7 @@ DEFAULT_PROMPT = 256  # tokens assumed for a request whose prompt was not tokeni
 DEFAULT_OUTPUT = 256  # ... and for one that gave no max_tokens
 LOG_REQUESTS = 20_000  # requests whose decisions are kept for ``why``
 ENGINE_QUEUE = 8  # offline requests kept waiting in an engine that runs the step plans itself
+MOVE_TIMEOUT_S = 30.0  # a move's reservation on its puller lapses if the request's resume has not come by then
 
 
 # -------------------------------------------------------------------- events
@@ -227,6 +228,10 @@ class Brain:
         self.request_of: dict[int, str] = {}  # Req.rid -> request id (the plans name Req objects)
         self.meta: dict[str, _Live] = {}
         self.pinned: dict[str, int] = {}  # work-item key -> instance it was pulled to (resumes there)
+        # a move under way, by work-item key: (puller, KV reserved there, its context, the request id it
+        # left, give up at);
+        # the puller counts it incoming until its resume arrives there (else the next tick pulls again)
+        self.moving: dict[str, tuple[int, int, int, str, float]] = {}
         self.reported_steps: dict[int, int] = {}
         self.own_predictor: set[int] = set()  # instances whose engines plan with their own measured predictor
         self.next_tick = 0.0
@@ -288,6 +293,7 @@ class Brain:
             out = self._first_token(event.request_id, now)
         elif isinstance(event, Finished):
             self._forget(event.request_id)
+            self._move_ended(event.request_id)
             out = []
         elif isinstance(event, WorkerGone):
             out = self._gone(event.worker_id)
@@ -356,6 +362,7 @@ class Brain:
             r.inst = remap.get(r.inst, -1)
             self.meta[rid].decode = remap.get(self.meta[rid].decode, r.inst)
         self.pinned = {k: remap[v] for k, v in self.pinned.items() if v in remap}
+        self.moving = {k: (remap[m[0]],) + m[1:] for k, m in self.moving.items() if m[0] in remap}
         self._laid_out = ()
         self._changed_at = self.cluster.now
         return []
@@ -422,6 +429,8 @@ class Brain:
         instance that pulled it."""
         insts = self.cluster.instances
         pin = self.pinned.pop(a.key, None) if a.key else None
+        if a.key in self.moving:
+            self._unreserve_move(a.key)
         if pin is not None and pin < len(insts) and pin not in exclude:
             inst = insts[pin]
             self._track(a, r, inst, inst.idx, online=False)
@@ -618,11 +627,41 @@ class Brain:
                     continue
                 src = self.names[r.inst]
                 key = self.meta[rid].key
+                ctx = self.cluster.instances[r.inst].ctx_of(r)
+                need = ctx + max(1, r.prompt + r.output - ctx) + inst.block_size  # its context and what is left
                 self._forget(rid)
                 if key:
                     self.pinned[key] = inst.idx
+                    self.moving[key] = (inst.idx, need, ctx, rid, now + MOVE_TIMEOUT_S)
+                    inst.incoming += 1
+                    inst.incoming_known += 1
+                    inst.incoming_ctx += ctx
+                    inst.kv_reserved += need
                 out.append(Move(rid, src, self.names[inst.idx], "pull: KV and step-time margin"))
+        for key in [k for k, m in self.moving.items() if now >= m[4]]:  # its resume never came
+            self.pinned.pop(key, None)
+            self._unreserve_move(key)
         return out
+
+    def _unreserve_move(self, key: str) -> None:
+        dst, need, ctx, _, _ = self.moving.pop(key)
+        if 0 <= dst < len(self.cluster.instances):
+            inst = self.cluster.instances[dst]
+            inst.incoming = max(0, inst.incoming - 1)
+            inst.incoming_known -= 1
+            inst.incoming_ctx -= ctx
+            inst.kv_reserved -= need
+
+    def _move_ended(self, request_id: str) -> None:
+        """The request a move stopped ended without a resume (it finished before it stopped): the puller's
+        reservation goes."""
+        if not self.moving:
+            return
+        for key, m in self.moving.items():
+            if m[3] == request_id:
+                self.pinned.pop(key, None)
+                self._unreserve_move(key)
+                return
 
 
 def _route_reason(inst: Instance, r: Req) -> str:

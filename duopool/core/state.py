@@ -86,6 +86,10 @@ class Instance:
     slack_heap: list = field(default_factory=list)  # (slack_base, rid, epoch, Req) online decodes
     queued_prefill_tokens: int = 0  # online prompt tokens still to prefill here
     incoming: int = 0  # sequences whose KV is on its way here (transfer or pull)
+    # of those, the ones whose context is known on the way (a live move: the source still has to stop it,
+    # which takes an RPC and a step there) and their context tokens; the others are estimated by the policy
+    incoming_known: int = 0
+    incoming_ctx: int = 0
     inbox: deque = field(default_factory=deque)  # arrived KV waiting to join the decode batch (KV reserved)
     # KV transfers to this instance waiting for memory to be allocated here: (Req, tokens). Their KV stays
     # on the source (an instance's reservation, or host memory) until they are admitted and have moved.

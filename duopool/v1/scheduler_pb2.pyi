@@ -105,7 +105,7 @@ class SchedulerStatsRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class SchedulerStats(_message.Message):
-    __slots__ = ("online_inflight", "offline_inflight", "preemptions", "preemption_ms_p50", "preemption_ms_p99", "offline_completed", "offline_requeued", "policy", "preemption_ms", "preempt_trigger", "slo_pressure", "role_moves", "decisions", "request_decisions", "offline_tokens", "resumed_parked", "resumed_recomputed", "tokens_not_recomputed")
+    __slots__ = ("online_inflight", "offline_inflight", "preemptions", "preemption_ms_p50", "preemption_ms_p99", "offline_completed", "offline_requeued", "policy", "preemption_ms", "preempt_trigger", "slo_pressure", "role_moves", "decisions", "request_decisions", "offline_tokens", "resumed_parked", "resumed_recomputed", "tokens_not_recomputed", "offline_moved")
     class SloPressureEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class SchedulerStats(_message.Message):
     RESUMED_PARKED_FIELD_NUMBER: _ClassVar[int]
     RESUMED_RECOMPUTED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_NOT_RECOMPUTED_FIELD_NUMBER: _ClassVar[int]
+    OFFLINE_MOVED_FIELD_NUMBER: _ClassVar[int]
     online_inflight: int
     offline_inflight: int
     preemptions: int
@@ -163,4 +164,5 @@ class SchedulerStats(_message.Message):
     resumed_parked: int
     resumed_recomputed: _containers.ScalarMap[str, int]
     tokens_not_recomputed: int
-    def __init__(self, online_inflight: _Optional[int] = ..., offline_inflight: _Optional[int] = ..., preemptions: _Optional[int] = ..., preemption_ms_p50: _Optional[float] = ..., preemption_ms_p99: _Optional[float] = ..., offline_completed: _Optional[int] = ..., offline_requeued: _Optional[int] = ..., policy: _Optional[str] = ..., preemption_ms: _Optional[_Iterable[float]] = ..., preempt_trigger: _Optional[str] = ..., slo_pressure: _Optional[_Mapping[str, float]] = ..., role_moves: _Optional[int] = ..., decisions: _Optional[_Mapping[str, int]] = ..., request_decisions: _Optional[_Iterable[str]] = ..., offline_tokens: _Optional[int] = ..., resumed_parked: _Optional[int] = ..., resumed_recomputed: _Optional[_Mapping[str, int]] = ..., tokens_not_recomputed: _Optional[int] = ...) -> None: ...
+    offline_moved: int
+    def __init__(self, online_inflight: _Optional[int] = ..., offline_inflight: _Optional[int] = ..., preemptions: _Optional[int] = ..., preemption_ms_p50: _Optional[float] = ..., preemption_ms_p99: _Optional[float] = ..., offline_completed: _Optional[int] = ..., offline_requeued: _Optional[int] = ..., policy: _Optional[str] = ..., preemption_ms: _Optional[_Iterable[float]] = ..., preempt_trigger: _Optional[str] = ..., slo_pressure: _Optional[_Mapping[str, float]] = ..., role_moves: _Optional[int] = ..., decisions: _Optional[_Mapping[str, int]] = ..., request_decisions: _Optional[_Iterable[str]] = ..., offline_tokens: _Optional[int] = ..., resumed_parked: _Optional[int] = ..., resumed_recomputed: _Optional[_Mapping[str, int]] = ..., tokens_not_recomputed: _Optional[int] = ..., offline_moved: _Optional[int] = ...) -> None: ...

@@ -10,7 +10,8 @@ and kept per request (``duopool stats --request ID``).
 
 OOCO's pull (``Move``) moves a running offline decode's KV to the pulling worker. With ``offline_moves``
 on, it is applied as a ``Worker.Preempt`` of that request on the source (its KV is parked in kvtransfer's
-pool) whose resume the brain pins to the puller, where it decodes on from the parked KV. Off (the default),
+pool); the offline dispatcher, whose stream of that request ends there, hands it straight to the puller
+(a placement the brain pins there, then a decode from the parked KV: no re-queue). Off (the default),
 the brain is built with ``moves=False``: a pull happens only at a request's first token, where the KV moves
 anyway, and the policy keeps every other piece (pools, routing, decode targets, admission and eviction).
 """
@@ -104,6 +105,10 @@ class BrainDriver:
         stopped = {rid for e in effects if isinstance(e, b.Preempt) for rid in e.request_ids}
         self.apply(effects)
         return stopped
+
+    def moving(self, key: str) -> bool:
+        """Whether the brain moved work item ``key`` (OOCO's pull) and waits for its resume on the puller."""
+        return key in self.brain.moving
 
     def finished(self, request_id: str) -> None:
         self.handle(b.Finished(request_id))

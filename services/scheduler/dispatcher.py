@@ -34,6 +34,7 @@ REQUEUE_BACKOFF_S = 0.2
 ACTIVE_REFRESH_S = 0.5  # how often the list of active jobs (and their owners, states) is re-read while busy
 IDLE_REFRESH_S = 0.1  # ... and while nothing is buffered (how soon a new job's first request starts)
 MAX_READ = 64  # entries read per job at once
+MAX_HANDOFFS = 8  # moves of one request handed over directly in one run (beyond: re-queued)
 STORE_RETRY_S = 120.0  # how long a finished request's queue update is retried while Redis is unreachable
 
 
@@ -144,6 +145,7 @@ class OfflineDispatcher:
         self.resumed_recomputed: collections.Counter[str] = collections.Counter()  # ... recomputing, by reason
         self.tokens_not_recomputed = 0  # context tokens the parked resumes loaded instead of computing
         self.dropped = 0  # entries of cancelled jobs removed unrun
+        self.moved = 0  # preempted requests handed straight to the worker that pulled them (OOCO's move)
         self.dry: set[str] = set()  # jobs whose queues had nothing new at the last read
         self.sizes: dict[str, tuple[int, int]] = {}  # entry id -> its size for the decision core (read once)
         self._refreshed = -1e9
@@ -323,7 +325,8 @@ class OfflineDispatcher:
                 finally:
                     stream.cancel()
                 if finish == "preempted":
-                    await self._requeue(entry, prompt, generated, text, preempted=True, park=park)
+                    texts = [text]
+                    await self._preempted(entry, item, rid, prompt, generated, texts, park, sampling, prefill_w, 0)
                     return
                 await self._complete(entry, item, prompt, generated, text, finish, prefill_w, decode_w)
                 return
@@ -365,7 +368,7 @@ class OfflineDispatcher:
 
     async def _decode(self, entry: QueueEntry, item: dict, rid: str, prompt: list[int], generated: list[int],
                       texts: list[str], max_tokens: int, sampling, prefill_w, decode_w, kv=None,
-                      park_key: str = "") -> None:
+                      park_key: str = "", hops: int = 0) -> None:
         """The decode phase on ``decode_w``: with the prefill's KV (``kv``) or the request's parked KV
         (``park_key``, a resume); then complete, or re-queue a preempted request with its KV parked.
         ``generated`` and ``texts`` (the text so far, in pieces) grow in place: a failure's re-queue keeps
@@ -390,11 +393,38 @@ class OfflineDispatcher:
             if d.finished:
                 finish = d.finish_reason
                 park = _park_of(d)
-        text = "".join(texts)
         if finish == "preempted":
-            await self._requeue(entry, prompt, generated, text, preempted=True, park=park)
+            await self._preempted(entry, item, rid, prompt, generated, texts, park, sampling, prefill_w, hops)
             return
-        await self._complete(entry, item, prompt, generated, text, finish, prefill_w, decode_w)
+        await self._complete(entry, item, prompt, generated, "".join(texts), finish, prefill_w, decode_w)
+
+    async def _preempted(self, entry: QueueEntry, item: dict, rid: str, prompt: list[int], generated: list[int],
+                         texts: list[str], park: dict, sampling, prefill_w, hops: int) -> None:
+        """A request stopped with its KV parked. If the decision core moved it (OOCO's pull: it waits for it on
+        the puller), it decodes on there now from the parked KV — a placement the brain pins to the puller,
+        no trip through the queue; else (or if that placement is refused) it is re-queued with its KV parked.
+        Crash-safe as any decode: until it completes, the queue holds the entry as it was last recorded."""
+        key = f"{entry.job_id}/{entry.index}"
+        driver = getattr(self.service, "driver", None)
+        left = int(item["max_tokens"]) - len(generated)
+        if park.get("key") and left > 0 and hops < MAX_HANDOFFS and driver is not None and driver.moving(key):
+            new_rid = self._rid(entry)
+            placement = await self.service.place_offline(new_rid, len(prompt) + len(generated), left, key=key)
+            if placement is not None:
+                self.service.release(rid)  # the stopped leg ends (after the placement took the brain's pin)
+                dst = placement[2]
+                try:
+                    if self.service.offline_must_yield(dst.worker_id, new_rid):
+                        await self._requeue(entry, prompt, generated, "".join(texts), preempted=True, park=park)
+                        return
+                    self.moved += 1
+                    metrics.OFFLINE_REQUESTS.labels("moved").inc()
+                    await self._decode(entry, item, new_rid, prompt, generated, texts, left, sampling, prefill_w,
+                                       dst, park_key=park["key"], hops=hops + 1)
+                finally:
+                    self.service.release(new_rid)
+                return
+        await self._requeue(entry, prompt, generated, "".join(texts), preempted=True, park=park)
 
     async def _complete(self, entry: QueueEntry, item: dict, prompt, generated, text, finish, prefill_w,
                         decode_w) -> None:

@@ -557,6 +557,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             resumed_parked=d.resumed_parked if d else 0,
             resumed_recomputed=dict(d.resumed_recomputed) if d else {},
             tokens_not_recomputed=d.tokens_not_recomputed if d else 0,
+            offline_moved=d.moved if d else 0,
             policy=self.policy_name, preemption_ms=samples, preempt_trigger=self.limits.trigger,
             slo_pressure=self.pressure, role_moves=self.role_moves,
             decisions=self._decision_counts(),

@@ -470,6 +470,54 @@ def test_moves_flag(moves):
         assert all(f"o{k}" in brain.reqs for k in range(8))  # they keep decoding where they are
 
 
+def test_a_move_is_counted_on_its_puller_until_its_resume_arrives_or_lapses():
+    """A Move reserves the request's context and what it has left on the puller and counts it incoming (else
+    the next tick would pull again into the same room); the resume placed under its key takes it over; a
+    move whose request ended before it stopped, or whose resume never came, gives the room back."""
+    from duopool.core.brain import MOVE_TIMEOUT_S
+
+    brain = make_brain(moves=True)
+    join(brain, PD2)
+    for k in range(8):
+        brain.handle(offline(f"o{k}", key=f"k{k}"), 0.0)
+        brain.handle(FirstToken(f"o{k}"), 0.1)
+    moves = [e for e in brain.handle(Tick(), 1.0) if isinstance(e, Move)]
+    assert moves
+    by_dst = Counter(m.dst for m in moves)
+    for name, n in by_dst.items():
+        assert inst(brain, name).incoming == n
+        assert inst(brain, name).kv_reserved >= n * 3000  # each at least its prompt's context
+        assert inst(brain, name).incoming_known == n and inst(brain, name).incoming_ctx >= n * 3000
+    # the next tick sees the room taken: it pulls none of the requests already moving
+    again = [e for e in brain.handle(Tick(), 1.05) if isinstance(e, Move)]
+    assert not {m.request_id for m in again} & {m.request_id for m in moves}
+    first, rest = moves[0], moves[1:]
+    puller = inst(brain, first.dst)
+    before = (puller.incoming, puller.kv_reserved)
+    (placed,) = brain.handle(offline("resume-" + first.request_id, prompt=3100, out=400,
+                                     key="k" + first.request_id[1:]), 1.1)
+    assert (placed.prefill, placed.decode) == (first.dst, first.dst)
+    assert puller.incoming == before[0] - 1  # the resume is queued there now, with its own reservation
+    assert "k" + first.request_id[1:] not in brain.moving
+    # a moved request that finished at its source before the preemption reached it: room back, no pin
+    ended = rest[0]
+    brain.handle(Finished(ended.request_id), 1.2)
+    assert "k" + ended.request_id[1:] not in brain.moving and "k" + ended.request_id[1:] not in brain.pinned
+    # the others never resume: their reservations lapse
+    brain.handle(Tick(), 1.0 + MOVE_TIMEOUT_S + 1)
+    left = {m.request_id for m in rest[1:]} | {m.request_id for m in again}
+    assert not any(m[3] in left for m in brain.moving.values())
+    for k in range(8):
+        brain.handle(Finished(f"o{k}"), 40.0)
+    brain.handle(Finished("resume-" + first.request_id), 40.0)
+    for m in again:
+        brain.handle(Finished(m.request_id), 40.0)
+    brain.handle(Tick(), 40.0 + MOVE_TIMEOUT_S + 1)
+    assert not brain.moving
+    assert all(i.incoming == 0 and i.kv_reserved == 0 and i.incoming_known == 0 and i.incoming_ctx == 0
+               for i in brain.cluster.instances)
+
+
 def test_without_moves_strict_instances_pull_at_the_first_token():
     """Running decodes' KV cannot move live: OOCO's strict instances take their pulls at the prefill →
     decode transfer instead — an offline request prefilled on a relaxed instance decodes on a strict one

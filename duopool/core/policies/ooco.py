@@ -143,7 +143,8 @@ class Ooco(SchedulingPolicy):
         pull: list[Req] = []
         if not evict and now >= self._no_pull_until.get(inst.idx, 0.0) \
                 and usage < self.cfg.kv_watermark and step < target:
-            n_add, ctx_add = inst.incoming, inst.incoming * 2048
+            n_add = inst.incoming
+            ctx_add = inst.incoming_ctx + (inst.incoming - inst.incoming_known) * 2048
             free = inst.kv_free() - ctx_add
             taken: set[int] = set()
             sources: list[tuple[int, Candidates]] | None = None
