@@ -128,10 +128,17 @@ def instance_names(topo: Topology) -> list[str]:
 def compose_services(topo: Topology) -> list[ServiceSpec]:
     names = instance_names(topo)
     port = {n: DEFAULT_PORTS.get(n, 50060) for n in [*names, "router-http"]}
-    return services(topo, bind={n: "0.0.0.0" for n in names}, port=port,
-                    addr={n: f"{n}:{port[n]}" for n in names}, redis_url="redis://redis:6379/0",
-                    kv_dir="/dev/shm/duopool-kv",
-                    metrics={n: METRICS_PORT for n in names if n != "router"})  # one port: a container each
+    specs = services(topo, bind={n: "0.0.0.0" for n in names}, port=port,
+                     addr={n: f"{n}:{port[n]}" for n in names}, redis_url="redis://redis:6379/0",
+                     kv_dir="/dev/shm/duopool-kv",
+                     metrics={n: METRICS_PORT for n in names if n != "router"})  # one port: a container each
+    if topo.engine == "vllm":  # each engine on its own share of the host's cores (known only at start), as `up`
+        workers = [sp for sp in specs if sp.service == "worker"]
+        for i, sp in enumerate(workers):
+            sp.flags["cpus"] = f"share:{i}/{len(workers)}"
+            if topo.threads == 1:  # the default: one torch thread per core of the share
+                sp.flags["threads"] = "0"
+    return specs
 
 
 def _yaml_list(items: list[str], indent: int) -> str:

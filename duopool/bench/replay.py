@@ -52,9 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "online: on any online arrival (docs/colocation.md) [online for vllm, slo for sim]")
     p.add_argument("--park-kv", choices=("on", "off"), default="on",
                    help="preempted offline decodes park their KV in kvtransfer's pool (on) or recompute (off) [on]")
-    p.add_argument("--offline-moves", choices=("on", "off"), default="off",
+    p.add_argument("--offline-moves", choices=("on", "off"), default="on",
                    help="research policies pull running offline decodes, their KV parked and moved (on), or only "
-                        "at a first token (off) [off]")
+                        "at a first token (off) [on]")
     p.add_argument("--engine-plans", choices=("on", "off"), default="on",
                    help="the engines form their steps by the policy's step plan where they can (sim: every "
                         "research policy; vllm: hygen) and stop offline work at their step boundary (on), or the "

@@ -60,10 +60,11 @@ class SchedulerConfig(ServiceConfig):
                       "placement policy: least-loaded, pd-static, online-priority, hygen, tropical, ooco, dopd, "
                       "ooco+dopd (docs/scheduling.md)")
     worker_ttl_s: float = opt(3.0, "DUOPOOL_WORKER_TTL_S", "a worker silent this long is dropped")
-    offline_moves: str = opt("off", "DUOPOOL_OFFLINE_MOVES",
+    offline_moves: str = opt("on", "DUOPOOL_OFFLINE_MOVES",
                              "research policies that pull running offline decodes (ooco): on = the decode is "
-                             "preempted with its KV parked and resumes on the pulling worker (needs workers "
-                             "with --park-kv on); off = a pull only at a request's first token", ("on", "off"))
+                             "stopped with its KV parked and handed straight to the pulling worker, which "
+                             "decodes on from that KV (workers with --park-kv off: it recomputes there); "
+                             "off = a pull only at a request's first token", ("on", "off"))
     scheduler_id: str = opt("", "DUOPOOL_SCHEDULER_ID",
                             "stable name of this scheduler's offline-queue consumer (default scheduler-<hostname>); "
                             "a restarted scheduler with the same id resumes the offline work it held")
@@ -245,10 +246,13 @@ class WorkerConfig(ServiceConfig):
                      "vLLM weights/activations dtype (auto: vLLM's choice, which runs an fp32 checkpoint in "
                      "16-bit; float32 makes greedy output stable across batch shapes)",
                      ("auto", "bfloat16", "float16", "float32"))
-    threads: int = opt(1, "DUOPOOL_THREADS", "torch threads for this engine (pin when engines share cores)")
+    threads: int = opt(1, "DUOPOOL_THREADS", "torch threads for this engine (pin when engines share cores); 0: one "
+                       "per core it is pinned to (1 when not pinned)")
     cpus: str = opt("", "DUOPOOL_CPUS",
-                    "CPU cores this worker and its engine processes run on, e.g. 0 or 0-1,4 (pinned at start and "
-                    "logged; `duopool up` gives each engine its own cores); empty: not pinned")
+                    "CPU cores this worker and its engine processes run on, e.g. 0 or 0-1,4, or share:I/N = the "
+                    "I-th of N equal contiguous shares of the cores this process may use (what compose passes: "
+                    "the host's cores are known only at start; fewer cores than N: not pinned, logged); pinned "
+                    "at start and logged (`duopool up` gives each engine its own cores); empty: not pinned")
     heartbeat_s: float = opt(1.0, "DUOPOOL_HEARTBEAT_S", "seconds between heartbeats")
     sim_hardware: str = opt("H100-SXM", "DUOPOOL_SIM_HARDWARE", "sim engine: hardware it imitates")
     sim_model: str = opt("llama-3.1-8b", "DUOPOOL_SIM_MODEL", "sim engine: model it imitates")
@@ -291,15 +295,15 @@ class WorkerConfig(ServiceConfig):
             raise ConfigError("redis_url", "required (flag --redis-url or env REDIS_URL)")
         if self.max_model_len <= 0:
             raise ConfigError("max_model_len", "must be > 0")
-        if self.threads <= 0:
-            raise ConfigError("threads", "must be > 0")
+        if self.threads < 0:
+            raise ConfigError("threads", "must be >= 0 (0: one per pinned core)")
         if self.cpus:
             try:
-                cpus = parse_cpus(self.cpus)
+                cpus = resolve_cpus(self.cpus)
             except ValueError as exc:
                 raise ConfigError("cpus", str(exc)) from None
             usable = available_cpus()
-            if cpus - usable:
+            if cpus is not None and cpus - usable:
                 raise ConfigError("cpus", f"core(s) {sorted(cpus - usable)} not available to this process "
                                           f"(available: {format_cpus(usable)})")
         if self.heartbeat_s <= 0:
@@ -425,6 +429,24 @@ def parse_cpus(text: str) -> set[int]:
     if not out:
         raise ValueError("empty CPU list")
     return out
+
+
+def resolve_cpus(text: str, usable: set[int] | None = None) -> set[int] | None:
+    """The ``cpus`` setting -> the cores to pin to: a CPU list (``parse_cpus``), or ``share:I/N``, the I-th
+    (from 0) of N equal contiguous shares of ``usable`` (default: the cores this process may use; the
+    remainder of an uneven split stays unused, as ``duopool up`` splits); None where there are fewer cores
+    than shares (not pinned)."""
+    text = text.strip()
+    if not text.startswith("share:"):
+        return parse_cpus(text)
+    i, sep, n = text[len("share:"):].partition("/")
+    if not sep or not i.isdigit() or not n.isdigit() or not 0 <= int(i) < int(n):
+        raise ValueError(f"{text!r} is not share:I/N with 0 <= I < N (e.g. share:0/2)")
+    cores = sorted(available_cpus() if usable is None else usable)
+    per = len(cores) // int(n)
+    if per < 1:
+        return None
+    return set(cores[int(i) * per:(int(i) + 1) * per])
 
 
 def format_cpus(cpus: set[int]) -> str:

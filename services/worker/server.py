@@ -22,7 +22,7 @@ from opentelemetry import trace
 
 from duopool.common import metrics, registry
 from duopool.common.clusterauth import aio_channel
-from duopool.common.config import WorkerConfig, parse_cpus
+from duopool.common.config import WorkerConfig, available_cpus, format_cpus, resolve_cpus
 from duopool.common.ids import check_id, safe_key
 from duopool.common.metrics import start_metrics_server
 from duopool.common.rpc import CHANNEL_OPTIONS, Channels, Server
@@ -768,11 +768,17 @@ async def _heartbeat_loop(service: WorkerService, stop: asyncio.Event) -> None:
 
 
 async def serve(config: WorkerConfig, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-    if config.cpus:  # before the engine starts: its processes (vLLM's engine core) inherit the mask
-        cpus = parse_cpus(config.cpus)
+    cpus = resolve_cpus(config.cpus) if config.cpus else None
+    if cpus:  # before the engine starts: its processes (vLLM's engine core) inherit the mask
         for tid in os.listdir("/proc/self/task"):  # every thread that exists already; later ones inherit
             os.sched_setaffinity(int(tid), cpus)
-        log.info("pinned to CPU core(s) %s (the engine's processes inherit it)", config.cpus)
+        log.info("pinned to CPU core(s) %s%s (the engine's processes inherit it)", format_cpus(cpus),
+                 f" ({config.cpus})" if config.cpus.startswith("share:") else "")
+    elif config.cpus:
+        log.warning("not pinned (--cpus %s): fewer cores than shares (%d usable)", config.cpus,
+                    len(available_cpus()))
+    if config.threads == 0:  # one torch thread per core it runs on
+        config = dataclasses.replace(config, threads=len(cpus) if cpus else 1)
     init_telemetry("worker")
     start_metrics_server(config.host, config.metrics_port)
     engine = create_engine(config)

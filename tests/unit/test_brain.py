@@ -607,7 +607,7 @@ def service_event(step):
 
 def test_service_driver_and_direct_events_give_the_same_effects():
     cfg = SchedulerConfig(policy="ooco", ttft_slo_ms=1000.0, tpot_slo_ms=20.0)
-    direct = Brain(get_policy("ooco", PM, PolicyConfig(ttft_slo_s=1.0, tpot_slo_s=0.02)), moves=False,
+    direct = Brain(get_policy("ooco", PM, PolicyConfig(ttft_slo_s=1.0, tpot_slo_s=0.02)), moves=True,
                    settle_s=LAYOUT_SETTLE_S)
     clock = [0.0]
     driver = BrainDriver(SimpleNamespace(_workers=[]), build_brain(cfg), clock=lambda: clock[0])
@@ -654,8 +654,8 @@ def test_offline_moves_setting_builds_a_moving_brain_and_a_move_is_a_named_preem
 
     from duopool.core.brain import Move
 
-    assert not build_brain(SchedulerConfig(policy="ooco")).moves
-    assert build_brain(SchedulerConfig(policy="ooco", offline_moves="on")).moves
+    assert build_brain(SchedulerConfig(policy="ooco")).moves  # the default
+    assert not build_brain(SchedulerConfig(policy="ooco", offline_moves="off")).moves
     driver = BrainDriver(SimpleNamespace(_workers=[]), build_brain(SchedulerConfig(policy="ooco")))
     stopped = []
 

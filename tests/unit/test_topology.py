@@ -78,6 +78,10 @@ def test_every_compose_command_parses_with_the_cli():
     for name in names:
         args = parser.parse_args(doc["services"][name]["command"])
         assert args.command == "serve" and callable(args.func)
+    # each vLLM engine pins itself to its own share of the host's cores, one torch thread per core
+    workers = [s for s in compose_services(Topology()) if s.service == "worker"]
+    assert [w.flags["cpus"] for w in workers] == [f"share:{i}/{len(workers)}" for i in range(len(workers))]
+    assert all(w.flags["threads"] == "0" for w in workers)
     loopback_uis = ("jaeger", "prometheus", "grafana")  # observability UIs: on 127.0.0.1 only
     published = [n for n, s in doc["services"].items() if s.get("ports") and n not in loopback_uis]
     assert published == ["router"], "only the router may be public"
