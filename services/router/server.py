@@ -25,6 +25,7 @@ from duopool.common.config import RouterConfig
 from duopool.common.ids import MAX_CUSTOM_ID, check_id
 from duopool.common.metrics import start_metrics_server
 from duopool.common.rpc import Channels, Server
+from duopool.common.tasks import TaskSet
 from duopool.common.telemetry import current_trace_id, init_telemetry
 from duopool.router.session import SchedulerSession
 from duopool.v1 import (
@@ -140,7 +141,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.inflight: set[str] = set()  # request ids being served (duplicates are refused)
         self.keys = None  # ApiKeys, set by serve()
         self.client_id = ""  # this router's liveness key id, once it keeps one (serve(), with Redis)
-        self._cleanups: set[asyncio.Task] = set()
+        self._cleanups = TaskSet()
         self.session = SchedulerSession(lambda: self.scheduler)  # Place and Release as messages on one stream
 
     def _notify(self, coro, what: str) -> asyncio.Task:
@@ -151,10 +152,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
                 log.debug("%s failed: %s", what, exc)
 
-        task = asyncio.get_running_loop().create_task(run())
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
-        return task
+        return self._cleanups.spawn(run())
 
     async def _cleanup(self, coro, what: str) -> None:
         """Runs a clean-up call (release a placement, free KV) to its end even when the request that needs it

@@ -18,7 +18,6 @@ anyway, and the policy keeps every other piece (pools, routing, decode targets, 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -26,6 +25,7 @@ import grpc
 
 from duopool.common import metrics, registry
 from duopool.common.config import SchedulerConfig
+from duopool.common.tasks import TaskSet
 from duopool.core import brain as b
 from duopool.core.perfmodel import PerfModel
 from duopool.core.placement import PoolName, RequestClass, Role
@@ -59,7 +59,7 @@ class BrainDriver:
         self.clock = clock
         self.known: set[str] = set()
         self.preempt_ms: list[float] = []
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskSet()
 
     # ---------------------------------------------------------------- events in
     def handle(self, event: b.Event) -> list[b.Effect]:
@@ -127,9 +127,7 @@ class BrainDriver:
                 self._spawn(self._set_role(e))
 
     def _spawn(self, coro) -> None:
-        t = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro)
 
     def _record(self, worker_id: str) -> registry.WorkerRecord | None:
         return next((w for w in self.service._workers if w.worker_id == worker_id), None)
@@ -156,9 +154,7 @@ class BrainDriver:
             await self.service._set_role(w, str(e.role), str(e.pool), e.reason, offline_only=e.offline_only)
 
     async def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
     # ---------------------------------------------------------------- visibility
     def counts(self) -> dict[str, int]:

@@ -32,6 +32,7 @@ from duopool.common.ids import check_id
 from duopool.common.jobs import JobStore, job_item
 from duopool.common.metrics import start_metrics_server
 from duopool.common.rpc import Channels, Server
+from duopool.common.tasks import TaskSet
 from duopool.common.telemetry import init_telemetry
 from duopool.common.wire import PB_POOL, PB_ROLE, POOL_PB, ROLE_PB, worker_info_pb
 from duopool.core.colocation import (
@@ -343,7 +344,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         wait on the cluster state concurrently, as unary calls do) and is answered by seq when done; a
         Release is handled in arrival order, so one sent after its Place is never handled before it."""
         replies: asyncio.Queue = asyncio.Queue()
-        tasks: set[asyncio.Task] = set()
+        tasks = TaskSet()
 
         async def place(seq: int, req: scheduler_pb2.PlaceRequest, traceparent: str) -> None:
             token = otel_context.attach(propagate.extract({"traceparent": traceparent})) if traceparent else None
@@ -364,12 +365,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 async for msg in request_iterator:
                     kind = msg.WhichOneof("call")
                     if kind == "place":
-                        task = asyncio.get_running_loop().create_task(place(msg.seq, msg.place, msg.traceparent))
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
+                        tasks.spawn(place(msg.seq, msg.place, msg.traceparent))
                     elif kind == "release":
                         await self.Release(msg.release, None)
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await tasks.wait()
             finally:
                 replies.put_nowait(None)
 
@@ -379,7 +378,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 yield reply
         finally:
             reader.cancel()
-            for task in list(tasks):
+            for task in tasks:
                 task.cancel()
 
     async def Release(self, request, context):

@@ -26,6 +26,7 @@ from duopool.common.config import WorkerConfig, available_cpus, format_cpus, res
 from duopool.common.ids import check_id, safe_key
 from duopool.common.metrics import start_metrics_server
 from duopool.common.rpc import CHANNEL_OPTIONS, Channels, Server
+from duopool.common.tasks import TaskSet
 from duopool.common.telemetry import init_telemetry
 from duopool.common.wire import PB_POOL, PB_ROLE, worker_info_pb
 from duopool.kv.segment import KvSegment, SegmentError, segment_path, unlink_segment
@@ -61,7 +62,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._pulled: dict[str, pathlib.Path] = {}  # transfer id -> local copy, unlinked once loaded
         self._kv_channel: grpc.aio.Channel | None = None
         self._kv_down = False  # a call's reconnect wait failed; cleared by the next call that gets through
-        self._background: set[asyncio.Task] = set()  # broker bookkeeping sent off the token path
+        self._background = TaskSet()  # broker bookkeeping sent off the token path
         self._kv_dir = str(pathlib.Path(config.kv_dir))  # the directory part of this host's segment paths
         self._kv_stub: kvtransfer_pb2_grpc.KvTransferStub | None = None
         self.channels = Channels()
@@ -231,11 +232,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         metrics.KV_EXPORT_BYTES.labels(self.worker_id).inc(handle.num_bytes)
 
     def _spawn(self, coro) -> asyncio.Task:
-        """A broker call the request does not wait for (held until done; its failures are handled inside)."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
+        """A broker call the request does not wait for (its failures are handled inside)."""
+        return self._background.spawn(coro)
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         await self._check_request(request.request_id, context)

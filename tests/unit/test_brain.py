@@ -667,7 +667,7 @@ def test_offline_moves_setting_builds_a_moving_brain_and_a_move_is_a_named_preem
     async def main():
         driver.apply([Move("r1", "relaxed-0", "strict-0", "pull: KV and step-time margin")])
         await asyncio.sleep(0)
-        await asyncio.gather(*driver._tasks)
+        await driver._tasks.wait()
 
     asyncio.run(main())
     assert stopped == [("relaxed-0", ("r1",), "move")]
