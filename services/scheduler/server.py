@@ -531,7 +531,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         log.info("%s -> %s (%s)", w.worker_id, move.role, move.reason)
         self.pressure.pop(w.worker_id, None)  # it said how the old role went; the new one starts unobserved
         self.role_moves += 1
-        await self._set_role(w, move.role, w.pool, move.reason)
+        await self._set_role(w, move.role, balanced_pool(move.role, w.pool, self.driver is not None), move.reason)
         return True
 
     def _decision_counts(self) -> dict[str, int]:
@@ -562,6 +562,16 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             decisions=self._decision_counts(),
             request_decisions=self.driver.why(request.request_id) if self.driver and request.request_id else [],
         )
+
+
+def balanced_pool(role: str, pool: str, research: bool) -> str:
+    """The pool of a worker the role balancer moves to ``role``: under a research policy, the pool its layouts
+    give that role (decode instances are OOCO's strict pool, prefill ones the relaxed pool: what DOPD's own
+    role changes set), so a balanced worker is never a decode instance in the relaxed pool, which OOCO's pulls
+    and routing would treat as neither; otherwise it keeps its pool."""
+    if research and role in ("prefill", "decode"):
+        return "strict" if role == "decode" else "relaxed"
+    return pool
 
 
 async def serve(config: SchedulerConfig, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:

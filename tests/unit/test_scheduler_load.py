@@ -95,3 +95,12 @@ def test_a_release_that_overtakes_its_place_leaves_nothing_in_flight():
         assert sum(svc.online.values()) == 0 and not svc._released_early
 
     asyncio.run(scenario())
+
+
+def test_a_balanced_worker_joins_the_pool_of_its_new_role_under_a_research_policy():
+    from duopool.scheduler.server import balanced_pool
+
+    assert balanced_pool("decode", "relaxed", research=True) == "strict"
+    assert balanced_pool("prefill", "strict", research=True) == "relaxed"
+    assert balanced_pool("decode", "relaxed", research=False) == "relaxed"  # least-loaded: pools as they are
+    assert balanced_pool("mixed", "strict", research=True) == "strict"
