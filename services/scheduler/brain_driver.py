@@ -144,9 +144,12 @@ class BrainDriver:
         except grpc.aio.AioRpcError as exc:
             log.warning("preempting %d offline request(s) on %s failed: %s", len(e.request_ids), e.worker,
                         exc.code().name)
-            return
+            resp = worker_pb2.PreemptResponse()
         if resp.request_ids:
             self.service.note_preempted(w.worker_id, len(resp.request_ids), time.perf_counter() - t0, why)
+        if why == "move":  # a move that stopped nothing (the request ended, or was not running there yet):
+            for rid in set(e.request_ids) - set(resp.request_ids):  # its puller's room and pin go now
+                self.handle(b.Finished(rid))
 
     async def _set_role(self, e: b.SetRole) -> None:
         w = self._record(e.worker)

@@ -518,6 +518,41 @@ def test_a_move_is_counted_on_its_puller_until_its_resume_arrives_or_lapses():
                for i in brain.cluster.instances)
 
 
+def test_a_move_whose_preemption_stops_nothing_gives_the_pullers_room_back_at_once():
+    import asyncio
+
+    from duopool.v1 import worker_pb2
+
+    brain = make_brain(moves=True)
+    join(brain, PD2)
+    for k in range(8):
+        brain.handle(offline(f"o{k}", key=f"k{k}"), 0.0)
+        brain.handle(FirstToken(f"o{k}"), 0.1)
+    moves = [e for e in brain.handle(Tick(), 1.0) if isinstance(e, Move)]
+    assert len(moves) >= 2
+    stopped_one = moves[0].request_id
+
+    class Stub:
+        async def Preempt(self, req, timeout=None):  # the worker stopped only the first (the others had ended)
+            return worker_pb2.PreemptResponse(request_ids=[r for r in req.request_ids if r == stopped_one])
+
+    recs = [SimpleNamespace(worker_id=m.src, address=m.src) for m in moves]
+    service = SimpleNamespace(_workers=recs, channels=SimpleNamespace(stub=lambda addr, cls: Stub()),
+                              note_preempted=lambda *a: None)
+    driver = BrainDriver(service, brain, clock=lambda: 1.0)
+
+    async def main():
+        driver.apply(moves)
+        await asyncio.sleep(0)
+        await driver._tasks.wait()
+
+    asyncio.run(main())
+    # the stopped one still waits for its resume on the puller; the rest gave their room back
+    assert [m[3] for m in brain.moving.values()] == [stopped_one]
+    puller = inst(brain, moves[0].dst)
+    assert puller.incoming_known == 1 and sum(i.incoming_known for i in brain.cluster.instances) == 1
+
+
 def test_without_moves_strict_instances_pull_at_the_first_token():
     """Running decodes' KV cannot move live: OOCO's strict instances take their pulls at the prefill →
     decode transfer instead — an offline request prefilled on a relaxed instance decodes on a strict one

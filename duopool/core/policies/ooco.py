@@ -144,8 +144,9 @@ class Ooco(SchedulingPolicy):
         if not evict and now >= self._no_pull_until.get(inst.idx, 0.0) \
                 and usage < self.cfg.kv_watermark and step < target:
             n_add = inst.incoming
-            ctx_add = inst.incoming_ctx + (inst.incoming - inst.incoming_known) * 2048
-            free = inst.kv_free() - ctx_add
+            guessed = (inst.incoming - inst.incoming_known) * 2048  # incoming requests of unknown context
+            ctx_add = inst.incoming_ctx + guessed
+            free = inst.kv_free() - guessed  # a known incoming move's KV is reserved already (kv_reserved)
             taken: set[int] = set()
             sources: list[tuple[int, Candidates]] | None = None
             for _ in range(self.cfg.pull_per_step):

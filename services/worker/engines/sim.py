@@ -267,12 +267,14 @@ class SimEngine(Engine):
     async def _loop(self) -> None:
         while True:
             if not self._has_work():
+                self._step_end = -1.0  # idle: the next step starts when it starts (no overlap with a wait)
                 self._wake.clear()
                 await self._wake.wait()
             chunks: list[tuple[_Req, int]] = []
             try:
                 chunks, decodes = self._schedule()
                 if not chunks and not decodes:  # work held (KV full, or a step plan holds it): wait for news
+                    self._step_end = -1.0
                     self._wake.clear()
                     try:  # (asyncio.timeout, not wait_for: 3.11's wait_for can swallow a stop()'s cancel)
                         async with asyncio.timeout(IDLE_POLL_S):
@@ -326,13 +328,15 @@ class SimEngine(Engine):
             step_s = self.timer.chunked_step_s([(c, r.prefilled + c) for r, c in chunks],
                                                [len(r.req.prompt_token_ids) + r.generated for r in decodes])
             now = time.perf_counter()
-            gap = now - self._step_end
-            start = self._step_end if 0.0 <= gap <= min(OVERLAP_S, step_s) else now  # busy: the period counts
+            prev = self._step_end  # the last step's end while the loop stayed busy (-1: it waited for work)
+            start = prev if 0.0 <= now - prev <= min(OVERLAP_S, step_s) else now  # busy: the period counts
             end = start + step_s
             await asyncio.sleep(max(0.0, end - now))
             done = time.perf_counter()
             self._step_end = end if done - end <= OVERLAP_S else done  # a late wake-up is not made up later
-            self._note_overrun(step_s, done - start, len(decodes), sum(c for _, c in chunks))
+            # the period as a decode sees it: from the last step's end while busy (the loop's own work counts)
+            self._note_overrun(step_s, done - (prev if prev >= 0.0 else start), len(decodes),
+                               sum(c for _, c in chunks))
             self.steps += 1
             self.last_step_ms = step_s * 1e3
             if self.step_observer is not None:
