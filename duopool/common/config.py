@@ -90,8 +90,9 @@ class SchedulerConfig(ServiceConfig):
                             "whatever the pressure (0 = off)")
     role_balance_s: float = opt(-1.0, "DUOPOOL_ROLE_BALANCE_S",
                                 "seconds between role-balance ticks that move a worker from decode to prefill or "
-                                "back when one side's SLO pressure is high and the other's low; 0 = off, "
-                                "-1 = 5 s with the dopd and ooco+dopd policies, else off")
+                                "back when one side's SLO pressure is high and the other's low; 0 or -1 = off "
+                                "(dopd and ooco+dopd change roles by DOPD's own forecast, as in the simulator; "
+                                "the balancer beside it is opt-in)")
     preempt_hold_s: float = opt(5.0, "DUOPOOL_PREEMPT_HOLD_S",
                                 "slo trigger: after a preemption on a worker, no new offline work goes next to "
                                 "online work there for this long (keeps preempt/re-dispatch from thrashing)")
@@ -106,10 +107,10 @@ class SchedulerConfig(ServiceConfig):
 
     @property
     def role_balance_interval_s(self) -> float:
-        """The role balancer's tick in seconds (0: off), resolving -1 by the policy."""
-        if self.role_balance_s >= 0:
-            return self.role_balance_s
-        return 5.0 if self.policy in ("dopd", "ooco+dopd") else 0.0
+        """The role balancer's tick in seconds (0: off). It was on by default with the DOPD policies while
+        the live scheduler did not run DOPD's controller; now that it does, a second, reactive role
+        controller by default would undo its changes (measured: the two moved one worker back and forth)."""
+        return max(0.0, self.role_balance_s)
 
     def validate(self) -> None:
         super().validate()
