@@ -35,6 +35,7 @@ from duopool.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 log = logging.getLogger("duopool.scheduler.brain")
 
 TICK_S = 0.1  # how often the brain's periodic control runs (evictions, role changes)
+MIRROR_LOG_S = 30.0  # how often the brain's view of each worker is logged
 LAYOUT_SETTLE_S = 3.0  # the policy's layout is applied once the set of workers held still this long
 
 
@@ -60,6 +61,7 @@ class BrainDriver:
         self.known: set[str] = set()
         self.preempt_ms: list[float] = []
         self._tasks = TaskSet()
+        self._logged = clock()
 
     # ---------------------------------------------------------------- events in
     def handle(self, event: b.Event) -> list[b.Effect]:
@@ -115,6 +117,19 @@ class BrainDriver:
 
     def tick(self) -> None:
         self.apply(self.handle(b.Tick()))
+        now = self.clock()
+        if now - self._logged >= MIRROR_LOG_S:
+            self._logged = now
+            self.log_mirror()
+
+    def log_mirror(self) -> None:
+        """One line per worker of what the brain believes is there (its decisions follow from this): role
+        and pool, decodes online/offline, queued online/offline, incoming, KV used + reserved / capacity."""
+        for inst in self.brain.cluster.instances:
+            log.info("mirror %s %s/%s: decoding %d/%d, queued %d/%d, incoming %d, KV %d+%d/%d",
+                     self.brain.names[inst.idx], inst.role, inst.pool, inst.n_dec[0], inst.n_dec[1],
+                     len(inst.waiting), len(inst.waiting_off), inst.incoming, inst.kv_used() - inst.kv_reserved,
+                     inst.kv_reserved, inst.kv_capacity)
 
     # ---------------------------------------------------------------- effects out
     def apply(self, effects: list[b.Effect]) -> None:

@@ -34,6 +34,7 @@ REQUEUE_BACKOFF_S = 0.2
 ACTIVE_REFRESH_S = 0.5  # how often the list of active jobs (and their owners, states) is re-read while busy
 IDLE_REFRESH_S = 0.1  # ... and while nothing is buffered (how soon a new job's first request starts)
 MAX_READ = 64  # entries read per job at once
+READ_ROUNDS = 8  # jobs of one owner read in one dispatcher step, at most (while the older ones fall short)
 MAX_HANDOFFS = 8  # moves of one request handed over directly in one run (beyond: re-queued)
 STORE_RETRY_S = 120.0  # how long a finished request's queue update is retried while Redis is unreachable
 
@@ -184,11 +185,20 @@ class OfflineDispatcher:
             self.fair.add([e for es in stale.values() for e in es if e.entry_id not in self.running])
         owners = max(1, len(self.fair.owners))
         target = min(MAX_READ, max(1, -(-free // owners)))
+        # An owner's oldest job is read first; one that gives fewer entries than asked (its last few, or the
+        # re-queued ones trickling back) lets the owner's next job be read in the same step. (Reading only the
+        # oldest job while it was not dry starved the backlog: with preemptions re-queuing into it now and
+        # then, its younger jobs were never read — the cluster ran a handful of requests.)
         want = self.fair.to_read(target, self.dry)
-        if want:
+        short: set[str] = set()
+        for _ in range(READ_ROUNDS):
+            if not want:
+                break
             got = await self.store.read(self.consumer, want, count=target)
             self.dry.update(j for j in want if j not in got)
+            short.update(j for j in want if len(got.get(j, ())) < target)
             self.fair.add([e for es in got.values() for e in es if e.entry_id not in self.running])
+            want = self.fair.to_read(target, self.dry | short)
         started = 0
         while started < free and (entry := self.fair.peek()) is not None:
             if getattr(self.service, "driver", None) is not None:  # the decision core sizes its admission

@@ -60,3 +60,44 @@ def test_unlisted_job_is_served_not_lost():
     q.set_jobs([("x", "a")])
     q.add(entries("x", 1) + entries("new", 1))
     assert sorted(drain(q, 3)) == ["new", "x"]
+
+
+def test_a_short_old_job_lets_the_next_job_be_read_in_the_same_step():
+    """The oldest job of an owner trickles (a few re-queued entries each step): the dispatcher reads the
+    owner's next job in the same step instead of waiting for the old one to run dry (it starved before)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from duopool.scheduler.dispatcher import OfflineDispatcher
+
+    streams = {"j1": entries("j1", 1), "j2": entries("j2", 40), "j3": entries("j3", 40)}
+    reads = []
+
+    class Store:
+        async def read(self, consumer, want, count, pending=False):
+            reads.append(list(want))
+            out = {}
+            for j in want:
+                got, streams[j] = streams[j][:count], streams[j][count:]
+                if got:
+                    out[j] = got
+            streams["j1"] += entries("j1", 1, start=100 + len(reads))  # a re-queue lands in j1 every read
+            return out
+
+    async def free_slots():
+        return 16
+
+    async def place(rid, *a, **k):
+        return None  # nothing placed: what was read stays buffered
+
+    service = SimpleNamespace(offline_free_slots=free_slots, place_offline=place, driver=None)
+    d = OfflineDispatcher(service, Store(), "c")
+
+    async def main():
+        d.fair.set_jobs([("j1", "a"), ("j2", "a"), ("j3", "a")])
+        d._refreshed = asyncio.get_running_loop().time()
+        await d._step(claim=False)
+
+    asyncio.run(main())
+    assert reads[0] == ["j1"] and ["j2"] in reads  # j1 gave 1 of 16: j2 read in the same step
+    assert d.fair.buffered("j2") == 16 and len(d.fair) >= 17
