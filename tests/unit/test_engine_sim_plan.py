@@ -100,3 +100,28 @@ def test_an_idle_engine_runs_offline_work_its_plan_would_not_admit(tmp_path):
         return got
 
     assert asyncio.run(main()) == (sim_expected_tokens(list(range(3, 40)), 5), "length")
+
+
+def test_a_busy_decode_instance_runs_an_offline_request_sent_without_its_kv(tmp_path, monkeypatch):
+    """A decode continuation whose KV could not be loaded reaches OOCO's strict decode instance as a prompt
+    its plan never admits; while online decodes keep the engine busy (never idle), it recomputes after
+    STRANDED_S instead of waiting forever."""
+    from duopool.worker.engines import sim_plan
+
+    monkeypatch.setattr(sim_plan, "STRANDED_S", 0.2)
+
+    async def main():
+        e = PlannedSimEngine(str(tmp_path), "ooco", role="decode", speedup=1.0)
+        await e.start()
+        busy = asyncio.create_task(collect(e, EngineRequest("on", tuple(range(5, 50)), max_tokens=400)))
+        await asyncio.sleep(0.1)
+        got = await asyncio.wait_for(collect(e, EngineRequest("x", tuple(range(3, 40)), max_tokens=5, offline=True)), 10)
+        still_busy = not busy.done()
+        busy.cancel()
+        await asyncio.gather(busy, return_exceptions=True)
+        await e.stop()
+        return got, still_busy, e.stranded
+
+    got, still_busy, stranded = asyncio.run(main())
+    assert got == (sim_expected_tokens(list(range(3, 40)), 5), "length")
+    assert still_busy and stranded == 1  # it ran while the online decode still ran: not the idle rule

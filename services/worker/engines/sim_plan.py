@@ -34,6 +34,8 @@ from duopool.worker.engines.sim import SIM_BLOCK_SIZE, SimEngine, _Req
 
 log = logging.getLogger(__name__)
 
+STRANDED_S = 2.0  # an offline prompt on a decode instance (its plan admits none) waits at most this long
+
 
 class PlannedSimEngine(SimEngine):
     def __init__(self, kv_dir: str, policy: str | SchedulingPolicy, role: str = "mixed", pool: str = "",
@@ -54,6 +56,7 @@ class PlannedSimEngine(SimEngine):
         self._rids = itertools.count()
         self._tpot = policy.cfg.tpot_slo_s
         self.preempted_in_engine = 0  # offline requests this engine's step plans stopped
+        self.stranded = 0  # offline requests sent to this decode instance without their KV, run anyway
 
     @classmethod
     def from_config(cls, config) -> PlannedSimEngine:
@@ -149,6 +152,18 @@ class PlannedSimEngine(SimEngine):
             r = self._of[m.rid]
             if self._admit_offline(r):
                 chunks = [(r, min(m.prompt - m.prefilled, self.policy.cfg.max_batched_tokens))]
+        elif inst.role == Role.DECODE and self.cluster.backlog and now - self.cluster.backlog[0].queued_t > STRANDED_S \
+                and not any(r.m.cls == OFFLINE for r, _ in chunks):
+            # A decode instance's plan admits no offline prompt; one sent here anyway is a decode continuation
+            # whose KV could not be loaded (its segment gone, a move that was not parked): it recomputes now
+            # rather than wait for an idle step that never comes under load.
+            m = self.cluster.backlog[0]
+            r = self._of[m.rid]
+            if self._admit_offline(r):
+                self.stranded += 1
+                log.info("request %s waited %.1f s on this decode instance without its KV: recomputing it",
+                         r.req.request_id, now - m.queued_t)
+                chunks.append((r, min(m.prompt - m.prefilled, self.policy.cfg.max_batched_tokens)))
         return chunks, decodes
 
     def _watermark(self) -> int:
