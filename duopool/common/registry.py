@@ -67,8 +67,18 @@ class WorkerRecord:
         )
 
 
+REDIS_MAX_CONNECTIONS = 64  # per process: callers beyond it wait for a free connection
+REDIS_POOL_WAIT_S = 10.0  # ... this long at most, then the call fails (ConnectionError) like an outage
+
+
 def connect(url: str) -> aioredis.Redis:
-    return aioredis.from_url(url, decode_responses=True, socket_connect_timeout=3, health_check_interval=10)
+    """A client whose pool makes a burst of callers wait for a connection (a blocking pool): redis-py's
+    default pool raises once 100 are in use, which a scheduler re-queuing a burst of preempted offline
+    requests reached (measured: "Too many connections" in a 300 s replay, failing a GetBatch)."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=REDIS_MAX_CONNECTIONS, timeout=REDIS_POOL_WAIT_S, decode_responses=True,
+        socket_connect_timeout=3, health_check_interval=10)
+    return aioredis.Redis.from_pool(pool)
 
 
 async def heartbeat(r: aioredis.Redis, record: WorkerRecord, ttl_s: float) -> None:
