@@ -63,7 +63,7 @@ class SchedulerConfig(ServiceConfig):
     offline_moves: str = opt("on", "DUOPOOL_OFFLINE_MOVES",
                              "research policies that pull running offline decodes (ooco): on = the decode is "
                              "stopped with its KV parked and handed straight to the pulling worker, which "
-                             "decodes on from that KV (workers with --park-kv off: it recomputes there); "
+                             "decodes on from that KV (not parked, e.g. --park-kv off: re-queued); "
                              "off = a pull only at a request's first token", ("on", "off"))
     scheduler_id: str = opt("", "DUOPOOL_SCHEDULER_ID",
                             "stable name of this scheduler's offline-queue consumer (default scheduler-<hostname>); "

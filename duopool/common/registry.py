@@ -67,7 +67,7 @@ class WorkerRecord:
         )
 
 
-REDIS_MAX_CONNECTIONS = 64  # per process: callers beyond it wait for a free connection
+REDIS_MAX_CONNECTIONS = 256  # per process: callers beyond it wait for a free connection
 REDIS_POOL_WAIT_S = 10.0  # ... this long at most, then the call fails (ConnectionError) like an outage
 
 

@@ -411,14 +411,15 @@ class OfflineDispatcher:
     async def _preempted(self, entry: QueueEntry, item: dict, rid: str, prompt: list[int], generated: list[int],
                          texts: list[str], park: dict, sampling, prefill_w, hops: int) -> None:
         """A request stopped (preempted). If the decision core moved it (OOCO's pull: it waits for it on the
-        puller), it decodes on there now — from its parked KV, or recomputing its context where it was not
-        parked — a placement the brain pins to the puller, no trip through the queue; else (or if that
-        placement is refused) it is re-queued (with its KV parked where it was).
+        puller) and its KV is parked, it decodes on there now from that KV — a placement the brain pins to the
+        puller, no trip through the queue; else (not parked, or that placement refused) it is re-queued (with
+        its KV parked where it was) and placed again by the policy.
         Crash-safe as any decode: until it completes, the queue holds the entry as it was last recorded."""
         key = f"{entry.job_id}/{entry.index}"
         driver = getattr(self.service, "driver", None)
         left = int(item["max_tokens"]) - len(generated)
-        if left > 0 and hops < MAX_HANDOFFS and driver is not None and driver.moving(key):
+        # only with its KV parked: a decode instance does not run offline prompts (its engine hands one back)
+        if park.get("key") and left > 0 and hops < MAX_HANDOFFS and driver is not None and driver.moving(key):
             new_rid = self._rid(entry)
             placement = await self.service.place_offline(new_rid, len(prompt) + len(generated), left, key=key)
             if placement is not None:
@@ -430,9 +431,8 @@ class OfflineDispatcher:
                         return
                     self.moved += 1
                     metrics.OFFLINE_REQUESTS.labels("moved").inc()
-                    # from its parked KV; not parked (parking off or failed): the puller recomputes it
                     await self._decode(entry, item, new_rid, prompt, generated, texts, left, sampling, prefill_w,
-                                       dst, park_key=park.get("key", ""), hops=hops + 1)
+                                       dst, park_key=park["key"], hops=hops + 1)
                 finally:
                     self.service.release(new_rid)
                 return

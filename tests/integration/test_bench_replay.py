@@ -46,19 +46,17 @@ def test_replay_with_step_plans_and_a_backlog_in_several_jobs(tmp_path, monkeypa
     assert pre["tokens_not_recomputed"] >= 16 * pre["parked"]
 
 
-@pytest.mark.parametrize("park", ["on", "off"])
-def test_ooco_moves_running_offline_decodes_to_the_puller_without_a_requeue(tmp_path, park):
+def test_ooco_moves_running_offline_decodes_to_the_puller_without_a_requeue(tmp_path):
     """``--offline-moves on``: OOCO's strict worker pulls running offline decodes from the relaxed one; each
-    stops there (its KV parked, or with parking off not) and the dispatcher hands it straight to the puller
-    (a move, not a re-queue), which decodes on from the parked KV or recomputes: every request still finishes
-    exactly once."""
+    stops there with its KV parked and the dispatcher hands it straight to the puller (a move, not a
+    re-queue), which decodes on from the parked KV: every request still finishes exactly once."""
     online = _trace(tmp_path / "online.csv", [(1.0 + 1.0 * k, 200, 20) for k in range(4)])
     offline = _trace(tmp_path / "offline.csv", [(0.0, 400 + 11 * k, 300 + 5 * k) for k in range(30)])
     parser = argparse.ArgumentParser()
     replay.register(parser.add_subparsers())
     args = parser.parse_args(["replay", "--online", str(online), "--offline", str(offline), "--offline-requests",
                               "30", "--prefill", "1", "--decode", "1", "--duration", "5", "--policy", "ooco",
-                              "--offline-moves", "on", "--park-kv", park, "--drain-timeout", "90", "--tpot-slo-ms", "50",
+                              "--offline-moves", "on", "--drain-timeout", "90", "--tpot-slo-ms", "50",
                               "--out", str(tmp_path / "out")])
     assert replay.run(args) == 0
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -68,7 +66,5 @@ def test_ooco_moves_running_offline_decodes_to_the_puller_without_a_requeue(tmp_
     moved = s["preemption"]["moved"]
     assert moved > 0, s["decisions_in_window"]
     assert any(k.startswith("move:pull") for k in s["decisions_in_window"])
-    if park == "on":  # a move resumes from the parked KV: its context is loaded, not recomputed
-        assert s["preemption"]["parked"] >= moved
-    else:
-        assert s["preemption"]["parked"] == 0
+    # a move resumes from the parked KV: its context is loaded, not recomputed
+    assert s["preemption"]["parked"] >= moved

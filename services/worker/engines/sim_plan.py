@@ -34,7 +34,7 @@ from duopool.worker.engines.sim import SIM_BLOCK_SIZE, SimEngine, _Req
 
 log = logging.getLogger(__name__)
 
-STRANDED_S = 2.0  # an offline prompt on a decode instance (its plan admits none) waits at most this long
+STRANDED_S = 0.2  # an offline prompt on a busy decode instance (its plan admits none) is handed back after this
 
 
 class PlannedSimEngine(SimEngine):
@@ -56,7 +56,7 @@ class PlannedSimEngine(SimEngine):
         self._rids = itertools.count()
         self._tpot = policy.cfg.tpot_slo_s
         self.preempted_in_engine = 0  # offline requests this engine's step plans stopped
-        self.stranded = 0  # offline requests sent to this decode instance without their KV, run anyway
+        self.stranded = 0  # offline requests sent to this decode instance without their KV, handed back
 
     @classmethod
     def from_config(cls, config) -> PlannedSimEngine:
@@ -152,18 +152,19 @@ class PlannedSimEngine(SimEngine):
             r = self._of[m.rid]
             if self._admit_offline(r):
                 chunks = [(r, min(m.prompt - m.prefilled, self.policy.cfg.max_batched_tokens))]
-        elif inst.role == Role.DECODE and self.cluster.backlog and now - self.cluster.backlog[0].queued_t > STRANDED_S \
-                and not any(r.m.cls == OFFLINE for r, _ in chunks):
+        elif inst.role == Role.DECODE and self.cluster.backlog:
             # A decode instance's plan admits no offline prompt; one sent here anyway is a decode continuation
-            # whose KV could not be loaded (its segment gone, a move that was not parked): it recomputes now
-            # rather than wait for an idle step that never comes under load.
-            m = self.cluster.backlog[0]
-            r = self._of[m.rid]
-            if self._admit_offline(r):
-                self.stranded += 1
-                log.info("request %s waited %.1f s on this decode instance without its KV: recomputing it",
-                         r.req.request_id, now - m.queued_t)
-                chunks.append((r, min(m.prompt - m.prefilled, self.policy.cfg.max_batched_tokens)))
+            # whose KV could not be loaded (its segment gone): while the engine is busy it would wait for an
+            # idle step that never comes under load, and running its prefill here would break the online
+            # requests' TPOT. It is handed back (its stream ends "preempted", nothing lost): the dispatcher
+            # re-queues it and the policy places its prefill again.
+            for m in [m for m in self.cluster.backlog if now - m.queued_t >= STRANDED_S]:
+                r = self._of.get(m.rid)
+                if r is not None and not r.done:
+                    self.stranded += 1
+                    log.info("request %s reached this decode instance without its KV: handed back",
+                             r.req.request_id)
+                    self._finish(r, "preempted")
         return chunks, decodes
 
     def _watermark(self) -> int:
