@@ -122,20 +122,20 @@ class LocalCluster:
         """Engines that share a host do not fight over its cores: with ``pin_cpus`` each vLLM worker gets its
         own contiguous share of the cores this process may use (``--cpus``), and a worker whose threads are
         0 ("auto") gets one torch thread per core of its share (1 when not pinned)."""
-        from duopool.common.config import available_cpus, format_cpus
+        from duopool.common.config import available_cpus, format_cpus, resolve_cpus
 
         workers = [s for s in self.specs if s.service == "worker"]
-        cores = sorted(available_cpus())
-        share = len(cores) // len(workers) if workers else 0
-        pin = self.pin_cpus and self.topology.engine == "vllm" and share >= 1
+        cores = available_cpus()
+        shares = [resolve_cpus(f"share:{i}/{len(workers)}", cores) for i in range(len(workers))]
+        pin = self.pin_cpus and self.topology.engine == "vllm" and all(shares)
         if self.pin_cpus and self.topology.engine == "vllm" and not pin:
             self.log(f"  cpus        not pinned: {len(workers)} engines on {len(cores)} cores")
-        for i, spec in enumerate(workers):
+        for spec, share in zip(workers, shares, strict=True):
             if pin:
-                spec.flags["cpus"] = format_cpus(set(cores[i * share:(i + 1) * share]))
+                spec.flags["cpus"] = format_cpus(share)
                 self.log(f"  cpus        {spec.name} pinned to core(s) {spec.flags['cpus']}")
             if spec.flags.get("threads") == "0":
-                spec.flags["threads"] = str(share if pin else 1)
+                spec.flags["threads"] = str(len(share) if pin else 1)
 
     # -- life cycle ------------------------------------------------------------------------------------
     def _wait_group_gone(self, name: str, timeout: float = 5.0) -> None:

@@ -27,7 +27,7 @@ import itertools
 import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from duopool.core.placement import PoolName, RequestClass, Role
 from duopool.core.state import OFFLINE, ONLINE, Cluster, Instance, Phase, Req
@@ -157,6 +157,17 @@ class SetRole:
 Effect = Place | Reject | Hold | Preempt | Move | SetRole
 
 
+@dataclass(frozen=True, slots=True)
+class _Move:
+    """A move under way (OOCO's pull): what its puller holds for it until the resume arrives there."""
+
+    dst: int  # the puller
+    kv: int  # KV tokens reserved there (its context and what it has left)
+    ctx: int  # its context (counted in the puller's incoming_ctx)
+    request_id: str  # the request it stopped
+    until: float  # the reservation lapses then
+
+
 @dataclass
 class _Live:
     """What the mirror keeps of one live request beside its ``Req``."""
@@ -228,10 +239,9 @@ class Brain:
         self.request_of: dict[int, str] = {}  # Req.rid -> request id (the plans name Req objects)
         self.meta: dict[str, _Live] = {}
         self.pinned: dict[str, int] = {}  # work-item key -> instance it was pulled to (resumes there)
-        # a move under way, by work-item key: (puller, KV reserved there, its context, the request id it
-        # left, give up at);
-        # the puller counts it incoming until its resume arrives there (else the next tick pulls again)
-        self.moving: dict[str, tuple[int, int, int, str, float]] = {}
+        # moves under way by work-item key: the puller counts each incoming until its resume arrives there
+        # (else the next tick pulls again into the same room)
+        self.moving: dict[str, _Move] = {}
         self.reported_steps: dict[int, int] = {}
         self.own_predictor: set[int] = set()  # instances whose engines plan with their own measured predictor
         self.next_tick = 0.0
@@ -362,7 +372,7 @@ class Brain:
             r.inst = remap.get(r.inst, -1)
             self.meta[rid].decode = remap.get(self.meta[rid].decode, r.inst)
         self.pinned = {k: remap[v] for k, v in self.pinned.items() if v in remap}
-        self.moving = {k: (remap[m[0]],) + m[1:] for k, m in self.moving.items() if m[0] in remap}
+        self.moving = {k: replace(m, dst=remap[m.dst]) for k, m in self.moving.items() if m.dst in remap}
         self._laid_out = ()
         self._changed_at = self.cluster.now
         return []
@@ -632,25 +642,25 @@ class Brain:
                 self._forget(rid)
                 if key:
                     self.pinned[key] = inst.idx
-                    self.moving[key] = (inst.idx, need, ctx, rid, now + MOVE_TIMEOUT_S)
+                    self.moving[key] = _Move(inst.idx, need, ctx, rid, now + MOVE_TIMEOUT_S)
                     inst.incoming += 1
                     inst.incoming_known += 1
                     inst.incoming_ctx += ctx
                     inst.kv_reserved += need
                 out.append(Move(rid, src, self.names[inst.idx], "pull: KV and step-time margin"))
-        for key in [k for k, m in self.moving.items() if now >= m[4]]:  # its resume never came
+        for key in [k for k, m in self.moving.items() if now >= m.until]:  # its resume never came
             self.pinned.pop(key, None)
             self._unreserve_move(key)
         return out
 
     def _unreserve_move(self, key: str) -> None:
-        dst, need, ctx, _, _ = self.moving.pop(key)
-        if 0 <= dst < len(self.cluster.instances):
-            inst = self.cluster.instances[dst]
+        m = self.moving.pop(key)
+        if 0 <= m.dst < len(self.cluster.instances):
+            inst = self.cluster.instances[m.dst]
             inst.incoming = max(0, inst.incoming - 1)
             inst.incoming_known -= 1
-            inst.incoming_ctx -= ctx
-            inst.kv_reserved -= need
+            inst.incoming_ctx -= m.ctx
+            inst.kv_reserved -= m.kv
 
     def _move_ended(self, request_id: str) -> None:
         """The request a move stopped ended without a resume (it finished before it stopped): the puller's
@@ -658,7 +668,7 @@ class Brain:
         if not self.moving:
             return
         for key, m in self.moving.items():
-            if m[3] == request_id:
+            if m.request_id == request_id:
                 self.pinned.pop(key, None)
                 self._unreserve_move(key)
                 return

@@ -61,10 +61,9 @@ class HttpServer:
 
     async def stop(self) -> None:
         if self.context.batches is not None:
-            self.context.tasks.update(self.context.batches.building.values())
-        for task in list(self.context.tasks):
-            task.cancel()
-        await asyncio.gather(*self.context.tasks, return_exceptions=True)
+            for task in self.context.batches.building.values():
+                self.context.tasks.add(task)
+        await self.context.tasks.close()
         self._server.should_exit = True
         if self._task is not None:
             with contextlib.suppress(Exception):

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from duopool.common.config import RouterConfig
+from duopool.common.tasks import TaskSet
 from duopool.router.auth import ApiKeys, AuthError
 from duopool.router.openai_schema import (
     ChatCompletionRequest,
@@ -97,15 +98,12 @@ class HttpContext:
     keys: ApiKeys
     _models: tuple[float, list[tuple[str, int]]] = field(default=(0.0, []))
     on_start: list = field(default_factory=list)  # coroutine functions run once the server is up
-    tasks: set = field(default_factory=set)  # background tasks, cancelled at stop
+    tasks: TaskSet = field(default_factory=TaskSet)  # background tasks, cancelled at stop
     files: object = None  # FileStore (files.py) when the router has Redis
     batches: object = None  # BatchStore (batches.py) when the router has Redis
 
     def spawn(self, coro) -> asyncio.Task:
-        task = asyncio.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
+        return self.tasks.spawn(coro)
 
     async def models(self) -> list[tuple[str, int]]:
         at, cached = self._models

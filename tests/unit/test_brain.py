@@ -470,18 +470,24 @@ def test_moves_flag(moves):
         assert all(f"o{k}" in brain.reqs for k in range(8))  # they keep decoding where they are
 
 
+def moves_of_eight_offline_decodes():
+    """A moving ooco brain on PD2 with eight offline decodes on its relaxed instances, and the moves its first
+    tick makes (strict instances pulling them)."""
+    brain = make_brain(moves=True)
+    join(brain, PD2)
+    for k in range(8):
+        brain.handle(offline(f"o{k}", key=f"k{k}"), 0.0)
+        brain.handle(FirstToken(f"o{k}"), 0.1)
+    return brain, [e for e in brain.handle(Tick(), 1.0) if isinstance(e, Move)]
+
+
 def test_a_move_is_counted_on_its_puller_until_its_resume_arrives_or_lapses():
     """A Move reserves the request's context and what it has left on the puller and counts it incoming (else
     the next tick would pull again into the same room); the resume placed under its key takes it over; a
     move whose request ended before it stopped, or whose resume never came, gives the room back."""
     from duopool.core.brain import MOVE_TIMEOUT_S
 
-    brain = make_brain(moves=True)
-    join(brain, PD2)
-    for k in range(8):
-        brain.handle(offline(f"o{k}", key=f"k{k}"), 0.0)
-        brain.handle(FirstToken(f"o{k}"), 0.1)
-    moves = [e for e in brain.handle(Tick(), 1.0) if isinstance(e, Move)]
+    brain, moves = moves_of_eight_offline_decodes()
     assert moves
     by_dst = Counter(m.dst for m in moves)
     for name, n in by_dst.items():
@@ -506,7 +512,7 @@ def test_a_move_is_counted_on_its_puller_until_its_resume_arrives_or_lapses():
     # the others never resume: their reservations lapse
     brain.handle(Tick(), 1.0 + MOVE_TIMEOUT_S + 1)
     left = {m.request_id for m in rest[1:]} | {m.request_id for m in again}
-    assert not any(m[3] in left for m in brain.moving.values())
+    assert not any(m.request_id in left for m in brain.moving.values())
     for k in range(8):
         brain.handle(Finished(f"o{k}"), 40.0)
     brain.handle(Finished("resume-" + first.request_id), 40.0)
@@ -523,12 +529,7 @@ def test_a_move_whose_preemption_stops_nothing_gives_the_pullers_room_back_at_on
 
     from duopool.v1 import worker_pb2
 
-    brain = make_brain(moves=True)
-    join(brain, PD2)
-    for k in range(8):
-        brain.handle(offline(f"o{k}", key=f"k{k}"), 0.0)
-        brain.handle(FirstToken(f"o{k}"), 0.1)
-    moves = [e for e in brain.handle(Tick(), 1.0) if isinstance(e, Move)]
+    brain, moves = moves_of_eight_offline_decodes()
     assert len(moves) >= 2
     stopped_one = moves[0].request_id
 
@@ -548,7 +549,7 @@ def test_a_move_whose_preemption_stops_nothing_gives_the_pullers_room_back_at_on
 
     asyncio.run(main())
     # the stopped one still waits for its resume on the puller; the rest gave their room back
-    assert [m[3] for m in brain.moving.values()] == [stopped_one]
+    assert [m.request_id for m in brain.moving.values()] == [stopped_one]
     puller = inst(brain, moves[0].dst)
     assert puller.incoming_known == 1 and sum(i.incoming_known for i in brain.cluster.instances) == 1
 
