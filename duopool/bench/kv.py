@@ -29,6 +29,7 @@ import time
 KIB, MIB = 1 << 10, 1 << 20
 BLOCK_BYTES = 64 * KIB  # 16 tokens x 8 KV heads x 128 dim x (K, V) x 2 bytes
 SIZES = {"256KiB": 256 * KIB, "4MiB": 4 * MIB, "64MiB": 64 * MIB}
+SHM_VARIANTS = ("shm", "shm-fresh")
 REQUEST_TOKENS, BLOCK_TOKENS = 2048, 16
 
 
@@ -36,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("kv", help="KV transfer bandwidth and latency per transport (shm, gloo, grpc) vs memcpy")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("."), help="directory for kv.json")
     p.add_argument("--quick", action="store_true", help="few repetitions, 4-layer request (CI smoke, ~30 s)")
-    p.add_argument("--transports", default="shm,gloo,grpc", help="comma-separated subset to run")
+    p.add_argument("--transports", default="shm,shm-fresh,gloo,grpc",
+                   help="comma-separated subset to run (shm-fresh: shm with segment recycling off)")
     p.add_argument("--kv-dir", type=pathlib.Path, default=None,
                    help="where the segments live (default DUOPOOL_KV_DIR or /dev/shm/duopool-kv); a tmpfs mounted "
                         "with huge=within_size shows the huge-page figures (docs/kv-transfer.md)")
@@ -77,12 +79,12 @@ def _sender(transport: str, src: str, cases: list[dict], init_file: str, conn) -
     """Writes the source segments, then serves them: shm (nothing), grpc (Read server), gloo (pushes)."""
     from duopool.kv.transport.testing import make_segment
 
+    if transport in SHM_VARIANTS:
+        _shm_writer(pathlib.Path(src), cases, conn)
+        return
     for c in cases:
         make_segment(pathlib.Path(src), c["tid"], c["layers"], c["blocks"], BLOCK_BYTES, seed=1).close()
-    if transport == "shm":
-        conn.send("ready")
-        conn.recv()
-    elif transport == "grpc":
+    if transport == "grpc":
         from duopool.kv.transport.grpc_stream import serve_read
 
         server, port = serve_read(src, max_workers=2)
@@ -102,6 +104,32 @@ def _sender(transport: str, src: str, cases: list[dict], init_file: str, conn) -
     conn.close()
 
 
+def _shm_writer(src: pathlib.Path, cases: list[dict], conn) -> None:
+    """The prefill side of the shm cycle: on each ("write", case name, transfer id) it writes a new segment
+    the way the vLLM connector exports a prompt (a layer at a time with ``write_layer``, then seals) and
+    answers the seconds that took; "stop" ends it."""
+    import numpy as np
+
+    from duopool.kv.segment import KvSegment, segment_path
+    from duopool.kv.transport.testing import make_meta
+
+    rng = np.random.default_rng(1)
+    data = {c["name"]: rng.integers(0, 256, size=c["blocks"] * BLOCK_BYTES, dtype=np.uint8) for c in cases}
+    layers = {c["name"]: c["layers"] for c in cases}
+    conn.send("ready")
+    while (msg := conn.recv()) != "stop":
+        _, name, tid = msg
+        t0 = time.perf_counter()
+        meta = make_meta(tid, layers[name], data[name].size // BLOCK_BYTES, BLOCK_BYTES)
+        with KvSegment.create(segment_path(tid, src), meta) as seg:
+            for layer in range(layers[name]):
+                seg.write_layer(layer, data[name])
+            seg.seal()
+            recycled = seg.recycled
+        conn.send((time.perf_counter() - t0, recycled))
+    conn.close()
+
+
 def _receiver(transport: str, dst: str, src: str, cases: list[dict], init_file: str, conn, to_sender) -> None:
     """Times each case; reports {case: [seconds, ...]} to the parent through ``conn``."""
     import numpy as np
@@ -110,23 +138,32 @@ def _receiver(transport: str, dst: str, src: str, cases: list[dict], init_file: 
 
     first = to_sender.recv()
     results: dict[str, list[float]] = {}
-    if transport == "shm":
+    if transport in SHM_VARIANTS:
+        from duopool.kv.segment import unlink_segment
         from duopool.kv.transport.shm import ShmTransport
 
         t = ShmTransport(src)
         for c in cases:
             buf = np.zeros(c["bytes"], np.uint8)  # preallocated and touched
             local = np.ones(c["bytes"], np.uint8)
-            times, paired = [], []
-            for _ in range(c["reps"] + 1):
+            times, paired, writes, recycled = [], [], [], 0
+            for rep in range(c["reps"] + 1):
+                tid = f"{c['tid']}-{rep}"  # a new transfer each time, as in the cluster
+                to_sender.send(("write", c["name"], tid))
+                wrote, reused = to_sender.recv()
                 t0 = time.perf_counter()
                 np.copyto(buf, local)  # memcpy of the same size at the same moment (noisy shared host)
                 t1 = time.perf_counter()
-                t.load_into(c["tid"], buf)  # open + map + copy in + unmap
+                t.load_into(tid, buf)  # open + map (or the mapping kept from before) + copy in
                 times.append(time.perf_counter() - t1)
                 paired.append(t1 - t0)
+                writes.append(wrote)
+                recycled += bool(rep and reused)
+                unlink_segment(segment_path(tid, pathlib.Path(src)), recycle_file=True)  # the decode frees it
             results[c["name"]] = times[1:]
             results[c["name"] + ":memcpy"] = paired[1:]
+            results[c["name"] + ":write"] = writes[1:]
+            results[c["name"] + ":recycled"] = [recycled]
             del local
     else:
         if transport == "grpc":
@@ -168,6 +205,22 @@ def _receiver(transport: str, dst: str, src: str, cases: list[dict], init_file: 
 
 
 def _measure(transport: str, cases: list[dict], root: pathlib.Path) -> dict[str, list[float]]:
+    """One transport's figures; ``shm-fresh`` is shm with recycling off in both processes (every segment a
+    new file: the writer allocates its pages, the reader maps it anew)."""
+    if transport == "shm-fresh":
+        saved = os.environ.get("DUOPOOL_KV_RECYCLE_MIB")
+        os.environ["DUOPOOL_KV_RECYCLE_MIB"] = "0"  # the spawned processes inherit it
+        try:
+            return _measure_pair(transport, cases, root)
+        finally:
+            if saved is None:
+                del os.environ["DUOPOOL_KV_RECYCLE_MIB"]
+            else:
+                os.environ["DUOPOOL_KV_RECYCLE_MIB"] = saved
+    return _measure_pair(transport, cases, root)
+
+
+def _measure_pair(transport: str, cases: list[dict], root: pathlib.Path) -> dict[str, list[float]]:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -237,6 +290,9 @@ def run(args: argparse.Namespace) -> int:
                     pm = statistics.median(raw[c["name"] + ":memcpy"])
                     fig["paired_memcpy_gb_s"] = round(c["bytes"] / pm / 1e9, 3)
                     fig["vs_paired_memcpy"] = round(pm / med, 3)
+                if c["name"] + ":write" in raw:  # the prefill side's export into the segment (not in gb_s)
+                    fig["write_gb_s"] = round(c["bytes"] / statistics.median(raw[c["name"] + ":write"]) / 1e9, 3)
+                    fig["writes_into_recycled_files"] = raw[c["name"] + ":recycled"][0]
                 if c["name"] == "request":
                     entry["request_latency_ms"] = fig["median_ms"]
                     entry["request"] = fig
@@ -262,8 +318,10 @@ def run(args: argparse.Namespace) -> int:
         "seconds": None,
         "notes": [
             "each transport between two spawned processes; medians after one warm-up repetition",
-            "shm: receiver opens + maps the sender's sealed segment and copies into a preallocated buffer "
-            "(the decode connector's single copy-in); the sender's copy-out of its paged cache is not counted",
+            "shm: per repetition the sender writes a new sealed segment as the vLLM connector does (a layer "
+            "at a time, pwrite; write_gb_s, not counted in gb_s), the receiver opens it and copies it into a "
+            "preallocated buffer (the decode connector's single copy-in; gb_s) and frees it (recycled when "
+            "recycling is on); shm-fresh: the same with DUOPOOL_KV_RECYCLE_MIB=0 (every segment a new file)",
             "gloo: long-lived 2-rank pair group on 127.0.0.1; offer/reply/pieces (4 MiB, window 4)/ack; "
             "includes the control message (a pipe) that triggers the push",
             "grpc: KvTransfer.Read stream, 1 MiB chunks, sync grpcio, into a preallocated destination segment",
@@ -293,5 +351,10 @@ def _print_table(r: dict) -> None:
     if r.get("shm_vs_memcpy_64MiB") is not None:
         paired = r["transports"]["shm"]["64MiB"].get("vs_paired_memcpy")
         print(f"shm / memcpy at 64 MiB: {r['shm_vs_memcpy_64MiB']:.0%} (vs a memcpy timed alongside: {paired:.0%})")
+    for name in SHM_VARIANTS:
+        if name in r["transports"] and "write_gb_s" in r["transports"][name]["64MiB"]:
+            f = r["transports"][name]["64MiB"]
+            print(f"{name}: the writer's export at 64 MiB {f['write_gb_s']:.2f} GB/s "
+                  f"({f['writes_into_recycled_files']} of {f['reps']} into recycled files)")
     print(f"request: {r['request_shape']['bytes'] / MIB:.0f} MiB ({r['request_shape']['model']}); "
           f"segments in {r['kv_dir']} ({r['kv_dir_pages']})")

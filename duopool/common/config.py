@@ -145,6 +145,10 @@ class SchedulerConfig(ServiceConfig):
 class KvTransferConfig(ServiceConfig):
     port: int = opt(50053, "DUOPOOL_PORT", "port to bind")
     kv_dir: str = opt("/dev/shm/duopool-kv", "DUOPOOL_KV_DIR", "directory of KV segments (shared memory)")
+    kv_recycle_mib: float = opt(512.0, "DUOPOOL_KV_RECYCLE_MIB",
+                                "finished KV segment files kept (MiB per KV directory) for the next segments to reuse: "
+                                "no page allocation for the writer, no page-table setup for a reader that mapped the "
+                                "file before (docs/kv-transfer.md §2); 0: segments are unlinked")
     lease_s: float = opt(30.0, "DUOPOOL_KV_LEASE_S", "a transfer not completed within this is expired and freed")
     kv_pool_gib: float = opt(2.0, "DUOPOOL_KV_POOL_GIB",
                              "host KV pool capacity for parked (preempted offline) KV, GiB; 0 disables Park")
@@ -161,6 +165,8 @@ class KvTransferConfig(ServiceConfig):
             raise ConfigError("kv_pool_gib", f"{self.kv_pool_gib} is not in [0, 1048576] GiB")
         if not self.read_max_mib_s >= 0:
             raise ConfigError("read_max_mib_s", "must be >= 0")
+        if not 0 <= self.kv_recycle_mib <= 1 << 20:
+            raise ConfigError("kv_recycle_mib", "must be in [0, 1048576]")
         if not self.kv_dir:
             raise ConfigError("kv_dir", "must not be empty")
 
@@ -232,6 +238,10 @@ class WorkerConfig(ServiceConfig):
     redis_url: str = opt("", "REDIS_URL", "Redis for registration and heartbeats")
     kvtransfer: str = opt("127.0.0.1:50053", "DUOPOOL_KVTRANSFER", "kvtransfer service address host:port")
     kv_dir: str = opt("/dev/shm/duopool-kv", "DUOPOOL_KV_DIR", "directory of KV segments (shared with kvtransfer)")
+    kv_recycle_mib: float = opt(512.0, "DUOPOOL_KV_RECYCLE_MIB",
+                                "finished KV segment files kept (MiB per KV directory) for the next segments to reuse: "
+                                "no page allocation for the writer, no page-table setup for a reader that mapped the "
+                                "file before (docs/kv-transfer.md §2); 0: segments are unlinked")
     kv_load_failure_policy: str = opt("recompute", "DUOPOOL_KV_LOAD_FAILURE_POLICY",
                                       "when transferred KV cannot be loaded: recompute or fail",
                                       ("recompute", "fail"))
@@ -298,6 +308,8 @@ class WorkerConfig(ServiceConfig):
             raise ConfigError("max_model_len", "must be > 0")
         if self.threads < 0:
             raise ConfigError("threads", "must be >= 0 (0: one per pinned core)")
+        if not 0 <= self.kv_recycle_mib <= 1 << 20:
+            raise ConfigError("kv_recycle_mib", "must be in [0, 1048576]")
         if self.cpus:
             try:
                 cpus = resolve_cpus(self.cpus)

@@ -26,6 +26,8 @@ import struct
 import zlib
 from dataclasses import asdict, dataclass, field
 
+from duopool.kv import recycle
+
 MAGIC = b"DPKV"
 VERSION = 1
 HEADER_BYTES = 4096
@@ -128,6 +130,8 @@ class KvSegment:
         self._mm = mm
         self._writable = writable
         self._fd: int | None = None  # a segment made by create(): its file, for write_layer's pwrite
+        self._cached = False  # the mapping belongs to the process's MappingCache (close leaves it)
+        self.recycled = False  # create() reused a retired file (its pages exist already)
 
     # -- creation / opening -------------------------------------------------------------------------
     @classmethod
@@ -148,21 +152,40 @@ class KvSegment:
         if _HEAD.size + len(raw) > HEADER_BYTES:
             raise SegmentError(f"segment header too large ({len(raw)} bytes of metadata)")
         tmp = path.with_suffix(".tmp")
+        need = meta.total_bytes + _map_len(meta)
+        try:  # never truncate a file that exists: a reader may have it mapped (recycle.py)
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        recycled = recycle.take(path.parent, need, tmp)
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        except FileNotFoundError:  # the directory's first segment
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            if recycled:
+                fd = os.open(tmp, os.O_RDWR)
+            else:
+                try:
+                    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileNotFoundError:  # the directory's first segment
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileNotFoundError:  # a recycled file swept away between the take and the open
+            recycled = False
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            size = meta.total_bytes + _map_len(meta)
-            os.ftruncate(fd, size)
+            if recycled:
+                size = os.fstat(fd).st_size
+            else:
+                size = need
+                os.ftruncate(fd, size)
             mm = mmap.mmap(fd, size)
         except BaseException:
             os.close(fd)
             raise
         seg = cls(path, meta, mm, writable=True)
         seg._fd = fd
-        seg._write_header(meta)
+        seg.recycled = recycled
+        seg._write_header(meta)  # first: a reader of the file's previous contents sees them replaced
+        if recycled and _map_len(meta):
+            mm[meta.total_bytes : need] = bytes(_map_len(meta))  # nothing received yet
         os.replace(tmp, path)  # visible under its name only once sized and headed
         return seg
 
@@ -172,28 +195,40 @@ class KvSegment:
         """Maps an existing segment. ``writable=True`` (with ``require_sealed=False``) reopens a partly
         received segment to resume it. ``populate=True`` maps every page in one go (``MAP_POPULATE``) for a
         caller about to read all of it (a KV load): with 4 KiB pages, faulting them in one by one during the
-        copy costs a third of memcpy speed (docs/kv-transfer.md)."""
+        copy costs a third of memcpy speed (docs/kv-transfer.md). A read-only ``populate`` open of a file this
+        process mapped before reuses that mapping (recycled files, :mod:`duopool.kv.recycle`); such a reader
+        checks :meth:`unchanged` after its copy."""
         try:
             fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         except FileNotFoundError:
             raise SegmentError(f"KV segment {path} does not exist (released, expired or never written)") from None
+        cache = recycle.mapping_cache() if populate and not writable else None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size = st.st_size
             if size < HEADER_BYTES:
                 raise SegmentError(f"KV segment {path} is truncated ({size} bytes)")
-            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            flags = mmap.MAP_SHARED | (MAP_POPULATE if populate else 0)
-            mm = mmap.mmap(fd, size, flags=flags, prot=prot)
+            if cache is not None:
+                mm = cache.get(fd, st)
+            else:
+                prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+                flags = mmap.MAP_SHARED | (MAP_POPULATE if populate else 0)
+                mm = mmap.mmap(fd, size, flags=flags, prot=prot)
         finally:
             os.close(fd)
-        meta = cls._read_header(mm, path)
-        if size < meta.total_bytes + _map_len(meta):
-            mm.close()
-            raise SegmentError(f"KV segment {path} is truncated ({size} < {meta.total_bytes} bytes)")
-        if require_sealed and not meta.sealed:
-            mm.close()
-            raise SegmentError(f"KV segment {path} is not sealed (writer unfinished or dead)")
-        return cls(path, meta, mm, writable=writable)
+        try:
+            meta = cls._read_header(mm, path)
+            if size < meta.total_bytes + _map_len(meta):
+                raise SegmentError(f"KV segment {path} is truncated ({size} < {meta.total_bytes} bytes)")
+            if require_sealed and not meta.sealed:
+                raise SegmentError(f"KV segment {path} is not sealed (writer unfinished or dead)")
+        except BaseException:
+            if cache is None:
+                mm.close()
+            raise
+        seg = cls(path, meta, mm, writable=writable)
+        seg._cached = cache is not None
+        return seg
 
     # -- header ---------------------------------------------------------------------------------------
     def _write_header(self, meta: SegmentMeta) -> None:
@@ -217,6 +252,14 @@ class KvSegment:
         meta = SegmentMeta(**{**asdict(self.meta), "sealed": True, "extra": {**self.meta.extra, **extra}})
         meta = SegmentMeta.from_json(meta.to_json())
         self._write_header(meta)
+
+    def unchanged(self) -> bool:
+        """True if the header still says what it said at open (same transfer, same seal): a reader checks
+        after copying that the file was not retired and rewritten for another transfer meanwhile."""
+        try:
+            return self._read_header(self._mm, self.path) == self.meta
+        except (SegmentError, ValueError):
+            return False
 
     def data_crc32(self) -> int:
         """CRC-32 of the data (every block of every layer)."""
@@ -360,6 +403,8 @@ class KvSegment:
 
     def close(self) -> None:
         self._close_fd()
+        if self._cached:
+            return  # the process's MappingCache keeps it for the next read of this file
         try:
             self._mm.close()
         except BufferError:
@@ -385,10 +430,12 @@ def same_layout(a: SegmentMeta, b: SegmentMeta) -> bool:
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
-def unlink_segment(path: pathlib.Path) -> bool:
-    """Removes a segment file (and a leftover .tmp); True if something was removed."""
-    removed = False
-    for p in (path, path.with_suffix(".tmp")):
+def unlink_segment(path: pathlib.Path, *, recycle_file: bool = False) -> bool:
+    """Removes a segment file (and a leftover .tmp); True if something was removed. ``recycle_file=True``
+    (a segment whose transfer is over) puts the file on its directory's free list for the next segment
+    written there, if recycling is on and the list has room (:mod:`duopool.kv.recycle`)."""
+    removed = recycle_file and recycle.retire(path)
+    for p in ((path.with_suffix(".tmp"),) if removed else (path, path.with_suffix(".tmp"))):
         try:
             p.unlink()
             removed = True

@@ -124,7 +124,7 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
             return
         t.state, t.error, t.ended_at = state, error or t.error, self.clock()
         if state != S.PARKED:
-            unlink_segment(pathlib.Path(t.kv.location))
+            unlink_segment(pathlib.Path(t.kv.location), recycle_file=True)
         key = {S.COMPLETED: "completed", S.FAILED: "failed", S.EXPIRED: "expired", S.RELEASED: "released",
                S.PARKED: "parked"}.get(state)
         if key:
@@ -178,7 +178,7 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
         while len(self._ended_early) > KEEP_EVICTED:
             self._ended_early.popitem(last=False)
         if not check_id("transfer_id", transfer_id):
-            unlink_segment(segment_path(transfer_id, self.kv_dir))
+            unlink_segment(segment_path(transfer_id, self.kv_dir), recycle_file=True)
 
     async def _transfer_or_abort(self, transfer_id: str, context) -> Transfer:
         t = self.transfers.get(transfer_id)
@@ -404,6 +404,7 @@ async def serve(config: KvTransferConfig, stop: asyncio.Event, ready: asyncio.Ev
     init_telemetry("kvtransfer")
     start_metrics_server(config.host, config.metrics_port)
     os.makedirs(config.kv_dir, exist_ok=True)
+    os.environ["DUOPOOL_KV_RECYCLE_MIB"] = str(config.kv_recycle_mib)  # read by duopool.kv.recycle
     service = KvTransferService(config)
     server = Server(config.bind, [(kvtransfer_pb2_grpc.add_KvTransferServicer_to_server, service,
                                    "duopool.v1.KvTransfer")])

@@ -300,6 +300,8 @@ class DuopoolConnector(KVConnectorBase_V1):
                 src = self._segment_blocks(seg, li, kv.dtype)[op.first_block : op.first_block + n]
                 kv.index_copy_(0, dst_idx, src.to(kv.device))
             del src
+            if not seg.unchanged():  # retired and reused while copied (its lease ended): the blocks are torn
+                raise SegmentError(f"{op.path} was rewritten while it was loaded")
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

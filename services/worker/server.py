@@ -375,7 +375,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 if not produced:
                     if o.finish_reason == "preempted" or not o.token_ids:
                         if o.kv is not None:  # stopped in its prefill: the resume prefills again
-                            unlink_segment(pathlib.Path(o.kv.path))
+                            unlink_segment(pathlib.Path(o.kv.path), recycle_file=True)
                         if o.finish_reason == "preempted":
                             await context.abort(grpc.StatusCode.ABORTED,
                                                 "preempted: offline prefill stopped for online work")
@@ -425,7 +425,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             try:
                 await self._kv_call("Park", kvtransfer_pb2.ParkRequest(key=request_id, location=kv.path))
             except grpc.aio.AioRpcError as exc:
-                unlink_segment(pathlib.Path(kv.path))
+                unlink_segment(pathlib.Path(kv.path), recycle_file=True)
                 why = {grpc.StatusCode.RESOURCE_EXHAUSTED: "pool full",
                        grpc.StatusCode.UNAVAILABLE: "kvtransfer unreachable",
                        grpc.StatusCode.DEADLINE_EXCEEDED: "kvtransfer unreachable"}.get(exc.code(), "")
@@ -496,7 +496,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             ))
             return True
         except grpc.aio.AioRpcError as exc:
-            unlink_segment(pathlib.Path(handle.location))
+            unlink_segment(pathlib.Path(handle.location), recycle_file=True)
             error = f"kvtransfer unreachable: {exc.code().name}"
             if self.config.kv_load_failure_policy == "fail":
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv: transfer {handle.transfer_id} not started: {error}")
@@ -598,7 +598,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def _drop_pulled(self, transfer_id: str) -> None:
         path = self._pulled.pop(transfer_id, None)
         if path is not None:
-            unlink_segment(path)
+            unlink_segment(path, recycle_file=True)
 
     async def _complete_transfer(self, transfer_id: str, ok: bool, error: str = "", local: str = "") -> None:
         """The engine has taken (or given up on) the KV: its local copy goes now (a pulled copy, or the
@@ -606,7 +606,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         frees it, so nothing lingers when the broker is unreachable), then the broker ends the transfer."""
         self._drop_pulled(transfer_id)
         if local and self._is_local_segment(local):
-            unlink_segment(pathlib.Path(local))
+            unlink_segment(pathlib.Path(local), recycle_file=True)
         try:
             await self.kv.CompleteTransfer(kvtransfer_pb2.CompleteTransferRequest(
                 transfer_id=transfer_id, ok=ok, error=error), timeout=self.config.kv_rpc_timeout_s)
@@ -615,7 +615,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def _release_transfer(self, transfer_id: str) -> None:
         """Frees KV nobody will load (the request ended at its first token)."""
-        unlink_segment(segment_path(transfer_id, pathlib.Path(self.config.kv_dir)))
+        unlink_segment(segment_path(transfer_id, pathlib.Path(self.config.kv_dir)), recycle_file=True)
 
     async def register_kv_endpoint(self) -> None:
         """Announces this worker to kvtransfer and clears KV pulled by a previous run of this worker."""
@@ -777,6 +777,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event, ready: asyncio.Event 
                     len(available_cpus()))
     if config.threads == 0:  # one torch thread per core it runs on
         config = dataclasses.replace(config, threads=len(cpus) if cpus else 1)
+    os.environ["DUOPOOL_KV_RECYCLE_MIB"] = str(config.kv_recycle_mib)  # read by duopool.kv.recycle (and the engine's processes)
     init_telemetry("worker")
     start_metrics_server(config.host, config.metrics_port)
     engine = create_engine(config)

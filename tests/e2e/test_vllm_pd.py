@@ -160,11 +160,16 @@ def test_preempted_offline_requests_resume_with_identical_greedy_output(cluster,
             list(router.Generate(router_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=PROMPT[:40]),
                                                             max_tokens=4, request_class=common_pb2.ONLINE), timeout=120))
 
-        threads = [threading.Thread(target=online) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        for _burst in range(4):  # a burst that lands between an offline request's phases stops nothing there
+            threads = [threading.Thread(target=online) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5).preemptions >= 1:
+                break
+            if decode.Stats(worker_pb2.StatsRequest(), timeout=5).running_offline == 0:
+                break
         wait_for(lambda: router.GetBatch(router_pb2.GetBatchRequest(job_id="e2e-preempt"), timeout=5).state
                  == router_pb2.DONE, timeout=300, what="the offline job to finish")
         stats = sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
@@ -212,12 +217,20 @@ def test_a_preempted_decode_parks_its_kv_and_resumes_on_the_other_worker(cluster
         decode, other = worker_pb2_grpc.WorkerStub(dch), worker_pb2_grpc.WorkerStub(pch)
         for corrupt in (False, True):
             prompt, want, margin = PARK_PROMPTS[corrupt], reference[first + corrupt], margins[first + corrupt]
-            rid = f"park-e2e-{int(corrupt)}"
-            got, end = _preempt_mid_decode(decode, rid, prompt, after_s=0.3)
+            for attempt in range(3):  # on a loaded host the preemption can land after the answer is done
+                rid = f"park-e2e-{int(corrupt)}-{attempt}"
+                got, end = _preempt_mid_decode(decode, rid, prompt, after_s=0.3 / (attempt + 1))
+                if end is None or end.finish_reason != "length":
+                    break
             assert end is not None and end.finish_reason == "preempted", end
             assert end.parked_key == rid, f"not parked: {end.park_failure!r}"
             context = len(prompt) + len(got)
-            assert end.parked_tokens % BLOCK == 0 and context - 2 * BLOCK <= end.parked_tokens <= context
+            # Every full block of what the caller holds is parked. It may hold more: the engine core can be
+            # steps ahead of the tokens vLLM's front end delivered when the abort landed (those tokens are
+            # dropped, their KV is not); the resume loads only the prefix it asks for.
+            assert end.parked_tokens % BLOCK == 0
+            assert context - 2 * BLOCK <= end.parked_tokens <= len(prompt) + OFFLINE_TOKENS
+            loadable = min(end.parked_tokens, (context - 1) // BLOCK * BLOCK)
             if corrupt:
                 parked = cluster.kv_dir / "pool" / f"{rid}.kv"
                 with open(parked, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
@@ -228,7 +241,7 @@ def test_a_preempted_decode_parks_its_kv_and_resumes_on_the_other_worker(cluster
             if corrupt:
                 assert msgs[0].park_failure == "checksum mismatch" and msgs[0].cached_tokens == 0
             else:
-                assert msgs[0].park_failure == "" and msgs[0].cached_tokens == end.parked_tokens
+                assert msgs[0].park_failure == "" and msgs[0].cached_tokens == loadable
             out = got + [t for m in msgs for t in m.token_ids]
             assert msgs[-1].finish_reason == "length"
             assert_same_greedy_output(out, want, margin, f"{rid} (resumed {'recomputing' if corrupt else 'parked'})")

@@ -165,4 +165,8 @@ def test_bench_kv_quick_smoke(tmp_path):
         for size in ("256KiB", "4MiB", "64MiB"):
             assert t[size]["gb_s"] > 0
         assert t["request_latency_ms"] > 0
+    # each shm repetition is a new transfer; with recycling on every one after the first reuses a file
+    recycled, fresh = data["transports"]["shm"]["64MiB"], data["transports"]["shm-fresh"]["64MiB"]
+    assert recycled["writes_into_recycled_files"] == recycled["reps"] and fresh["writes_into_recycled_files"] == 0
+    assert recycled["write_gb_s"] > 0 and fresh["write_gb_s"] > 0
     assert not list((tmp_path / "kv").glob("*")) if (tmp_path / "kv").exists() else True

@@ -86,6 +86,8 @@ class ShmTransport(KvTransport):
                         out[start * bb : (start + count) * bb] = seg.units_view(start, count)
                         done[start : start + count] = b"\x01" * count
                         remaining -= count
+            if not seg.unchanged():
+                raise SegmentError(f"{path} was rewritten while it was read (retired and reused for another transfer)")
             return TransferResult(transfer_id, self.name, "completed", seg.meta.data_bytes, seg.num_units, 0,
                                   time.perf_counter() - t0, str(path))
         finally:

@@ -479,6 +479,8 @@ class SimEngine(Engine):
                         log.warning("request %s: KV block %d differs; recomputing", r.req.request_id, b)
                         return 0
                 del view
+                if not seg.unchanged():
+                    raise SegmentError("rewritten while it was read (its transfer ended)")
         except (SegmentError, OSError) as exc:
             log.warning("request %s: KV segment unusable (%s); recomputing", r.req.request_id, exc)
             return 0
