@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
-def _cpu_s(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process and its live descendants."""
     total = 0.0
     for p in [pid, *_descendants(pid)]:
@@ -189,10 +189,10 @@ def _grpc_floor(calls: int = 3000) -> dict:
                 echo = ch.unary_unary("/floor.Floor/Echo")
                 for _ in range(200):
                     await echo(b"x" * 16)
-                srv0, cli0, t0 = _cpu_s(proc.pid), time.process_time(), time.perf_counter()
+                srv0, cli0, t0 = cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
                 for _ in range(calls):
                     await echo(b"x" * 16)
-                return _cpu_s(proc.pid) - srv0, time.process_time() - cli0, time.perf_counter() - t0
+                return cpu_seconds(proc.pid) - srv0, time.process_time() - cli0, time.perf_counter() - t0
 
         srv, cli, wall = asyncio.run(client())
     finally:
@@ -225,12 +225,12 @@ def _run_layout(layout: str, args, rates: list[float], engine_s: float, out: pat
         asyncio.run(_load(cluster.router_address, cluster.auth_metadata, 5, 2, args.max_tokens, 0,
                                args.prompt_tokens))  # warm up
         for k, rate in enumerate(rates):
-            before = {n: _cpu_s(p) for n, p in pids.items()}
+            before = {n: cpu_seconds(p) for n, p in pids.items()}
             client0 = time.process_time()
             res = asyncio.run(_load(cluster.router_address, cluster.auth_metadata, rate, args.seconds,
                                     args.max_tokens, k + 1, args.prompt_tokens))
             client_cpu = time.process_time() - client0
-            cpu = {n: _cpu_s(p) - before[n] for n, p in pids.items()}
+            cpu = {n: cpu_seconds(p) - before[n] for n, p in pids.items()}
             lat = res.pop("latencies")
             added = [max(0.0, x - engine_s) for x in lat]
             n = max(1, res["completed"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import pathlib
 import shutil
 import sys
@@ -175,6 +176,28 @@ async def _engine_plans(cluster) -> dict[str, dict]:
     return out
 
 
+def _cpu_now(cluster) -> dict[str, float]:
+    """CPU seconds so far of every cluster process (with its children: a vLLM worker's engine core) and of
+    this process (the load generator)."""
+    from duopool.bench.control_plane import cpu_seconds
+
+    out = {name: cpu_seconds(p.popen.pid) for name, p in cluster.procs.items()}
+    out["replay-client"] = time.process_time()
+    return out
+
+
+def _cpu_window(before: dict[str, float], after: dict[str, float], window_s: float) -> dict:
+    """Where the host's CPU went in the window: seconds and share of one core per process, the total as a
+    share of the host's cores (near 1.0: the host is saturated and simulated engines fall behind their
+    modeled step times)."""
+    used = {n: round(after[n] - before.get(n, 0.0), 2) for n in after}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    total = sum(used.values())
+    return {"seconds": dict(sorted(used.items(), key=lambda kv: -kv[1])),
+            "share_of_a_core": {n: round(v / window_s, 3) for n, v in sorted(used.items(), key=lambda kv: -kv[1])},
+            "total_share_of_host": round(total / window_s / cores, 3), "cores": cores}
+
+
 async def _replay(args, cluster, online, offline) -> dict:
     import grpc
 
@@ -199,6 +222,7 @@ async def _replay(args, cluster, online, offline) -> dict:
         has_jobs = bool(jobs.ids)
         tokens0 = (await sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)).offline_tokens
         t_start = time.monotonic()
+        cpu0 = _cpu_now(cluster)
         submit_s = t_start - t_submit  # offline work may start while later jobs are still being submitted
         results: list[dict] = []
         tasks = [asyncio.create_task(_online_request(stub, i, a, p, o, args, t_start, results))
@@ -220,6 +244,7 @@ async def _replay(args, cluster, online, offline) -> dict:
                       + (f" | offline {st.done}/{st.total}, {st.output_tokens} tokens" if st else ""),
                       end="", file=sys.stderr, flush=True)
         window_s = time.monotonic() - t_start
+        cpu = _cpu_window(cpu0, _cpu_now(cluster), window_s)
         st_window = await jobs.status() if has_jobs else None
         stats = await sched.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
         generated = stats.offline_tokens - tokens0  # tokens produced in the window, finished requests or not
@@ -264,7 +289,7 @@ async def _replay(args, cluster, online, offline) -> dict:
         "decisions_in_window": decisions_window,
         "engine": args.engine + (" (SIMULATED)" if args.engine == "sim" else ""),
         "workers": {"prefill": args.prefill, "decode": args.decode},
-        "window_s": window_s, "rate_scale": args.rate_scale, "park_kv": args.park_kv, "offline_moves": args.offline_moves,
+        "window_s": window_s, "cpu": cpu, "rate_scale": args.rate_scale, "park_kv": args.park_kv, "offline_moves": args.offline_moves,
         "pin_cpus": args.pin_cpus, "engine_plans_setting": args.engine_plans, "hygen_budget_frac": args.hygen_budget_frac,
         "slo": {"ttft_ms": args.ttft_slo_ms, "tpot_ms": args.tpot_slo_ms},
         "online": {
@@ -343,6 +368,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: the backlog ran out {off['drain_s']:.1f} s into the {summary['window_s']:.0f} s window; "
               f"tok/s over the window ({off['output_tokens_per_s']:.1f}) would understate capacity: compare "
               f"backlogged_tok_s or drain_s (a larger --offline-requests keeps it backlogged)")
+    cpu = summary["cpu"]
+    busiest = ", ".join(f"{n} {v:.0%}" for n, v in list(cpu["share_of_a_core"].items())[:4])
+    print(f"CPU in the window: {cpu['total_share_of_host']:.0%} of the host's {cpu['cores']} cores; busiest "
+          f"(share of a core): {busiest}")
     print(f"preemptions: {summary['preemptions']} by the scheduler, latency p50/p99 "
           f"{summary['preemption_ms']['p50']:.1f}/{summary['preemption_ms']['p99']:.1f} ms; "
           f"{summary['preemptions_in_engine']} by the engines' step plans (at a step boundary); resumed "

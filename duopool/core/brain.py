@@ -37,6 +37,8 @@ DEFAULT_OUTPUT = 256  # ... and for one that gave no max_tokens
 LOG_REQUESTS = 20_000  # requests whose decisions are kept for ``why``
 ENGINE_QUEUE = 8  # offline requests kept waiting in an engine that runs the step plans itself
 MOVE_TIMEOUT_S = 30.0  # a move's reservation on its puller lapses if the request's resume has not come by then
+RESUME_WAIT_S = 30.0  # a parked resume no instance's plan pulls for this long is admitted as new offline work
+RESUMES_KEPT = 100_000  # parked resumes whose first hold is remembered (oldest forgotten first)
 
 
 # -------------------------------------------------------------------- events
@@ -75,6 +77,9 @@ class Arrived:
     max_tokens: int = 0
     exclude: frozenset[str] = frozenset()
     key: str = ""  # a stable name of the work item across retries (offline: job and index)
+    # an offline request preempted with its KV parked: a swapped decode (prompt_tokens = its context), which
+    # an instance's step plan pulls to decode on, as the simulator's instances pull ``Cluster.resume``
+    parked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +247,7 @@ class Brain:
         # moves under way by work-item key: the puller counts each incoming until its resume arrives there
         # (else the next tick pulls again into the same room)
         self.moving: dict[str, _Move] = {}
+        self.held_resumes: OrderedDict[str, float] = OrderedDict()  # key -> first hold of a parked resume
         self.reported_steps: dict[int, int] = {}
         self.own_predictor: set[int] = set()  # instances whose engines plan with their own measured predictor
         self.next_tick = 0.0
@@ -445,6 +451,19 @@ class Brain:
             inst = insts[pin]
             self._track(a, r, inst, inst.idx, online=False)
             return [Place(a.request_id, self.names[pin], self.names[pin], "resumes where it was pulled")]
+        if a.parked and a.key:
+            puller = self._pull_parked(r, now, exclude)
+            if puller is not None:
+                self.held_resumes.pop(a.key, None)
+                self._track(a, r, puller, puller.idx, online=False)
+                return [Place(a.request_id, self.names[puller.idx], self.names[puller.idx],
+                              f"parked decode pulled by {puller.role} instance's plan")]
+            first = self.held_resumes.setdefault(a.key, now)
+            while len(self.held_resumes) > RESUMES_KEPT:
+                self.held_resumes.popitem(last=False)
+            if now - first < RESUME_WAIT_S:
+                return [Hold(a.request_id, "parked decode: no instance's plan pulls it now")]
+            self.held_resumes.pop(a.key, None)  # waited long enough: admitted like new work from here on
         if not self.moves:  # a strict instance that would pull it takes it at its first token
             puller = self._pull_at_first_token(r, now, exclude)
             src = self._prefill_for_pull(r, exclude) if puller is not None else None
@@ -494,6 +513,27 @@ class Brain:
             if best_q is None or q < best_q:
                 best, best_q = i, q
         return best
+
+    def _pull_parked(self, r: Req, now: float, exclude: frozenset[int]) -> Instance | None:
+        """The instance whose step plan pulls ``r``, a preempted offline decode whose KV is parked, as it
+        pulls the swapped decodes of ``Cluster.resume`` in the simulator (the policy's own pull: which
+        instances pull, how many, with what KV and step-time margins); those with the most room are asked
+        first, and only those with a sequence slot and KV for its whole context."""
+        insts = [i for i in self.cluster.instances if i.idx not in exclude and i.accepting and not i.offline_only
+                 and i.n_seqs + i.incoming + len(i.inbox) < self.policy.cfg.max_num_seqs
+                 and i.kv_free() >= r.prompt + r.output + i.block_size]
+        if not insts:
+            return None
+        insts.sort(key=lambda i: (i.n_decoding + i.incoming, i.ctx_sum(), i.idx))
+        resume = self.cluster.resume
+        resume.append(r)
+        try:
+            for i in insts:
+                if any(p is r for p in self.policy.plan(i, self.cluster, now).pull):
+                    return i
+        finally:
+            resume.remove(r)
+        return None
 
     def _pull_at_first_token(self, r: Req, now: float, exclude: frozenset[int]) -> int | None:
         """Where a running decode's KV cannot move (``moves`` off), a pull can still happen at the one point

@@ -37,7 +37,7 @@ from collections import OrderedDict
 FREE_DIR = ".free"
 DEFAULT_RECYCLE_MIB = 512
 MIN_CLASS = 64 << 10  # below this a segment may take any free file up to twice this size
-PRUNE_S = 1.0  # a reader that only hits its cache still lets go of unlinked files this often
+PRUNE_S = 1.0  # how often a mapping cache lets go of files unlinked meanwhile (a background thread)
 _seq = itertools.count()
 
 
@@ -123,7 +123,7 @@ class MappingCache:
         self._lock = threading.Lock()
         self._maps: OrderedDict[tuple[int, int, int], tuple[int, mmap.mmap]] = OrderedDict()
         self._bytes = 0
-        self._pruned = time.monotonic()
+        self._pruner: threading.Thread | None = None
         self.hits = self.misses = 0
 
     def get(self, fd: int, st: os.stat_result) -> mmap.mmap:
@@ -135,13 +135,14 @@ class MappingCache:
             if hit is not None:
                 self._maps.move_to_end(key)
                 self.hits += 1
-                if time.monotonic() - self._pruned > PRUNE_S:
-                    self._prune()
                 return hit[1]
         from duopool.kv.segment import MAP_POPULATE
 
         mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED | MAP_POPULATE, prot=mmap.PROT_READ)
         with self._lock:
+            if self._pruner is None:  # lets go of files unlinked meanwhile even while this process reads nothing
+                self._pruner = threading.Thread(target=self._prune_loop, name="duopool-kv-maps", daemon=True)
+                self._pruner.start()
             self.misses += 1
             self._prune()
             self._maps[key] = (os.dup(fd), mm)
@@ -150,9 +151,14 @@ class MappingCache:
                 self._drop(next(iter(self._maps)))
         return mm
 
+    def _prune_loop(self) -> None:
+        while True:
+            time.sleep(PRUNE_S)
+            with self._lock:
+                self._prune()
+
     def _prune(self) -> None:
         """Drops mappings of files that are gone (no link left) or were resized."""
-        self._pruned = time.monotonic()
         for key, (fd, _) in list(self._maps.items()):
             try:
                 st = os.fstat(fd)

@@ -82,11 +82,11 @@ class BrainDriver:
         self.known = now_ids
 
     def place(self, request_id: str, online: bool, known, prompt_tokens: int = 0, max_tokens: int = 0,
-              exclude: frozenset[str] = frozenset(), key: str = "") -> b.Place | None:
+              exclude: frozenset[str] = frozenset(), key: str = "", parked: bool = False) -> b.Place | None:
         """Places a request: the brain's ``Place`` if it names workers in ``known`` (its other effects,
         preemptions, are applied in the background), else None (rejected or held)."""
         ev = b.Arrived(request_id, RequestClass.ONLINE if online else RequestClass.OFFLINE, prompt_tokens,
-                       max_tokens, exclude, key)
+                       max_tokens, exclude, key, parked)
         effects = self.handle(ev)
         first = None
         rest = []

@@ -35,6 +35,7 @@ ACTIVE_REFRESH_S = 0.5  # how often the list of active jobs (and their owners, s
 IDLE_REFRESH_S = 0.1  # ... and while nothing is buffered (how soon a new job's first request starts)
 MAX_READ = 64  # entries read per job at once
 READ_ROUNDS = 8  # jobs of one owner read in one dispatcher step, at most (while the older ones fall short)
+RESUME_TRIES = 16  # parked decodes offered again, and set aside, per dispatcher step (each asks the step plans)
 MAX_HANDOFFS = 8  # moves of one request handed over directly in one run (beyond: re-queued)
 STORE_RETRY_S = 120.0  # how long a finished request's queue update is retried while Redis is unreachable
 
@@ -138,6 +139,10 @@ class OfflineDispatcher:
         self.consumer = consumer
         self.idle_claim_ms = idle_claim_ms
         self.fair = FairQueue()  # read but not yet placed (still pending at this consumer)
+        # preempted decodes with parked KV that no instance's plan pulled yet: kept aside (still pending at
+        # this consumer) so they do not hold back new work behind them, offered again each step, oldest first
+        self.resumes: deque[QueueEntry] = deque()
+        self.resume_ids: set[str] = set()
         self.running: dict[str, asyncio.Task] = {}  # entry id -> task
         self.completed = 0
         self.requeued = 0
@@ -182,7 +187,7 @@ class OfflineDispatcher:
         active = [j for j, _ in self.fair.order]
         if claim and active:
             stale = await self.store.claim_stale(self.consumer, active, self.idle_claim_ms, count=free)
-            self.fair.add([e for es in stale.values() for e in es if e.entry_id not in self.running])
+            self.fair.add([e for es in stale.values() for e in es if self._unseen(e)])
         owners = max(1, len(self.fair.owners))
         target = min(MAX_READ, max(1, -(-free // owners)))
         # An owner's oldest job is read first; one that gives fewer entries than asked (its last few, or the
@@ -197,26 +202,56 @@ class OfflineDispatcher:
             got = await self.store.read(self.consumer, want, count=target)
             self.dry.update(j for j in want if j not in got)
             short.update(j for j in want if len(got.get(j, ())) < target)
-            self.fair.add([e for es in got.values() for e in es if e.entry_id not in self.running])
+            self.fair.add([e for es in got.values() for e in es if self._unseen(e)])
             want = self.fair.to_read(target, self.dry | short)
         started = 0
+        for entry in list(self.resumes)[:RESUME_TRIES]:  # parked decodes first: an instance may pull them now
+            if started >= free:
+                break
+            placement = await self._place(entry)
+            if placement is not None:
+                self.resumes.remove(entry)
+                self.resume_ids.discard(entry.entry_id)
+                started += self._start(entry, placement)
+        set_aside = 0
         while started < free and (entry := self.fair.peek()) is not None:
-            if getattr(self.service, "driver", None) is not None:  # the decision core sizes its admission
-                prompt, max_tokens = await self._size(entry)
-                placement = await self.service.place_offline(self._rid(entry), prompt, max_tokens,
-                                                             key=f"{entry.job_id}/{entry.index}")
-            else:
-                placement = await self.service.place_offline(self._rid(entry))
+            placement = await self._place(entry)
             if placement is None:
+                if self._parked(entry) and set_aside < RESUME_TRIES:
+                    # a parked decode waits for an instance's plan to pull it; new work behind it goes on
+                    self.fair.take(entry)
+                    self.resumes.append(entry)
+                    self.resume_ids.add(entry.entry_id)
+                    set_aside += 1
+                    continue
                 break  # no worker has room right now
             self.fair.take(entry)
-            self.sizes.pop(entry.entry_id, None)
-            started += 1
-            self.running[entry.entry_id] = asyncio.create_task(self._execute(entry, placement))
+            started += self._start(entry, placement)
         metrics.OFFLINE_RUNNING.set(len(self.running))
-        metrics.OFFLINE_BUFFERED.set(len(self.fair))
+        metrics.OFFLINE_BUFFERED.set(len(self.fair) + len(self.resumes))
         if not started:
             await asyncio.sleep(0.05)
+
+    def _unseen(self, e: QueueEntry) -> bool:
+        """An entry read from the queue that this dispatcher does not hold already (running or set aside)."""
+        return e.entry_id not in self.running and e.entry_id not in self.resume_ids
+
+    @staticmethod
+    def _parked(entry: QueueEntry) -> bool:
+        """A preempted decode whose KV waits in kvtransfer's pool (its resume computes only the tail)."""
+        return bool(entry.park.get("key")) and bool(entry.prompt) and bool(entry.generated)
+
+    async def _place(self, entry: QueueEntry):
+        if getattr(self.service, "driver", None) is not None:  # the decision core sizes its admission
+            prompt, max_tokens = await self._size(entry)
+            return await self.service.place_offline(self._rid(entry), prompt, max_tokens,
+                                                    key=f"{entry.job_id}/{entry.index}", parked=self._parked(entry))
+        return await self.service.place_offline(self._rid(entry))
+
+    def _start(self, entry: QueueEntry, placement) -> int:
+        self.sizes.pop(entry.entry_id, None)
+        self.running[entry.entry_id] = asyncio.create_task(self._execute(entry, placement))
+        return 1
 
     async def _refresh(self) -> None:
         """Re-reads the active jobs; entries of jobs cancelled, finished or gone are dropped unrun (their queue
@@ -228,6 +263,11 @@ class OfflineDispatcher:
             else:
                 await self.store.retire(j)
         gone = self.fair.set_jobs(live)
+        active = {j for j, _ in live}
+        if any(e.job_id not in active for e in self.resumes):
+            gone += [e for e in self.resumes if e.job_id not in active]
+            self.resumes = deque(e for e in self.resumes if e.job_id in active)
+            self.resume_ids = {e.entry_id for e in self.resumes}
         for e in gone:
             self.sizes.pop(e.entry_id, None)
         self.dropped += len(gone)

@@ -197,12 +197,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             return OFFER_PER_WORKER * len(workers)
         return sum(offline_capacity(self.load(w.worker_id), self.limits) for w in workers)
 
-    async def place_offline(self, rid: str, prompt_tokens: int = 0, max_tokens: int = 0, key: str = ""):
-        """Places an offline request on workers with offline capacity: (rid, prefill, decode) or None."""
+    async def place_offline(self, rid: str, prompt_tokens: int = 0, max_tokens: int = 0, key: str = "",
+                            parked: bool = False):
+        """Places an offline request on workers with offline capacity: (rid, prefill, decode) or None.
+        ``parked``: a preempted decode whose KV is parked (the decision core places it where a plan pulls it)."""
         workers = await self.workers()
         if self.driver is not None:
             by_id = {w.worker_id: w for w in workers}
-            d = self.driver.place(rid, False, by_id, prompt_tokens, max_tokens, key=key)
+            d = self.driver.place(rid, False, by_id, prompt_tokens, max_tokens, key=key, parked=parked)
             if d is None:
                 metrics.PLACEMENTS.labels("offline", "held").inc()
                 return None

@@ -40,6 +40,10 @@ def test_replay_with_step_plans_and_a_backlog_in_several_jobs(tmp_path, monkeypa
     assert any(k.startswith("place:mixed instance") for k in s["decisions_in_window"])
     assert s["preemptions_in_engine"] >= 0
     assert s["park_kv"] == "on"
+    cpu = s["cpu"]  # every cluster process and the client, measured over the window
+    assert {"router", "scheduler", "kvtransfer", "replay-client"} <= set(cpu["seconds"]), cpu
+    assert all(v >= 0 for v in cpu["seconds"].values()) and cpu["seconds"]["replay-client"] > 0
+    assert 0 < cpu["total_share_of_host"] <= 1.5
     # every preempted offline request that resumed did so once, from parked KV or recomputing with a reason
     pre = s["preemption"]
     assert pre["recomputed"] == sum(pre["recomputed_by_reason"].values())

@@ -26,6 +26,7 @@ import time
 import grpc
 import pytest
 
+from duopool.kv.recycle import FREE_DIR
 from duopool.launcher import LocalCluster
 from duopool.topology import Topology
 from duopool.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -127,7 +128,7 @@ def segment_files(cluster) -> list[pathlib.Path]:
     files = []
     for d in (cluster.kv_dir, cluster.host_b_kv_dir):
         if d.exists():
-            files += [p for p in d.rglob("*") if p.suffix in (".kv", ".tmp") and p.parent.name != "pool"]
+            files += [p for p in d.rglob("*") if p.suffix in (".kv", ".tmp") and p.parent.name not in ("pool", FREE_DIR)]
     return files
 
 
@@ -148,13 +149,22 @@ def deleted_segments_held(pid: int, dirs: list[pathlib.Path]) -> list[str]:
 
 
 def assert_no_leaks(cluster) -> None:
-    """Once leases (and the orphan sweep) have passed: no segment file left, no process holding one."""
+    """Once leases (and the orphan sweep) have passed: no segment file left but the recycled ones, within
+    their cap, and no process holding a deleted one (a reader's kept mappings let go within PRUNE_S)."""
+    from duopool.kv.recycle import DEFAULT_RECYCLE_MIB, PRUNE_S
+
     wait_for(lambda: not segment_files(cluster), timeout=6 * LEASE_S + 5,
              what=lambda: f"kv dirs to be empty (left: {segment_files(cluster)})")
     dirs = [cluster.kv_dir, cluster.host_b_kv_dir]
+    for d in dirs:
+        for free in d.rglob(FREE_DIR) if d.exists() else ():
+            assert sum(f.stat().st_size for f in free.glob("*.kv")) <= DEFAULT_RECYCLE_MIB << 20
     for name, proc in cluster.procs.items():
         if proc.spec.service in ("worker", "kvtransfer") and proc.popen.poll() is None:
-            assert deleted_segments_held(proc.popen.pid, dirs) == [], name
+            pid = proc.popen.pid
+            wait_for(lambda pid=pid: not deleted_segments_held(pid, dirs), timeout=3 * PRUNE_S + 2,
+                     what=lambda pid=pid, name=name: f"{name} to let go of deleted segments "
+                                                     f"({deleted_segments_held(pid, dirs)})")
 
 
 # -- the normal paths (the baseline the failures are compared with) --------------------------------------
@@ -285,7 +295,7 @@ def test_cross_host_pull_timeout_and_source_death_mid_stream_decode_recomputes(c
         assert 3.5 < time.monotonic() - t0 < 8
         assert state(cluster, pre.kv.transfer_id) == S.FAILED
         wait_for(lambda: stats(cluster).active_reads == 0, timeout=5, what="the server side of the stream to end")
-        assert not list((cluster.host_b_kv_dir / "pull-decode-2").glob("*"))
+        assert not [p for p in (cluster.host_b_kv_dir / "pull-decode-2").glob("*") if p.name != FREE_DIR]
         # (2) the source side dies mid-stream.
         pre = prefill(cluster, "mid-1", prompt("g"), decode="decode-2")
         ref = reference(cluster, pre, "mid-1")

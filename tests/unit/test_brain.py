@@ -581,6 +581,35 @@ def test_without_moves_strict_instances_pull_at_the_first_token():
     assert probe not in fresh.cluster.resume
 
 
+def test_a_parked_decode_is_pulled_by_a_decode_instances_plan_as_the_simulator_pulls_swapped_decodes():
+    """online-priority: a preempted decode with parked KV resumes where a decode instance's plan pulls it
+    (``resume_pulls``), not through a prefill instance's admission like new work; with no slot for it, it
+    is held, and after RESUME_WAIT_S it is admitted like new work."""
+    from duopool.core.brain import RESUME_WAIT_S
+
+    brain = make_brain("online-priority", pc={"max_num_seqs": 2})
+    join(brain, PD2)
+    (new,) = brain.handle(offline("n", prompt=3000, out=500, key="j/0"), 0.0)
+    assert isinstance(new, Place) and new.prefill in ("p0", "p1")
+    brain.handle(Finished("n"), 0.0)
+    (res,) = brain.handle(offline("r", prompt=3200, out=300, key="j/1", parked=True), 0.0)
+    assert isinstance(res, Place) and res.prefill == res.decode and res.decode in ("d0", "d1"), res
+    assert "parked decode pulled by decode instance" in res.reason
+    brain.handle(Finished("r"), 0.0)
+    for k in range(4):  # both decode instances' slots taken by online decodes
+        brain.handle(online(f"on{k}", prompt=500, out=400), 0.0)
+        brain.handle(FirstToken(f"on{k}"), 0.0)
+    assert all(inst(brain, d).n_seqs == 2 for d in ("d0", "d1"))
+    (held,) = brain.handle(offline("r2", prompt=3200, out=300, key="j/2", parked=True), 1.0)
+    assert isinstance(held, Hold) and "parked decode" in held.reason
+    (later,) = brain.handle(offline("r3", prompt=3200, out=300, key="j/2", parked=True), 1.0 + RESUME_WAIT_S)
+    assert isinstance(later, Hold) and "parked decode" not in later.reason  # the new-work path decided
+    freed = brain.names[brain.meta["on0"].decode]
+    brain.handle(Finished("on0"), 2.0 + RESUME_WAIT_S)  # a slot frees on one decode instance: it pulls
+    (again,) = brain.handle(offline("r4", prompt=3200, out=300, key="j/3", parked=True), 2.0 + RESUME_WAIT_S)
+    assert isinstance(again, Place) and again.decode == again.prefill == freed
+
+
 # ------------------------------------------------------------------------------------------- drivers
 SCENARIO = [
     ("worker", "p0", "prefill", "relaxed", 0, 300_000),

@@ -101,3 +101,64 @@ def test_a_short_old_job_lets_the_next_job_be_read_in_the_same_step():
     asyncio.run(main())
     assert reads[0] == ["j1"] and ["j2"] in reads  # j1 gave 1 of 16: j2 read in the same step
     assert d.fair.buffered("j2") == 16 and len(d.fair) >= 17
+
+
+def test_a_parked_decode_no_plan_pulls_yet_does_not_hold_back_new_work_behind_it():
+    """A preempted decode with parked KV waits for an instance's plan to pull it: it is set aside (still
+    pending, offered again each step) and the new requests behind it are placed meanwhile."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from duopool.scheduler.dispatcher import OfflineDispatcher
+
+    parked = QueueEntry("j1-0", "j1", 0, prompt=[1] * 40, generated=[2] * 8, park={"key": "j1-0", "tokens": 32})
+    queue = {"j1": [parked, *entries("j1", 3, start=1)]}
+    asked = []
+
+    class Store:
+        async def read(self, consumer, want, count, pending=False):
+            out = {j: queue[j][:count] for j in want if queue.get(j)}
+            for j in out:
+                queue[j] = queue[j][count:]
+            return out
+
+        async def item(self, job, index):
+            return {"max_tokens": 64, "token_ids": [1] * 40}
+
+    async def free_slots():
+        return 4
+
+    pulls = {"open": False}
+
+    async def place(rid, prompt=0, max_tokens=0, key="", parked=False):
+        asked.append((key, parked))
+        if parked and not pulls["open"]:
+            return None  # no instance's plan pulls it yet
+        return rid, SimpleNamespace(worker_id="w"), SimpleNamespace(worker_id="w")
+
+    started = []
+    service = SimpleNamespace(offline_free_slots=free_slots, place_offline=place, driver=object())
+    d = OfflineDispatcher(service, Store(), "c")
+
+    async def execute(entry, placement):
+        started.append(entry.entry_id)
+
+    d._execute = execute
+
+    async def main():
+        d.fair.set_jobs([("j1", "a")])
+        d._refreshed = asyncio.get_running_loop().time()
+        await d._step(claim=False)
+        await asyncio.sleep(0)
+        assert started == ["j1-1", "j1-2", "j1-3"] and [e.entry_id for e in d.resumes] == ["j1-0"]
+        assert ("j1/0", True) in asked
+        d.store.read = lambda *a, **k: _empty()  # nothing new in the queue
+        pulls["open"] = True
+        await d._step(claim=False)
+        await asyncio.sleep(0)
+        assert started[-1] == "j1-0" and not d.resumes and not d.resume_ids
+
+    async def _empty():
+        return {}
+
+    asyncio.run(main())
