@@ -56,6 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offline-moves", choices=("on", "off"), default="on",
                    help="research policies pull running offline decodes, their KV parked and moved (on), or only "
                         "at a first token (off) [on]")
+    p.add_argument("--parked-resumes", choices=("auto", "pull", "admit"), default="auto",
+                   help="research policies: a preempted decode with parked KV resumes where a step plan pulls it "
+                        "(pull) or is admitted like new offline work (admit); auto: pull for online-priority "
+                        "[auto]")
     p.add_argument("--engine-plans", choices=("on", "off"), default="on",
                    help="the engines form their steps by the policy's step plan where they can (sim: every "
                         "research policy; vllm: hygen) and stop offline work at their step boundary (on), or the "
@@ -290,6 +294,7 @@ async def _replay(args, cluster, online, offline) -> dict:
         "engine": args.engine + (" (SIMULATED)" if args.engine == "sim" else ""),
         "workers": {"prefill": args.prefill, "decode": args.decode},
         "window_s": window_s, "cpu": cpu, "rate_scale": args.rate_scale, "park_kv": args.park_kv, "offline_moves": args.offline_moves,
+        "parked_resumes": args.parked_resumes,
         "pin_cpus": args.pin_cpus, "engine_plans_setting": args.engine_plans, "hygen_budget_frac": args.hygen_budget_frac,
         "slo": {"ttft_ms": args.ttft_slo_ms, "tpot_ms": args.tpot_slo_ms},
         "online": {
@@ -342,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
            "DUOPOOL_OFFLINE_WITH_ONLINE": str(args.offline_per_worker if args.no_preemption else 0),
            "DUOPOOL_SIM_SPEEDUP": str(args.sim_speedup), "DUOPOOL_SCHEDULER_ID": "replay",
            "DUOPOOL_TTFT_SLO_MS": str(args.ttft_slo_ms), "DUOPOOL_PARK_KV": args.park_kv,
-           "DUOPOOL_OFFLINE_MOVES": args.offline_moves,
+           "DUOPOOL_OFFLINE_MOVES": args.offline_moves, "DUOPOOL_PARKED_RESUMES": args.parked_resumes,
            "DUOPOOL_TPOT_SLO_MS": str(args.tpot_slo_ms), "DUOPOOL_HYGEN_BUDGET_FRAC": str(args.hygen_budget_frac)}
     args.out.mkdir(parents=True, exist_ok=True)
     # a fresh cluster each time: a run directory left by an earlier replay holds its Redis data, whose

@@ -65,6 +65,13 @@ class SchedulerConfig(ServiceConfig):
                              "stopped with its KV parked and handed straight to the pulling worker, which "
                              "decodes on from that KV (not parked, e.g. --park-kv off: re-queued); "
                              "off = a pull only at a request's first token", ("on", "off"))
+    parked_resumes: str = opt("auto", "DUOPOOL_PARKED_RESUMES",
+                              "research policies: where a preempted offline decode whose KV is parked resumes. "
+                              "pull = on an instance whose step plan pulls it (the policy's pull of swapped "
+                              "decodes, as in the simulator; new work behind it goes on meanwhile); admit = "
+                              "admitted like new offline work (a prefill instance's plan), decoding on the "
+                              "decode worker it names; auto = pull for online-priority, admit for the others "
+                              "(measured: docs/scheduling.md)", ("auto", "pull", "admit"))
     scheduler_id: str = opt("", "DUOPOOL_SCHEDULER_ID",
                             "stable name of this scheduler's offline-queue consumer (default scheduler-<hostname>); "
                             "a restarted scheduler with the same id resumes the offline work it held")
