@@ -194,12 +194,10 @@ def _cpu_window(before: dict[str, float], after: dict[str, float], window_s: flo
     """Where the host's CPU went in the window: seconds and share of one core per process, the total as a
     share of the host's cores (near 1.0: the host is saturated and simulated engines fall behind their
     modeled step times)."""
-    used = {n: round(after[n] - before.get(n, 0.0), 2) for n in after}
+    used = sorted(((n, round(after[n] - before.get(n, 0.0), 2)) for n in after), key=lambda kv: -kv[1])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    total = sum(used.values())
-    return {"seconds": dict(sorted(used.items(), key=lambda kv: -kv[1])),
-            "share_of_a_core": {n: round(v / window_s, 3) for n, v in sorted(used.items(), key=lambda kv: -kv[1])},
-            "total_share_of_host": round(total / window_s / cores, 3), "cores": cores}
+    return {"seconds": dict(used), "share_of_a_core": {n: round(v / window_s, 3) for n, v in used},
+            "total_share_of_host": round(sum(v for _, v in used) / window_s / cores, 3), "cores": cores}
 
 
 async def _replay(args, cluster, online, offline) -> dict:

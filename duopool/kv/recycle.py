@@ -1,7 +1,7 @@
 """Recycled KV segment files: a segment that is done goes to a free list instead of being unlinked, and
 the next segment written on the host reuses its pages; a reader keeps its mapping of a recycled file.
 
-Why (4 KiB pages, /dev/shm; docs/kv-transfer.md §2): a fresh tmpfs file gets every page allocated (and
+Why (4 KiB pages, /dev/shm; docs/kv-transfer.md §1.1, §5): a fresh tmpfs file gets every page allocated (and
 zeroed) at its first write, and a reader pays for a page-table entry per 4 KiB when it maps it. A file
 whose pages exist already is written without allocation, and a reader that mapped the same file before
 copies out of its mapping at memcpy speed. Reuse is by file (inode), so it works across processes: the
@@ -18,8 +18,8 @@ next prefill takes it again.
   and a reader checks the header again after its copy (:meth:`KvSegment.unchanged`) — a segment retired
   and reused while it was read (its lease expired) is refused, not loaded torn.
 * The mapping cache (:class:`MappingCache`, per process) is keyed by (device, inode, size), bounded in bytes
-  and in entries; an entry whose file has been unlinked (no link left) is dropped when the cache next
-  inserts, so a cached mapping never keeps freed memory for long.
+  and in entries; a background thread drops an entry whose file has been unlinked (no link left) within
+  ``PRUNE_S``, so a cached mapping never keeps freed memory for long.
 
 Pure Python, no torch.
 """

@@ -157,19 +157,19 @@ class KvSegment:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        recycled = recycle.take(path.parent, need, tmp)
-        try:
-            if recycled:
+        fd = None
+        if recycle.take(path.parent, need, tmp):
+            try:
                 fd = os.open(tmp, os.O_RDWR)
-            else:
-                try:
-                    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                except FileNotFoundError:  # the directory's first segment
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileNotFoundError:  # a recycled file swept away between the take and the open
-            recycled = False
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileNotFoundError:  # swept away between the take and the open: a new file then
+                pass
+        recycled = fd is not None
+        if fd is None:
+            try:
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileNotFoundError:  # the directory's first segment
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             if recycled:
                 size = os.fstat(fd).st_size

@@ -145,8 +145,7 @@ class OfflineDispatcher:
         self.fair = FairQueue()  # read but not yet placed (still pending at this consumer)
         # preempted decodes with parked KV that no instance's plan pulled yet: kept aside (still pending at
         # this consumer) so they do not hold back new work behind them, offered again each step, oldest first
-        self.resumes: deque[QueueEntry] = deque()
-        self.resume_ids: set[str] = set()
+        self.resumes: collections.OrderedDict[str, QueueEntry] = collections.OrderedDict()  # by entry id
         self.running: dict[str, asyncio.Task] = {}  # entry id -> task
         self.completed = 0
         self.requeued = 0
@@ -212,12 +211,11 @@ class OfflineDispatcher:
         # parked decodes first, oldest first, until one is not pulled (the simulator's instances pull their
         # swapped decodes in that order and stop at the first that does not fit)
         while self.resumes and started < free:
-            entry = self.resumes[0]
+            entry = next(iter(self.resumes.values()))
             placement = await self._place(entry)
             if placement is None:
                 break
-            self.resumes.popleft()
-            self.resume_ids.discard(entry.entry_id)
+            del self.resumes[entry.entry_id]
             started += self._start(entry, placement)
         set_aside = 0
         while started < free and (entry := self.fair.peek()) is not None:
@@ -226,8 +224,7 @@ class OfflineDispatcher:
                 if self._pulled(entry) and set_aside < RESUME_TRIES:
                     # a parked decode waits for an instance's plan to pull it; new work behind it goes on
                     self.fair.take(entry)
-                    self.resumes.append(entry)
-                    self.resume_ids.add(entry.entry_id)
+                    self.resumes[entry.entry_id] = entry
                     set_aside += 1
                     continue
                 break  # no worker has room right now
@@ -240,7 +237,7 @@ class OfflineDispatcher:
 
     def _unseen(self, e: QueueEntry) -> bool:
         """An entry read from the queue that this dispatcher does not hold already (running or set aside)."""
-        return e.entry_id not in self.running and e.entry_id not in self.resume_ids
+        return e.entry_id not in self.running and e.entry_id not in self.resumes
 
     @staticmethod
     def _parked(entry: QueueEntry) -> bool:
@@ -280,10 +277,8 @@ class OfflineDispatcher:
                 await self.store.retire(j)
         gone = self.fair.set_jobs(live)
         active = {j for j, _ in live}
-        if any(e.job_id not in active for e in self.resumes):
-            gone += [e for e in self.resumes if e.job_id not in active]
-            self.resumes = deque(e for e in self.resumes if e.job_id in active)
-            self.resume_ids = {e.entry_id for e in self.resumes}
+        for e in [e for e in self.resumes.values() if e.job_id not in active]:
+            gone.append(self.resumes.pop(e.entry_id))
         for e in gone:
             self.sizes.pop(e.entry_id, None)
         self.dropped += len(gone)
@@ -356,7 +351,7 @@ class OfflineDispatcher:
             pre_req.text, pre_req.chat = item["text"], bool(item.get("chat"))
         prompt = list(entry.prompt)
         texts: list[str] | None = None
-        park_key = entry.park.get("key", "") if entry.prompt and generated else ""
+        park_key = entry.park.get("key", "") if self._parked(entry) else ""
         if entry.park and not park_key:
             self.resumed_recomputed[entry.park.get("failure") or "not parked"] += 1
         try:
