@@ -430,11 +430,34 @@ def same_layout(a: SegmentMeta, b: SegmentMeta) -> bool:
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
+def is_sealed(path: pathlib.Path) -> bool | None:
+    """Whether the segment at ``path`` says it is sealed (one small read of its header); None if there is no
+    readable segment there."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        head = os.pread(fd, HEADER_BYTES, 0)
+    finally:
+        os.close(fd)
+    try:
+        magic, version, length = _HEAD.unpack(head[: _HEAD.size])
+        if magic != MAGIC or version != VERSION:
+            return None
+        return bool(json.loads(head[_HEAD.size : _HEAD.size + length]).get("sealed"))
+    except (struct.error, ValueError):
+        return None
+
+
 def unlink_segment(path: pathlib.Path, *, recycle_file: bool = False) -> bool:
     """Removes a segment file (and a leftover .tmp); True if something was removed. ``recycle_file=True``
     (a segment whose transfer is over) puts the file on its directory's free list for the next segment
-    written there, if recycling is on and the list has room (:mod:`duopool.kv.recycle`)."""
-    removed = recycle_file and recycle.retire(path)
+    written there, if recycling is on and the list has room (:mod:`duopool.kv.recycle`). Only a sealed
+    segment is recycled: an unsealed one may still have its writer at it (the connector writes off the
+    forward pass), and a writer must never write into a file another segment has taken; unlinked, its writes
+    land in a file nobody else can open."""
+    removed = recycle_file and recycle.recycle_cap_bytes() > 0 and bool(is_sealed(path)) and recycle.retire(path)
     for p in ((path.with_suffix(".tmp"),) if removed else (path, path.with_suffix(".tmp"))):
         try:
             p.unlink()

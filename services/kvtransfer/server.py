@@ -50,7 +50,7 @@ from duopool.common.metrics import start_metrics_server
 from duopool.common.rpc import Server
 from duopool.common.telemetry import init_telemetry
 from duopool.kv.pool import KvPool, PoolFull
-from duopool.kv.segment import KvSegment, SegmentError, huge_pages, segment_path, unlink_segment
+from duopool.kv.segment import KvSegment, SegmentError, huge_pages, is_sealed, segment_path, unlink_segment
 from duopool.kv.transport import grpc_stream
 from duopool.v1 import common_pb2, kvtransfer_pb2, kvtransfer_pb2_grpc
 
@@ -59,6 +59,7 @@ log = logging.getLogger("duopool.kvtransfer")
 S = kvtransfer_pb2
 ENDED = (S.COMPLETED, S.FAILED, S.EXPIRED, S.RELEASED, S.PARKED)
 KEEP_ENDED_S = 300.0
+SEAL_WAIT_S = 5.0  # how long a Read waits for a segment its prefill's engine is still writing (written off the forward pass)
 KEEP_EVICTED = 10_000  # evicted pool keys remembered (for the NOT_FOUND message of a later Take)
 
 
@@ -227,6 +228,9 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"chunk_bytes: must be in [4096, {grpc_stream.MAX_CHUNK_BYTES}]")
         location = pathlib.Path(t.kv.location)
+        deadline = self.clock() + SEAL_WAIT_S
+        while is_sealed(location) is False and self.clock() < deadline and t.state == S.READY:
+            await asyncio.sleep(0.002)  # announced before its engine's writer sealed it: a few ms at most
         units = list(request.units) or None
         gen = grpc_stream.read_chunks(location.stem, chunk, kv_dir=location.parent, units=units)
         try:

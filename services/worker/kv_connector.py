@@ -26,8 +26,13 @@ A request opts in through ``SamplingParams.extra_args["kv_transfer_params"]["duo
   the request is reported finished sending, which frees the blocks. vLLM keeps stepping (with or without
   a forward pass) while a finished request awaits its connector.
 
-Saves and loads are synchronous inside the step (CPU engines copy with memcpy bandwidth), so blocks are
-never held past ``request_finished`` except by a park, until its copy is done.
+Saves run off the forward pass: as each layer's attention has run, the layer's blocks are handed to one
+background writer thread (``AsyncSaver``), which gathers and writes them while the next layers compute and
+seals the segment after the last one. The prompt's first token does not wait for the copy. A finished
+request whose segment is still being written keeps its blocks (vLLM's delayed free) until the writer is done
+(reported finished sending). A decode that asks for a segment still being written waits for its seal
+(``get_num_new_matched_tokens`` answers "not yet", up to ``SEAL_WAIT_S``). Loads are synchronous inside the
+step (CPU engines copy with memcpy bandwidth).
 """
 
 from __future__ import annotations
@@ -61,13 +66,13 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("duopool.kv_connector")
-EXPORT_LOG_S = 10.0  # how often the export rate inside the forward pass is logged (when there were exports)
+EXPORT_LOG_S = 10.0  # how often the export rates are logged (when there were exports)
+SEAL_WAIT_S = 5.0  # how long a decode waits for a segment its prefill is still writing before it recomputes
 
 
 def _export_counters() -> dict[str, float]:
-    return {"s": 0.0, "create_s": 0.0, "seal_s": 0.0, "gather_s": 0.0, "write_s": 0.0, "calls": 0, "bytes": 0,
-            "segments": 0,
-            "since": time.monotonic()}
+    return {"forward_s": 0.0, "create_s": 0.0, "writer_s": 0.0, "seal_s": 0.0, "gather_s": 0.0, "write_s": 0.0,
+            "calls": 0, "bytes": 0, "segments": 0, "since": time.monotonic()}
 
 PARAMS_KEY = "duopool"
 
@@ -94,6 +99,138 @@ class DuopoolConnectorMeta(KVConnectorMetadata):
     saves: list[SaveOp] = field(default_factory=list)
     loads: list[LoadOp] = field(default_factory=list)
     parks: list[SaveOp] = field(default_factory=list)  # aborted requests' computed context, blocks held
+    save_frees: list[str] = field(default_factory=list)  # finished requests whose blocks wait for their save
+
+
+class AsyncSaver:
+    """Writes prompts' KV blocks into their segments on one background thread, off the forward pass.
+
+    ``layer`` is called from the forward pass as each layer's attention has run: it creates the request's
+    segment on the first layer (header only, so its size is known at once) and queues the layer's copy
+    (gather the request's blocks into a reused staging buffer, ``pwrite`` them into the segment). ``end_step``
+    queues the seals of the step's segments. The thread runs the queue in order; torch's gather and
+    ``pwrite`` release the GIL, so the engine's next layers and steps go on meanwhile. The caller keeps the
+    blocks allocated until ``done`` says the request's segment is sealed (or failed: then the segment is
+    unlinked and the decode recomputes)."""
+
+    def __init__(self, layer_names: tuple[str, ...], block_size: int) -> None:
+        self._layer_names = layer_names
+        self._block_size = block_size
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._open: dict[str, tuple[KvSegment, torch.Tensor]] = {}  # req_id -> (segment, block ids): this step
+        self._sealing: dict[str, concurrent.futures.Future] = {}  # req_id -> its seal (done: sealed or failed)
+        self._failed: set[int] = set()  # id() of segments a write failed for (writer thread only)
+        self._stage: torch.Tensor | None = None  # the writer thread's gather buffer
+        self.stats = _export_counters()
+        self._lock = threading.Lock()
+
+    def layer(self, op: SaveOp, layer: int, kv_layer: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        entry = self._open.get(op.req_id)
+        if entry is None:
+            seg = _create_segment(op, kv_layer, self._layer_names, self._block_size)
+            entry = self._open[op.req_id] = (seg, torch.tensor(op.block_ids, dtype=torch.long))
+            with self._lock:
+                self.stats["create_s"] += time.perf_counter() - t0
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="duopool-save")
+        self._pool.submit(self._write, entry[0], layer, kv_layer, entry[1])
+        with self._lock:
+            self.stats["forward_s"] += time.perf_counter() - t0
+            self.stats["calls"] += 1
+
+    def end_step(self) -> None:
+        if not self._open:
+            return
+        t0 = time.perf_counter()
+        assert self._pool is not None
+        for rid, (seg, _) in self._open.items():
+            self._sealing[rid] = self._pool.submit(self._seal, seg)
+        self._open.clear()
+        with self._lock:
+            self.stats["forward_s"] += time.perf_counter() - t0
+
+    def done(self, req_id: str) -> bool:
+        """True once the request's segment is sealed or given up (or it had none)."""
+        f = self._sealing.get(req_id)
+        if f is None:
+            return req_id not in self._open
+        if not f.done():
+            return False
+        del self._sealing[req_id]
+        return True
+
+    def pending(self) -> int:
+        return len(self._sealing)
+
+    def _write(self, seg: KvSegment, layer: int, kv_layer: torch.Tensor, idx: torch.Tensor) -> None:
+        if id(seg) in self._failed:
+            return
+        t0 = time.perf_counter()
+        try:
+            m = seg.meta
+            if tuple(kv_layer.shape[1:]) != tuple(m.block_shape) or str(kv_layer.dtype) != f"torch.{m.dtype}":
+                raise SegmentError(f"layer cache {tuple(kv_layer.shape[1:])} {kv_layer.dtype} does not match the "
+                                   f"segment's blocks {tuple(m.block_shape)} {m.dtype}")
+            nbytes = m.num_blocks * m.block_bytes
+            if self._stage is None or self._stage.numel() < nbytes:
+                self._stage = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
+            out = self._stage[:nbytes]
+            torch.index_select(kv_layer, 0, idx, out=out.view(kv_layer.dtype).view(m.num_blocks, *m.block_shape))
+            t1 = time.perf_counter()
+            seg.write_layer(layer, out.numpy())
+            t2 = time.perf_counter()
+        except Exception as exc:  # noqa: BLE001 - one request's export: never fail the engine for it
+            log.error("KV segment %s: layer %d not written (%s); its decode recomputes", seg.path, layer, exc)
+            self._failed.add(id(seg))
+            return
+        with self._lock:
+            self.stats["gather_s"] += t1 - t0
+            self.stats["write_s"] += t2 - t1
+            self.stats["writer_s"] += t2 - t0
+
+    def _seal(self, seg: KvSegment) -> None:
+        t0 = time.perf_counter()
+        failed = id(seg) in self._failed
+        self._failed.discard(id(seg))
+        try:
+            if not failed:
+                seg.seal()
+        except Exception as exc:  # noqa: BLE001
+            log.error("KV segment %s not sealed (%s); its decode recomputes", seg.path, exc)
+            failed = True
+        finally:
+            seg.close()
+        if failed:
+            unlink_segment(seg.path)
+            return
+        dt = time.perf_counter() - t0
+        with self._lock:
+            ex = self.stats
+            ex["seal_s"] += dt
+            ex["writer_s"] += dt
+            ex["bytes"] += seg.meta.data_bytes
+            ex["segments"] += 1
+            if time.monotonic() - ex["since"] < EXPORT_LOG_S:
+                return
+            self.stats = _export_counters()
+        log.info("KV export: %d segment(s), %.1f MiB over the last %.0f s; the forward pass spent %.1f ms on it "
+                 "(creating %.1f ms, queueing %d layer copies); the writer thread wrote at %.2f GB/s off the "
+                 "forward pass (gathering %.1f ms, writing %.1f ms, sealing %.1f ms)", ex["segments"],
+                 ex["bytes"] / 2**20, time.monotonic() - ex["since"], ex["forward_s"] * 1e3, ex["create_s"] * 1e3,
+                 ex["calls"], ex["bytes"] / ex["writer_s"] / 1e9 if ex["writer_s"] > 0 else 0.0,
+                 ex["gather_s"] * 1e3, ex["write_s"] * 1e3, ex["seal_s"] * 1e3)
+
+
+def _create_segment(op: SaveOp, kv_layer: torch.Tensor, layer_names: tuple[str, ...], block_size: int) -> KvSegment:
+    block_shape = tuple(kv_layer.shape[1:])
+    block_bytes = kv_layer[0].numel() * kv_layer.element_size()
+    meta = SegmentMeta(
+        transfer_id=op.transfer_id, num_layers=len(layer_names), num_blocks=len(op.block_ids),
+        block_bytes=block_bytes, dtype=str(kv_layer.dtype).removeprefix("torch."), block_shape=block_shape,
+        block_size=block_size, num_tokens=op.num_tokens, layer_names=layer_names,
+    )
+    return KvSegment.create(pathlib.Path(op.path), meta)
 
 
 def _params(request: Request) -> dict[str, Any] | None:
@@ -121,11 +258,12 @@ class DuopoolConnector(KVConnectorBase_V1):
         self._saved: dict[str, dict[str, Any]] = {}  # req_id -> result params for request_finished
         self._pending_loads: dict[str, tuple[str, int, int]] = {}  # req_id -> (path, local, total tokens)
         self._pending_parks: list[SaveOp] = []  # for the next step's worker half
+        self._pending_save_frees: list[str] = []  # finished requests whose blocks wait for their save
+        self._unsealed_since: dict[str, float] = {}  # decode side: req_id -> when its segment was first unsealed
         # worker side
-        self._open_saves: dict[str, KvSegment] = {}
+        self._saver = AsyncSaver(self._layer_names, self._block_size)
+        self._save_frees: set[str] = set()  # finished requests whose blocks are held until their save is done
         self._load_errors: set[int] = set()  # blocks of this step's loads whose segment was gone
-        # time the forward pass spent exporting KV (gather + write + seal), summed and logged every EXPORT_LOG_S
-        self._export = _export_counters()
         self._parks: dict[str, concurrent.futures.Future] = {}  # req_id -> its copy (a background thread)
         self._park_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._staging = threading.local()  # per thread (the step's and the park copier's): a reused gather buffer
@@ -147,13 +285,24 @@ class DuopoolConnector(KVConnectorBase_V1):
         num_tokens = min(num_tokens, (request.num_tokens - 1) // self._block_size * self._block_size)
         if num_tokens <= num_computed_tokens:
             return 0, False
+        rid = request.request_id
         try:
-            with KvSegment.open(pathlib.Path(path)) as seg:
-                ok = self._segment_matches(seg.meta, num_tokens)
+            with KvSegment.open(pathlib.Path(path), require_sealed=False) as seg:
+                meta = seg.meta
         except (SegmentError, OSError, ValueError) as exc:
-            log.warning("request %s: KV segment unusable (%s); recomputing the prompt", request.request_id, exc)
+            self._unsealed_since.pop(rid, None)
+            log.warning("request %s: KV segment unusable (%s); recomputing the prompt", rid, exc)
             return 0, False
-        if not ok:
+        if not meta.sealed:  # its prefill's writer is still at it (AsyncSaver): ask again next step
+            now = time.monotonic()
+            if now - self._unsealed_since.setdefault(rid, now) < SEAL_WAIT_S:
+                return None, False
+            log.warning("request %s: KV segment %s not sealed within %.0f s; recomputing the prompt", rid, path,
+                        SEAL_WAIT_S)
+            self._unsealed_since.pop(rid, None)
+            return 0, False
+        self._unsealed_since.pop(rid, None)
+        if not self._segment_matches(meta, num_tokens):
             return 0, False
         self._pending_loads[request.request_id] = (path, num_computed_tokens, num_tokens)
         return num_tokens - num_computed_tokens, False
@@ -205,6 +354,7 @@ class DuopoolConnector(KVConnectorBase_V1):
             done = cached.num_computed_tokens[i] + sched_tokens.get(rid, 0)
             self._maybe_save(meta, rid, done, int(self._save_reqs[rid]["prompt_len"]))
         meta.parks, self._pending_parks = self._pending_parks, []
+        meta.save_frees, self._pending_save_frees = self._pending_save_frees, []
         return meta
 
     def _maybe_save(self, meta: DuopoolConnectorMeta, rid: str, done_tokens: int, prompt_len: int) -> None:
@@ -229,20 +379,26 @@ class DuopoolConnector(KVConnectorBase_V1):
         self._save_reqs.pop(rid, None)
         self._req_blocks.pop(rid, None)
         self._pending_loads.pop(rid, None)
+        self._unsealed_since.pop(rid, None)
         park = self._park_op(request, block_ids)
         if park is not None:
             self._pending_parks.append(park)
         result = self._saved.pop(rid, None)
         if result is None:
             return park is not None, None
-        if result["num_blocks"]:
-            try:
-                with KvSegment.open(pathlib.Path(result["path"])) as seg:
-                    result["num_bytes"] = seg.meta.data_bytes
-            except SegmentError as exc:  # the worker half failed to write it: report nothing to move
-                log.error("request %s: KV segment not written (%s)", rid, exc)
-                result.update(num_tokens=0, num_blocks=0)
-        return park is not None, {PARAMS_KEY: result}
+        if not result["num_blocks"]:
+            return park is not None, {PARAMS_KEY: result}
+        # The worker half's writer may still be copying the blocks: they stay allocated until it reports the
+        # request finished sending (told through the next step's metadata). The segment's header is written
+        # already (its first layer created it), so its size is known; the decode waits for its seal.
+        self._pending_save_frees.append(rid)
+        try:
+            with KvSegment.open(pathlib.Path(result["path"]), require_sealed=False) as seg:
+                result["num_bytes"] = seg.meta.data_bytes
+        except SegmentError as exc:  # the worker half failed to create it: report nothing to move
+            log.error("request %s: KV segment not written (%s)", rid, exc)
+            result.update(num_tokens=0, num_blocks=0)
+        return True, {PARAMS_KEY: result}
 
     def _park_op(self, request: Request, block_ids: list[int]) -> SaveOp | None:
         """The park of an aborted request whose worker asked for one (its marker exists): every full block
@@ -276,6 +432,7 @@ class DuopoolConnector(KVConnectorBase_V1):
             # caused the preemption is not held up by it. The blocks stay allocated until get_finished.
             tensors = {name: self._layer_cache(layers, name) for name in self._layer_names}
             self._parks[op.req_id] = self._park_pool.submit(self._write_park, op, tensors)
+        self._save_frees.update(meta.save_frees)
         if not meta.loads:
             return
         for op in meta.loads:
@@ -321,7 +478,7 @@ class DuopoolConnector(KVConnectorBase_V1):
             for li, name in enumerate(self._layer_names):
                 kv = tensors[name]
                 if seg is None:
-                    seg = self._create_segment(op, kv)
+                    seg = _create_segment(op, kv, self._layer_names, self._block_size)
                 self._save_layer(seg, li, kv, idx)
             if seg is not None:
                 seg.seal_with_checksum()
@@ -336,10 +493,14 @@ class DuopoolConnector(KVConnectorBase_V1):
                 seg.close()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """Parks whose copy is done: vLLM frees their blocks (it keeps stepping until then)."""
+        """Parks whose copy is done and finished requests whose save is done: vLLM frees their blocks (it
+        keeps stepping until then)."""
         done = {rid for rid, f in self._parks.items() if f.done()}
         for rid in done:
             del self._parks[rid]
+        saved = {rid for rid in self._save_frees if self._saver.done(rid)}
+        self._save_frees -= saved
+        done |= saved
         return (done or None), None
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -358,20 +519,12 @@ class DuopoolConnector(KVConnectorBase_V1):
         if not meta.saves:
             return
         layer = self._layer_names.index(layer_name)
-        t0 = time.perf_counter()
         for op in meta.saves:
-            seg = self._open_saves.get(op.req_id)
-            if seg is None:
-                seg = self._create_segment(op, kv_layer)
-                self._open_saves[op.req_id] = seg
-                self._export["create_s"] += time.perf_counter() - t0
-            self._save_layer(seg, layer, kv_layer, torch.tensor(op.block_ids, dtype=torch.long))
-        self._export["s"] += time.perf_counter() - t0
-        self._export["calls"] += 1
+            self._saver.layer(op, layer, kv_layer)
 
     def _save_layer(self, seg: KvSegment, layer: int, kv_layer: torch.Tensor, idx: torch.Tensor) -> None:
-        """One layer's blocks into the segment: gathered into a reused staging buffer of this thread (hot in
-        cache), then written with pwrite, which on a fresh tmpfs file skips the page faults and zero-fill
+        """One layer's blocks into a parked segment: gathered into a reused staging buffer of this thread (hot
+        in cache), then written with pwrite, which on a fresh tmpfs file skips the page faults and zero-fill
         of gathering straight into the mapping."""
         m = seg.meta
         nbytes = m.num_blocks * m.block_bytes
@@ -379,38 +532,10 @@ class DuopoolConnector(KVConnectorBase_V1):
         if stage is None or stage.numel() < nbytes:
             stage = self._staging.buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
         out = stage[:nbytes]
-        t0 = time.perf_counter()
         torch.index_select(kv_layer, 0, idx, out=out.view(kv_layer.dtype).view(m.num_blocks, *m.block_shape))
-        t1 = time.perf_counter()
         seg.write_layer(layer, out.numpy())
-        self._export["gather_s"] += t1 - t0
-        self._export["write_s"] += time.perf_counter() - t1
-
-    def _create_segment(self, op: SaveOp, kv_layer: torch.Tensor) -> KvSegment:
-        block_shape = tuple(kv_layer.shape[1:])
-        block_bytes = kv_layer[0].numel() * kv_layer.element_size()
-        meta = SegmentMeta(
-            transfer_id=op.transfer_id, num_layers=len(self._layer_names), num_blocks=len(op.block_ids),
-            block_bytes=block_bytes, dtype=str(kv_layer.dtype).removeprefix("torch."), block_shape=block_shape,
-            block_size=self._block_size, num_tokens=op.num_tokens, layer_names=self._layer_names,
-        )
-        return KvSegment.create(pathlib.Path(op.path), meta)
 
     def wait_for_save(self):
-        t0 = time.perf_counter()
-        ex = self._export
-        for seg in self._open_saves.values():
-            seg.seal()
-            seg.close()
-            ex["bytes"] += seg.meta.data_bytes
-            ex["segments"] += 1
-        self._open_saves.clear()
-        ex["s"] += time.perf_counter() - t0
-        ex["seal_s"] += time.perf_counter() - t0
-        if ex["segments"] and time.monotonic() - ex["since"] >= EXPORT_LOG_S:
-            log.info("KV export inside the forward pass: %d segment(s), %.1f MiB in %.1f ms (%.2f GB/s; creating "
-                     "%.1f ms, gathering %.1f ms, writing %.1f ms, sealing %.1f ms, %d layer calls) over the last "
-                     "%.0f s", ex["segments"], ex["bytes"] / 2**20, ex["s"] * 1e3,
-                     ex["bytes"] / ex["s"] / 1e9 if ex["s"] > 0 else 0.0, ex["create_s"] * 1e3, ex["gather_s"] * 1e3,
-                     ex["write_s"] * 1e3, ex["seal_s"] * 1e3, ex["calls"], time.monotonic() - ex["since"])
-            self._export = _export_counters()
+        """The step's segments are sealed by the writer thread once their last layer is written (the forward
+        pass does not wait for the copies)."""
+        self._saver.end_step()

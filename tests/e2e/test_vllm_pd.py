@@ -19,7 +19,7 @@ import time
 import grpc
 import pytest
 
-from duopool.kv.segment import HEADER_BYTES
+from duopool.kv.segment import HEADER_BYTES, is_sealed
 from duopool.launcher import LocalCluster
 from duopool.topology import Topology
 from duopool.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -122,6 +122,8 @@ def test_corrupted_kv_changes_the_output(cluster, reference):
             export_kv=True, decode_worker="decode-0"), timeout=120)
         assert pre.first_token_id == reference[1][0]
         assert pre.kv.num_tokens == 96
+        # the engine writes the segment off its forward pass: scramble it once its writer has sealed it
+        wait_for(lambda: is_sealed(pathlib.Path(pre.kv.location)), timeout=20, what="the prefill's segment sealed")
         with open(pre.kv.location, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
             data = bytearray(mm[HEADER_BYTES:])
             mm[HEADER_BYTES:] = bytes(reversed(data))  # same values, wrong places
