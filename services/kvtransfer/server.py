@@ -38,7 +38,7 @@ import os
 import pathlib
 import socket
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import grpc
@@ -87,6 +87,12 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
         self.host = config.host_id or socket.gethostname()
         self.clock = clock
         self.transfers: dict[str, Transfer] = {}
+        # segments of transfers not ended (normalised path -> how many): Park by location checks it in O(1)
+        # (the ended transfers kept for late callers are tens of thousands on a busy cluster)
+        self._active_at: dict[str, int] = {}
+        self._active: dict[str, Transfer] = {}  # transfers not ended, by id (what the sweep expires)
+        self._ended: deque[tuple[float, str, Transfer]] = deque()  # (ended at, id, transfer), oldest first
+        self._kv_dir_real: pathlib.Path | None = None
         self.endpoints: dict[str, kvtransfer_pb2.RegisterEndpointRequest] = {}
         self.counters = {"completed": 0, "failed": 0, "expired": 0, "released": 0, "parked": 0,
                          "bytes_moved": 0, "bytes_streamed": 0}
@@ -112,7 +118,9 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
 
     def _path_ok(self, location: str) -> bool:
         try:
-            return pathlib.Path(location).resolve().parent == self.kv_dir.resolve()
+            if self._kv_dir_real is None:
+                self._kv_dir_real = self.kv_dir.resolve()
+            return pathlib.Path(location).resolve().parent == self._kv_dir_real
         except OSError:
             return False
 
@@ -124,6 +132,15 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
         if t.state in ENDED:
             return
         t.state, t.error, t.ended_at = state, error or t.error, self.clock()
+        if self._active.get(t.kv.transfer_id) is t:
+            del self._active[t.kv.transfer_id]
+        self._ended.append((t.ended_at, t.kv.transfer_id, t))
+        where = os.path.normpath(t.kv.location)
+        n = self._active_at.get(where, 0) - 1
+        if n > 0:
+            self._active_at[where] = n
+        else:
+            self._active_at.pop(where, None)
         if state != S.PARKED:
             unlink_segment(pathlib.Path(t.kv.location), recycle_file=True)
         key = {S.COMPLETED: "completed", S.FAILED: "failed", S.EXPIRED: "expired", S.RELEASED: "released",
@@ -145,6 +162,9 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
         t = Transfer(kv=kv, destination_worker=destination_worker, destination_host=destination_host,
                      state=S.READY, deadline=self.clock() + lease, lease_s=lease)
         self.transfers[kv.transfer_id] = t
+        self._active[kv.transfer_id] = t
+        where = os.path.normpath(kv.location)
+        self._active_at[where] = self._active_at.get(where, 0) + 1
         return t
 
     # -- RPCs: transfers ----------------------------------------------------------------------------
@@ -273,7 +293,7 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
             gen.close()  # unmaps the segment
 
     async def Stats(self, request, context):
-        active = [t for t in self.transfers.values() if t.state not in ENDED]
+        active = list(self._active.values())
         resp = kvtransfer_pb2.KvStatsResponse(
             active_transfers=len(active), active_bytes=sum(t.kv.num_bytes for t in active),
             completed=self.counters["completed"], failed=self.counters["failed"],
@@ -318,7 +338,7 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
             if not self._path_ok(request.location):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"location: {request.location!r} is not a segment under {self.kv_dir}")
-            if any(x.state not in ENDED and pathlib.Path(x.kv.location) == source for x in self.transfers.values()):
+            if os.path.normpath(request.location) in self._active_at:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"location: {request.location!r} belongs to an active transfer; park by transfer_id")
         self._evicted_now = []
@@ -376,18 +396,19 @@ class KvTransferService(kvtransfer_pb2_grpc.KvTransferServicer):
     async def sweep(self) -> None:
         """Expires transfers past their lease and forgets long-ended ones."""
         now = self.clock()
-        for tid, t in list(self.transfers.items()):
-            if t.state not in ENDED and now > t.deadline:
-                log.warning("transfer %s expired (destination %s never completed it)", tid, t.destination_worker)
-                await self._end(t, S.EXPIRED, "lease expired")
-            elif t.state in ENDED and now - t.ended_at > KEEP_ENDED_S:
+        for tid, t in [(tid, t) for tid, t in self._active.items() if now > t.deadline]:
+            log.warning("transfer %s expired (destination %s never completed it)", tid, t.destination_worker)
+            await self._end(t, S.EXPIRED, "lease expired")
+        while self._ended and now - self._ended[0][0] > KEEP_ENDED_S:
+            _, tid, t = self._ended.popleft()
+            if self.transfers.get(tid) is t:  # (a Take may have reused the id since)
                 del self.transfers[tid]
 
     def remove_orphans(self, older_than_s: float) -> int:
         """Deletes segment files no active transfer refers to (left by a crashed engine or a previous run of
         this service) once older than ``older_than_s``. Subdirectories (the pool, workers' pulls) are not
         touched: their owners clean them."""
-        known = {pathlib.Path(t.kv.location).name for t in self.transfers.values() if t.state not in ENDED}
+        known = {pathlib.Path(t.kv.location).name for t in self._active.values()}
         removed = 0
         if not self.kv_dir.is_dir():
             return 0
@@ -434,7 +455,7 @@ async def serve(config: KvTransferConfig, stop: asyncio.Event, ready: asyncio.Ev
         except TimeoutError:
             pass
         await service.sweep()
-        metrics.KV_ACTIVE.set(sum(1 for t in service.transfers.values() if t.state == S.READY))
+        metrics.KV_ACTIVE.set(sum(1 for t in service._active.values() if t.state == S.READY))
         if service.pool is not None:
             st = service.pool.stats()
             metrics.KV_PARKED_BYTES.set(st.used_bytes)
@@ -443,5 +464,5 @@ async def serve(config: KvTransferConfig, stop: asyncio.Event, ready: asyncio.Ev
             service.remove_orphans(older_than_s=config.lease_s)
             next_orphans = time.monotonic() + orphan_every_s
     await server.stop()
-    for t in list(service.transfers.values()):
+    for t in list(service._active.values()):
         await service._end(t, S.RELEASED, "kvtransfer shutting down")
