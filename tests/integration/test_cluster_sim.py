@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from duopool.launcher import LocalCluster
 from duopool.topology import Topology
 from duopool.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from duopool.worker.engines.sim import SIM_BLOCK_BYTES
 from tests.conftest import traced_sim_cluster, wait_for
 
 pytestmark = pytest.mark.integration
@@ -45,7 +46,7 @@ def test_generate_streams_tokens_prefilled_and_decoded_on_different_workers(rout
     assert s.engine == "sim"
     assert s.prefill_worker.startswith("prefill-") and s.decode_worker == "decode-0"
     assert s.kv_transferred_tokens == 32 and s.decode_cached_tokens == 32
-    assert s.kv_bytes == 2 * 1024
+    assert s.kv_bytes == 2 * SIM_BLOCK_BYTES
     assert s.finish_reason == "length"
     assert len(s.token_times_ms) == 10 and s.ttft_ms == s.token_times_ms[0] > 0
     assert all(b >= a for a, b in zip(s.token_times_ms, s.token_times_ms[1:], strict=False))

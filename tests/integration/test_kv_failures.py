@@ -36,7 +36,8 @@ pytestmark = pytest.mark.integration
 
 LEASE_S = 2.0
 S = kvtransfer_pb2
-PROMPT_WORDS = 200  # sim tokens: 12 full blocks of 16 move (192 tokens), 12 KiB of simulated KV
+PROMPT_WORDS = 200  # sim tokens: 12 full blocks of 16 move (192 tokens), 768 bytes of simulated KV
+SLOW_WORDS = 2000  # 125 full blocks: 7.8 KiB of simulated KV (a word per token)
 
 
 def prompt(tag: str, words: int = PROMPT_WORDS) -> str:
@@ -283,12 +284,12 @@ def test_source_memory_lost_decode_recomputes_or_fails(cluster):
 
 
 def test_cross_host_pull_timeout_and_source_death_mid_stream_decode_recomputes(cluster):
-    # Slow the Read stream down (bandwidth cap: the 4 KiB header takes ~2 s, the 12 KiB of KV ~6 s) so a
+    # Slow the Read stream down (bandwidth cap: the 4 KiB header takes ~2 s, the 7.8 KiB of KV ~4 s) so a
     # pull outlives decode-2's pull timeout (4 s), and so the test can kill the source side mid-stream.
     respawn(cluster, "kvtransfer", env={"DUOPOOL_KV_READ_MAX_MIB_S": "0.002"})
     try:
         # (1) timeout: the pull is cut at 4 s, the decode recomputes, the transfer ends FAILED.
-        pre = prefill(cluster, "slow-1", prompt("m"), decode="decode-2")
+        pre = prefill(cluster, "slow-1", prompt("m", SLOW_WORDS), decode="decode-2")
         ref = reference(cluster, pre, "slow-1")
         t0 = time.monotonic()
         assert decode(cluster, "decode-2", pre, "slow-1") == (ref, 0)
@@ -297,7 +298,7 @@ def test_cross_host_pull_timeout_and_source_death_mid_stream_decode_recomputes(c
         wait_for(lambda: stats(cluster).active_reads == 0, timeout=5, what="the server side of the stream to end")
         assert not [p for p in (cluster.host_b_kv_dir / "pull-decode-2").glob("*") if p.name != FREE_DIR]
         # (2) the source side dies mid-stream.
-        pre = prefill(cluster, "mid-1", prompt("g"), decode="decode-2")
+        pre = prefill(cluster, "mid-1", prompt("g", SLOW_WORDS), decode="decode-2")
         ref = reference(cluster, pre, "mid-1")
         pull_dir = cluster.host_b_kv_dir / "pull-decode-2"
         with concurrent.futures.ThreadPoolExecutor(1) as ex:

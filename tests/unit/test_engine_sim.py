@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 from duopool.worker.engines.base import EngineError, EngineRequest, KvLoad, Sampling
-from duopool.worker.engines.sim import SIM_BLOCK_SIZE, SimEngine
+from duopool.worker.engines.sim import SIM_BLOCK_BYTES, SIM_BLOCK_SIZE, SimEngine, sim_kv_blocks
 from duopool.worker.engines.sim_plan import PlannedSimEngine
 
 pytestmark = pytest.mark.unit
@@ -108,3 +108,17 @@ def test_abort_with_park_saves_the_whole_context_and_a_resume_loads_it(tmp_path,
         await a.stop(), await b.stop()
 
     asyncio.run(main())
+
+
+def test_simulated_kv_is_a_function_of_each_token_and_its_position():
+    ids = tuple(range(100, 100 + 5 * SIM_BLOCK_SIZE + 3))
+    kv = sim_kv_blocks(ids, 5)
+    assert kv.shape == (5, SIM_BLOCK_BYTES) and kv.dtype.name == "uint8"
+    assert (sim_kv_blocks(ids, 5) == kv).all()  # deterministic: a decode can check what it loads
+    assert (sim_kv_blocks(ids, 3) == kv[:3]).all()  # a prefix's blocks are the prefix of the blocks
+    changed = list(ids)
+    changed[2 * SIM_BLOCK_SIZE + 7] += 1
+    differs = (sim_kv_blocks(tuple(changed), 5) != kv).any(axis=1)
+    assert differs.tolist() == [False, False, True, False, False]
+    swapped = ids[SIM_BLOCK_SIZE : 2 * SIM_BLOCK_SIZE] + ids[:SIM_BLOCK_SIZE] + ids[2 * SIM_BLOCK_SIZE :]
+    assert (sim_kv_blocks(swapped, 2) != kv[:2]).any(axis=1).all()  # the same tokens elsewhere: other KV

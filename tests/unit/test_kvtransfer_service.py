@@ -11,7 +11,7 @@ import pytest
 from duopool.common.config import ConfigError, KvTransferConfig, WorkerConfig, config_from_namespace
 from duopool.kv.segment import HEADER_BYTES, KvSegment, SegmentMeta, segment_path
 from duopool.kv.transport.grpc_stream import ChunkReceiver
-from duopool.kvtransfer.server import KvTransferService
+from duopool.kvtransfer.server import KEEP_ENDED_S, KvTransferService
 from duopool.v1 import common_pb2, kvtransfer_pb2
 
 pytestmark = pytest.mark.unit
@@ -303,3 +303,22 @@ def test_config_fields_flags_env_and_validation():
     with pytest.raises(ConfigError) as err:
         config_from_namespace(WorkerConfig, ns, {"REDIS_URL": "redis://x", "DUOPOOL_KV_PULL_TIMEOUT_S": "0"})
     assert err.value.field == "kv_pull_timeout_s"
+
+
+async def test_an_ended_transfer_frees_its_location_and_is_forgotten_oldest_first(kv_dir):
+    """Park by location refuses only a segment of a transfer still active (kept in O(1), not by scanning the
+    ended transfers remembered for late callers), and ended transfers are forgotten after KEEP_ENDED_S."""
+    svc, clock = service(kv_dir)
+    await start(svc, kv_dir, "t1")
+    await svc.CompleteTransfer(kvtransfer_pb2.CompleteTransferRequest(transfer_id="t1", ok=True), Ctx())
+    path = make_segment(kv_dir, "t1")  # a new segment where the ended transfer's was
+    parked = await svc.Park(kvtransfer_pb2.ParkRequest(key="k1", location=str(path)), Ctx())
+    assert parked.key == "k1" and not path.exists()
+    await start(svc, kv_dir, "t2")
+    clock.t += KEEP_ENDED_S + 1
+    await svc.sweep()  # t2's lease ran out now; t1 ended long ago
+    assert "t1" not in svc.transfers and svc.transfers["t2"].state == S.EXPIRED
+    assert (await svc.Stats(kvtransfer_pb2.KvStatsRequest(), Ctx())).active_transfers == 0
+    clock.t += KEEP_ENDED_S + 1
+    await svc.sweep()
+    assert not svc.transfers
