@@ -125,3 +125,35 @@ def test_a_busy_decode_instance_hands_back_an_offline_request_sent_without_its_k
     got, still_busy, stranded = asyncio.run(main())
     assert got == ([], "preempted")
     assert still_busy and stranded == 1
+
+
+def test_ooco_cuts_an_offline_step_short_for_an_online_arrival_and_loses_nothing(tmp_path):
+    """OOCO's fast preemption, as the simulator's relaxed instances do it: an online prompt arriving during a
+    long offline prefill step stops that step at its next layer boundary (the step's work is not applied and
+    runs again later), so the online first token does not wait out the offline step. The offline request
+    still produces exactly its tokens."""
+    import time
+
+    async def main():
+        e = PlannedSimEngine(str(tmp_path), "ooco", role="prefill", max_model_len=16384)
+        step_s = e.timer.chunked_step_s([(8192, 8192)], [])
+        await e.start()
+        off_prompt = tuple(range(3, 3 + 12000))
+        off = asyncio.create_task(collect(e, EngineRequest("off", off_prompt, max_tokens=4, offline=True,
+                                                           sampling=Sampling(seed=2))))
+        await asyncio.sleep(step_s * 0.2)  # inside the first offline step
+        t0 = time.perf_counter()
+        gen = e.generate(EngineRequest("on", tuple(range(9, 209)), max_tokens=2, sampling=Sampling(seed=2)))
+        first = await gen.__anext__()
+        ttft = time.perf_counter() - t0
+        rest = [o async for o in gen]
+        off_result = await asyncio.wait_for(off, 60)
+        await e.stop()
+        return e, step_s, ttft, first.token_ids + [t for o in rest for t in o.token_ids], off_result, off_prompt
+
+    e, step_s, ttft, online, off_result, off_prompt = asyncio.run(main())
+    assert step_s > 0.2  # a long step: what an online prompt would wait for without the cut
+    assert e.fast_preempted >= 1
+    assert ttft < 0.5 * step_s, f"online TTFT {ttft * 1e3:.0f} ms against an offline step of {step_s * 1e3:.0f} ms"
+    assert online == sim_expected_tokens(list(range(9, 209)), 2, seed=2)
+    assert off_result == (sim_expected_tokens(list(off_prompt), 4, seed=2), "length")

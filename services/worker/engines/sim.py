@@ -230,6 +230,8 @@ class SimEngine(Engine):
         self._by_id[request.request_id] = r
         (self._waiting_off if request.offline else self._waiting).append(r)
         self._wake.set()
+        if not request.offline:
+            self._on_online_arrival()
         try:
             while True:
                 item = await r.out.get()
@@ -249,6 +251,16 @@ class SimEngine(Engine):
         r.park = r.park or park
         self._wake.set()
         return True
+
+    def _on_online_arrival(self) -> None:
+        """An online request arrived. The step plans may cut the running step short (OOCO's fast preemption);
+        the plain engine finishes every step."""
+
+    async def _run_step(self, end: float, step_s: float) -> float:
+        """Waits out the running step (it ends at ``end``, perf_counter); returns when it ended: ``end``, or
+        earlier for a step cut short (then its work is not applied)."""
+        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+        return end
 
     def _forget(self, r: _Req) -> None:
         if self._by_id.get(r.req.request_id) is r:
@@ -287,8 +299,8 @@ class SimEngine(Engine):
                     except TimeoutError:
                         pass
                     continue
-                await self._execute(chunks, decodes)
-                self._update(chunks, decodes)
+                if await self._execute(chunks, decodes):
+                    self._update(chunks, decodes)
             except Exception as exc:  # noqa: BLE001 - a failed step fails its batch, never the loop
                 log.exception("engine step failed; failing the %d request(s) in it", len(self._running))
                 for r in list(self._running):
@@ -328,7 +340,9 @@ class SimEngine(Engine):
                 budget -= c
         return chunks, decodes
 
-    async def _execute(self, chunks: list[tuple[_Req, int]], decodes: list[_Req]) -> None:
+    async def _execute(self, chunks: list[tuple[_Req, int]], decodes: list[_Req]) -> bool:
+        """Runs one step in simulated time; False if it was cut short (its work is then not applied)."""
+        completed = True
         if chunks or decodes:
             step_s = self.timer.chunked_step_s([(c, r.prefilled + c) for r, c in chunks],
                                                [len(r.req.prompt_token_ids) + r.generated for r in decodes])
@@ -336,7 +350,10 @@ class SimEngine(Engine):
             prev = self._step_end  # the last step's end while the loop stayed busy (-1: it waited for work)
             start = prev if 0.0 <= now - prev <= min(OVERLAP_S, step_s) else now  # busy: the period counts
             end = start + step_s
-            await asyncio.sleep(max(0.0, end - now))
+            ended = await self._run_step(end, step_s)
+            if ended < end:  # cut short: what ran until then is the step's (modeled) time
+                completed = False
+                step_s, end = max(0.0, ended - start), ended
             done = time.perf_counter()
             self._step_end = end if done - end <= OVERLAP_S else done  # a late wake-up is not made up later
             # the period as a decode sees it: from the last step's end while busy (the loop's own work counts)
@@ -346,6 +363,7 @@ class SimEngine(Engine):
             self.last_step_ms = step_s * 1e3
             if self.step_observer is not None:
                 self.step_observer(step_s)
+        return completed
 
     def _note_overrun(self, modeled_s: float, wall_s: float, decodes: int, prefill: int) -> None:
         """Sums modeled and wall seconds of the steps; every ``OVERRUN_REPORT_S`` it logs how far the wall

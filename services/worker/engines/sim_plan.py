@@ -22,6 +22,7 @@ KV segments and aborts are the plain sim engine's (``duopool.worker.engines.sim`
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -57,6 +58,11 @@ class PlannedSimEngine(SimEngine):
         self._tpot = policy.cfg.tpot_slo_s
         self.preempted_in_engine = 0  # offline requests this engine's step plans stopped
         self.stranded = 0  # offline requests sent to this decode instance without their KV, handed back
+        self.fast_preempted = 0  # offline steps cut short at a layer boundary for an online arrival (OOCO)
+        self._cuttable = False  # the running step may be cut short (the plan says so)
+        self._cut: asyncio.Event | None = None  # set by an online arrival during a cuttable step
+        model = self.timer._model
+        self._layers = max(1, int(model.model.num_hidden_layers)) if model is not None else 32
 
     @classmethod
     def from_config(cls, config) -> PlannedSimEngine:
@@ -145,6 +151,9 @@ class PlannedSimEngine(SimEngine):
         if plan.decode and inst.n_decoding:
             self._ensure_growth()
             decodes = [self._of[m.rid] for m in inst.decoding.values()]
+        # OOCO's fast preemption, as the simulator's instances do it: an online arrival stops an offline step
+        # at its next layer boundary; the step's work is not applied (its prefill chunks run again later)
+        self._cuttable = bool(self.policy.fast_preemption and plan.fast_preemptible and chunks)
         if not chunks and not decodes and not inst.n_decoding and not inst.waiting and self.cluster.backlog:
             # an idle engine holds no work: the plan's budgets are for steps that carry online work (and a
             # scheduler whose view of this worker differs from the plan's must not strand a request here)
@@ -166,6 +175,28 @@ class PlannedSimEngine(SimEngine):
                              r.req.request_id)
                     self._finish(r, "preempted")
         return chunks, decodes
+
+    def _on_online_arrival(self) -> None:
+        if self._cut is not None:
+            self._cut.set()
+
+    async def _run_step(self, end: float, step_s: float) -> float:
+        if not self._cuttable:
+            return await super()._run_step(end, step_s)
+        self._cut = cut = asyncio.Event()
+        try:
+            try:
+                async with asyncio.timeout(max(0.0, end - time.perf_counter())):
+                    await cut.wait()
+            except TimeoutError:
+                return end
+            ended = min(end, time.perf_counter() + step_s / self._layers)  # the layer running finishes
+            await asyncio.sleep(max(0.0, ended - time.perf_counter()))
+            if ended < end:
+                self.fast_preempted += 1
+            return ended
+        finally:
+            self._cut = None
 
     def _watermark(self) -> int:
         return self.inst.admission_watermark()
