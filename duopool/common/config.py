@@ -275,6 +275,11 @@ class WorkerConfig(ServiceConfig):
     sim_hardware: str = opt("H100-SXM", "DUOPOOL_SIM_HARDWARE", "sim engine: hardware it imitates")
     sim_model: str = opt("llama-3.1-8b", "DUOPOOL_SIM_MODEL", "sim engine: model it imitates")
     sim_speedup: float = opt(1.0, "DUOPOOL_SIM_SPEEDUP", "sim engine: divide simulated step times by this")
+    sim_offline_flush_s: float = opt(0.5, "DUOPOOL_SIM_OFFLINE_FLUSH_S",
+                                     "sim engine: put an offline request's tokens out at most this often (its "
+                                     "first and last at once; the worker sends offline tokens on in batches at "
+                                     "the same rate): a backlog of offline decodes would otherwise wake every "
+                                     "caller's stream at every step; 0: every token")
     step_policy: str = opt("", "DUOPOOL_STEP_POLICY",
                            "form every engine step by this scheduling policy's step plan, the code the "
                            "simulator's instances run: the sim engine runs any research policy's (hygen, ooco, "
@@ -330,6 +335,8 @@ class WorkerConfig(ServiceConfig):
             raise ConfigError("heartbeat_s", "must be > 0")
         if self.sim_speedup <= 0:
             raise ConfigError("sim_speedup", "must be > 0")
+        if not 0 <= self.sim_offline_flush_s <= 60:
+            raise ConfigError("sim_offline_flush_s", "must be in [0, 60]")
         if not self.kv_rpc_timeout_s > 0:
             raise ConfigError("kv_rpc_timeout_s", "must be > 0")
         if not self.kv_pull_timeout_s > 0:

@@ -122,3 +122,35 @@ def test_simulated_kv_is_a_function_of_each_token_and_its_position():
     assert differs.tolist() == [False, False, True, False, False]
     swapped = ids[SIM_BLOCK_SIZE : 2 * SIM_BLOCK_SIZE] + ids[:SIM_BLOCK_SIZE] + ids[2 * SIM_BLOCK_SIZE :]
     assert (sim_kv_blocks(swapped, 2) != kv[:2]).any(axis=1).all()  # the same tokens elsewhere: other KV
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_offline_tokens_go_out_in_batches_and_none_is_lost_at_a_preemption(tmp_path, kind):
+    """``offline_flush_s``: an offline request's tokens are put out at most that often (its first at once),
+    an online request's every step; a request stopped meanwhile gets its held tokens with its end."""
+    from tests.conftest import sim_expected_tokens
+
+    async def main():
+        e = ENGINES[kind](str(tmp_path), speedup=20.0, offline_flush_s=0.05)
+        await e.start()
+        prompt = tuple(range(5, 70))
+        _, online = await run(e, EngineRequest("on", prompt, max_tokens=30, sampling=Sampling(seed=3)))
+        tokens, offline = await run(e, EngineRequest("off", prompt, max_tokens=200, offline=True,
+                                                     sampling=Sampling(seed=3)))
+        got, n_out = [], 0
+        async for o in e.generate(EngineRequest("cut", prompt, max_tokens=200, offline=True, sampling=Sampling(seed=3))):
+            got += o.token_ids
+            n_out += 1
+            if n_out == 2:
+                await asyncio.sleep(0.03)  # tokens are held meanwhile
+                await e.abort("cut")
+            end = o
+        await e.stop()
+        return online, tokens, offline, got, end
+
+    online, tokens, offline, got, end = asyncio.run(main())
+    assert [len(o.token_ids) for o in online] == [1] * 30
+    want = sim_expected_tokens(list(range(5, 70)), 200, seed=3)
+    assert tokens == want and len(offline[0].token_ids) == 1 and len(offline) < 100
+    assert end.finish_reason == "abort" and len(end.token_ids) > 0  # the held tokens came with the end
+    assert got == want[: len(got)]

@@ -126,6 +126,9 @@ class _Req:
     park: bool = False  # aborted with park: its KV is saved as it stops
     ids: list[int] = field(default_factory=list)  # the tokens it generated
     first_output: bool = True
+    held: list[int] = field(default_factory=list)  # offline tokens not put out yet (see OFFLINE_FLUSH_S)
+    held_text: list[str] = field(default_factory=list)
+    flushed: float = 0.0  # when its last output was put out (perf_counter)
     m: object = None  # the step plan's Req for it (duopool.worker.engines.sim_plan), if plans run the steps
 
 
@@ -136,8 +139,10 @@ class SimEngine(Engine):
 
     def __init__(self, kv_dir: str, max_model_len: int = 4096, num_blocks: int | None = None,
                  max_batch: int = MAX_BATCH, hardware: str = "H100-SXM", model: str = "llama-3.1-8b",
-                 speedup: float = 1.0, max_batched_tokens: int = MAX_BATCHED_TOKENS) -> None:
+                 speedup: float = 1.0, max_batched_tokens: int = MAX_BATCHED_TOKENS,
+                 offline_flush_s: float = 0.0) -> None:
         self._token_budget = max_batched_tokens
+        self._offline_flush_s = offline_flush_s
         self._kv_dir = pathlib.Path(kv_dir)
         self._max_model_len = max_model_len
         self._max_batch = max_batch
@@ -165,7 +170,7 @@ class SimEngine(Engine):
     @classmethod
     def from_config(cls, config) -> SimEngine:
         return cls(config.kv_dir, config.max_model_len, hardware=config.sim_hardware, model=config.sim_model,
-                   speedup=config.sim_speedup)
+                   speedup=config.sim_speedup, offline_flush_s=config.sim_offline_flush_s)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="sim-engine")
@@ -425,9 +430,20 @@ class SimEngine(Engine):
         elif req.sampling.stop and any(s in r.text for s in req.sampling.stop):
             reason = "stop"
         kv = self._save_kv(r) if req.kv_save and r.generated == 1 else None
-        out = EngineOutput([tok], text, finished=bool(reason), finish_reason=reason,
+        now = time.perf_counter()
+        if req.offline and not reason and kv is None and not r.first_output and \
+                now - r.flushed < self._offline_flush_s:
+            r.held.append(tok)  # put out with a later token: no per-token wake-up of the caller's stream
+            r.held_text.append(text)
+            return
+        ids = [tok]
+        if r.held:
+            ids, text = r.held + ids, "".join(r.held_text) + text
+            r.held, r.held_text = [], []
+        out = EngineOutput(ids, text, finished=bool(reason), finish_reason=reason,
                            num_cached_tokens=r.cached if r.first_output else 0, kv=kv)
         r.first_output = False
+        r.flushed = now
         r.out.put_nowait(out)
         if out.finished:
             r.done = True
@@ -449,8 +465,10 @@ class SimEngine(Engine):
             except (SegmentError, OSError) as exc:  # the resume recomputes
                 log.warning("request %s: KV not parked (%s)", r.req.request_id, exc)
         # (a request stopped before its first token still reports the KV it was given: cached tokens)
-        r.out.put_nowait(EngineOutput([], "", finished=True, finish_reason=reason, kv=kv,
+        held, r.held = r.held, []  # offline tokens not put out yet go with the end
+        r.out.put_nowait(EngineOutput(held, "".join(r.held_text), finished=True, finish_reason=reason, kv=kv,
                                       num_cached_tokens=r.cached if r.first_output else 0))
+        r.held_text = []
         self._release(r)
 
     def _release(self, r: _Req) -> None:

@@ -69,7 +69,7 @@ class PlannedSimEngine(SimEngine):
         return cls(config.kv_dir, config.step_policy, role=config.role, pool=config.pool,
                    ttft_slo_ms=config.ttft_slo_ms, tpot_slo_ms=config.tpot_slo_ms,
                    max_model_len=config.max_model_len, hardware=config.sim_hardware, model=config.sim_model,
-                   speedup=config.sim_speedup)
+                   speedup=config.sim_speedup, offline_flush_s=config.sim_offline_flush_s)
 
     @property
     def step_plans(self) -> str:
