@@ -442,11 +442,8 @@ def is_sealed(path: pathlib.Path) -> bool | None:
     finally:
         os.close(fd)
     try:
-        magic, version, length = _HEAD.unpack(head[: _HEAD.size])
-        if magic != MAGIC or version != VERSION:
-            return None
-        return bool(json.loads(head[_HEAD.size : _HEAD.size + length]).get("sealed"))
-    except (struct.error, ValueError):
+        return KvSegment._read_header(head, path).sealed
+    except (SegmentError, struct.error, ValueError, TypeError):
         return None
 
 

@@ -107,7 +107,7 @@ class AsyncSaver:
 
     ``layer`` is called from the forward pass as each layer's attention has run: it creates the request's
     segment on the first layer (header only, so its size is known at once) and queues the layer's copy
-    (gather the request's blocks into a reused staging buffer, ``pwrite`` them into the segment). ``end_step``
+    (``_copy_layer``: gather the request's blocks into a reused staging buffer, ``pwrite`` them). ``end_step``
     queues the seals of the step's segments. The thread runs the queue in order; torch's gather and
     ``pwrite`` release the GIL, so the engine's next layers and steps go on meanwhile. The caller keeps the
     blocks allocated until ``done`` says the request's segment is sealed (or failed: then the segment is
@@ -120,7 +120,6 @@ class AsyncSaver:
         self._open: dict[str, tuple[KvSegment, torch.Tensor]] = {}  # req_id -> (segment, block ids): this step
         self._sealing: dict[str, concurrent.futures.Future] = {}  # req_id -> its seal (done: sealed or failed)
         self._failed: set[int] = set()  # id() of segments a write failed for (writer thread only)
-        self._stage: torch.Tensor | None = None  # the writer thread's gather buffer
         self.stats = _export_counters()
         self._lock = threading.Lock()
 
@@ -166,28 +165,16 @@ class AsyncSaver:
     def _write(self, seg: KvSegment, layer: int, kv_layer: torch.Tensor, idx: torch.Tensor) -> None:
         if id(seg) in self._failed:
             return
-        t0 = time.perf_counter()
         try:
-            m = seg.meta
-            if tuple(kv_layer.shape[1:]) != tuple(m.block_shape) or str(kv_layer.dtype) != f"torch.{m.dtype}":
-                raise SegmentError(f"layer cache {tuple(kv_layer.shape[1:])} {kv_layer.dtype} does not match the "
-                                   f"segment's blocks {tuple(m.block_shape)} {m.dtype}")
-            nbytes = m.num_blocks * m.block_bytes
-            if self._stage is None or self._stage.numel() < nbytes:
-                self._stage = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
-            out = self._stage[:nbytes]
-            torch.index_select(kv_layer, 0, idx, out=out.view(kv_layer.dtype).view(m.num_blocks, *m.block_shape))
-            t1 = time.perf_counter()
-            seg.write_layer(layer, out.numpy())
-            t2 = time.perf_counter()
+            gather_s, write_s = _copy_layer(seg, layer, kv_layer, idx)
         except Exception as exc:  # noqa: BLE001 - one request's export: never fail the engine for it
             log.error("KV segment %s: layer %d not written (%s); its decode recomputes", seg.path, layer, exc)
             self._failed.add(id(seg))
             return
         with self._lock:
-            self.stats["gather_s"] += t1 - t0
-            self.stats["write_s"] += t2 - t1
-            self.stats["writer_s"] += t2 - t0
+            self.stats["gather_s"] += gather_s
+            self.stats["write_s"] += write_s
+            self.stats["writer_s"] += gather_s + write_s
 
     def _seal(self, seg: KvSegment) -> None:
         t0 = time.perf_counter()
@@ -220,6 +207,29 @@ class AsyncSaver:
                  ex["bytes"] / 2**20, time.monotonic() - ex["since"], ex["forward_s"] * 1e3, ex["create_s"] * 1e3,
                  ex["calls"], ex["bytes"] / ex["writer_s"] / 1e9 if ex["writer_s"] > 0 else 0.0,
                  ex["gather_s"] * 1e3, ex["write_s"] * 1e3, ex["seal_s"] * 1e3)
+
+
+_STAGING = threading.local()  # per thread (the writer's, the park copier's): a reused gather buffer
+
+
+def _copy_layer(seg: KvSegment, layer: int, kv_layer: torch.Tensor, idx: torch.Tensor) -> tuple[float, float]:
+    """One layer's blocks ``idx`` of ``kv_layer`` into the segment: gathered into this thread's reused staging
+    buffer (hot in cache), then written with pwrite, which on a fresh tmpfs file skips the page faults and
+    zero-fill of gathering straight into the mapping. Returns (gather, write) seconds."""
+    m = seg.meta
+    if tuple(kv_layer.shape[1:]) != tuple(m.block_shape) or str(kv_layer.dtype) != f"torch.{m.dtype}":
+        raise SegmentError(f"layer cache {tuple(kv_layer.shape[1:])} {kv_layer.dtype} does not match the "
+                           f"segment's blocks {tuple(m.block_shape)} {m.dtype}")
+    nbytes = m.num_blocks * m.block_bytes
+    stage = getattr(_STAGING, "buf", None)
+    if stage is None or stage.numel() < nbytes:
+        stage = _STAGING.buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
+    out = stage[:nbytes]
+    t0 = time.perf_counter()
+    torch.index_select(kv_layer, 0, idx, out=out.view(kv_layer.dtype).view(m.num_blocks, *m.block_shape))
+    t1 = time.perf_counter()
+    seg.write_layer(layer, out.numpy())
+    return t1 - t0, time.perf_counter() - t1
 
 
 def _create_segment(op: SaveOp, kv_layer: torch.Tensor, layer_names: tuple[str, ...], block_size: int) -> KvSegment:
@@ -266,7 +276,6 @@ class DuopoolConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()  # blocks of this step's loads whose segment was gone
         self._parks: dict[str, concurrent.futures.Future] = {}  # req_id -> its copy (a background thread)
         self._park_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._staging = threading.local()  # per thread (the step's and the park copier's): a reused gather buffer
 
     # ================================ scheduler side ================================
 
@@ -479,7 +488,7 @@ class DuopoolConnector(KVConnectorBase_V1):
                 kv = tensors[name]
                 if seg is None:
                     seg = _create_segment(op, kv, self._layer_names, self._block_size)
-                self._save_layer(seg, li, kv, idx)
+                _copy_layer(seg, li, kv, idx)
             if seg is not None:
                 seg.seal_with_checksum()
         except Exception as exc:  # noqa: BLE001 - a park is an optimisation: never fail the step for it
@@ -521,19 +530,6 @@ class DuopoolConnector(KVConnectorBase_V1):
         layer = self._layer_names.index(layer_name)
         for op in meta.saves:
             self._saver.layer(op, layer, kv_layer)
-
-    def _save_layer(self, seg: KvSegment, layer: int, kv_layer: torch.Tensor, idx: torch.Tensor) -> None:
-        """One layer's blocks into a parked segment: gathered into a reused staging buffer of this thread (hot
-        in cache), then written with pwrite, which on a fresh tmpfs file skips the page faults and zero-fill
-        of gathering straight into the mapping."""
-        m = seg.meta
-        nbytes = m.num_blocks * m.block_bytes
-        stage = getattr(self._staging, "buf", None)
-        if stage is None or stage.numel() < nbytes:
-            stage = self._staging.buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
-        out = stage[:nbytes]
-        torch.index_select(kv_layer, 0, idx, out=out.view(kv_layer.dtype).view(m.num_blocks, *m.block_shape))
-        seg.write_layer(layer, out.numpy())
 
     def wait_for_save(self):
         """The step's segments are sealed by the writer thread once their last layer is written (the forward

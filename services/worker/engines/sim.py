@@ -126,7 +126,7 @@ class _Req:
     park: bool = False  # aborted with park: its KV is saved as it stops
     ids: list[int] = field(default_factory=list)  # the tokens it generated
     first_output: bool = True
-    held: list[int] = field(default_factory=list)  # offline tokens not put out yet (see OFFLINE_FLUSH_S)
+    held: list[int] = field(default_factory=list)  # offline tokens not put out yet (``offline_flush_s``)
     held_text: list[str] = field(default_factory=list)
     flushed: float = 0.0  # when its last output was put out (perf_counter)
     m: object = None  # the step plan's Req for it (duopool.worker.engines.sim_plan), if plans run the steps
@@ -465,10 +465,10 @@ class SimEngine(Engine):
             except (SegmentError, OSError) as exc:  # the resume recomputes
                 log.warning("request %s: KV not parked (%s)", r.req.request_id, exc)
         # (a request stopped before its first token still reports the KV it was given: cached tokens)
-        held, r.held = r.held, []  # offline tokens not put out yet go with the end
-        r.out.put_nowait(EngineOutput(held, "".join(r.held_text), finished=True, finish_reason=reason, kv=kv,
+        held, text = r.held, "".join(r.held_text)  # offline tokens not put out yet go with the end
+        r.held, r.held_text = [], []
+        r.out.put_nowait(EngineOutput(held, text, finished=True, finish_reason=reason, kv=kv,
                                       num_cached_tokens=r.cached if r.first_output else 0))
-        r.held_text = []
         self._release(r)
 
     def _release(self, r: _Req) -> None:
